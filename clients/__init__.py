@@ -1,0 +1,1 @@
+"""centinela.clients"""

@@ -1,0 +1,142 @@
+"""Typed settings, read from a TOML file and ``CENTINELA_*`` environment variables.
+
+Precedence, lowest first: built-in defaults, the TOML file (``--config``), environment
+variables, command-line overrides. Every setting has a default that runs the service
+embedded on one machine (SQLite and keys under the data directory, embedded Rego).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from centinela.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path(".centinela")
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All of Centinela's settings; see ``deploy/centinela.example.toml``."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: str = DEFAULT_LISTEN
+    #: SQLAlchemy URL; empty means SQLite in the data directory.
+    database_url: str = ""
+    #: Active policy bundle: a name under ``policy/rego/`` or a directory path.
+    policy_bundle: str = "interim"
+    #: Optional shadow bundle evaluated beside the active one (disagreements counted).
+    shadow_bundle: str = ""
+    #: ``embedded`` (regopy) or ``opa`` (an OPA server at ``opa_url``).
+    policy_engine: str = "embedded"
+    opa_url: str = "http://127.0.0.1:8181"
+    #: Plaintext loopback only, for experiments. Never in production.
+    insecure_dev: bool = False
+    log_level: str = "info"
+    #: Cut a signed checkpoint every N entries or T seconds, whichever comes first.
+    checkpoint_every_entries: int = 1000
+    checkpoint_every_seconds: float = 10.0
+    #: Largest gRPC message accepted, in bytes.
+    max_message_bytes: int = 8 * 1024 * 1024
+    #: Concurrent RPCs admitted before shedding with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
+    #: Grace period for in-flight calls on SIGTERM, in seconds.
+    shutdown_grace_s: float = 10.0
+    #: Directory of the key-encryption keys (embedded key provider); default under data_dir.
+    keys_dir: Path | None = None
+    #: Directory of TLS material; default ``data_dir/certs``.
+    certs_dir: Path | None = None
+
+    # ---- derived ---------------------------------------------------------------------
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'centinela.db').resolve()}"
+
+    @property
+    def effective_keys_dir(self) -> Path:
+        return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+    @property
+    def effective_certs_dir(self) -> Path:
+        return self.certs_dir if self.certs_dir is not None else self.data_dir / "certs"
+
+    def digest(self) -> str:
+        """SHA-256 over the canonical settings, written into service start events."""
+        doc = {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        # The database URL may carry a password: digest it, never show it.
+        raw = json.dumps(doc, sort_keys=True).encode()
+        return hashlib.sha256(raw).hexdigest()
+
+    # ---- loading ---------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Build settings from defaults, a TOML file, the environment and overrides.
+
+        Raises:
+            ConfigError: the file cannot be read, or a value has the wrong type or name.
+        """
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                with config_file.open("rb") as fh:
+                    doc = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+            section = doc.get("centinela", doc)
+            if not isinstance(section, dict):
+                raise ConfigError("config file: [centinela] must be a table")
+            values.update(section)
+        environ = os.environ if env is None else env
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            key = "CENTINELA_" + name.upper()
+            if key in environ:
+                values[name] = environ[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**{k: _coerce(k, fields[k].type, v) for k, v in values.items()})
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Convert strings from env/TOML to the field's declared type."""
+    kind = str(annotation)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind in {"Path", "Path | None"}:
+            if value in (None, ""):
+                return None if "None" in kind else Path(".")
+            return Path(str(value)).expanduser()
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {exc}") from exc

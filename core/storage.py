@@ -1,0 +1,170 @@
+"""SQL plumbing shared by every component: engines and versioned schema migrations.
+
+Invariants:
+
+* SQLite runs in WAL mode with ``synchronous=FULL``: a committed transaction survives a
+  power cut, not just a process crash. Foreign keys are on.
+* Each component owns its tables and its migrations; ``schema_migrations`` records which
+  (component, version) pairs are applied. A migration runs in one transaction with its record,
+  so a crash never leaves a half-applied version behind. Migrations only move forward.
+* On PostgreSQL a transaction-scoped advisory lock serialises concurrent migrators (two
+  replicas starting at once); on SQLite ``BEGIN IMMEDIATE`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.errors import StorageError
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
+    """Create an engine with Centinela's durability settings for the URL's dialect.
+
+    Raises:
+        StorageError: the URL names an unsupported dialect.
+    """
+    parsed = sa.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = sa.create_engine(
+            url,
+            echo=echo,
+            # Let SQLAlchemy's events emit BEGIN; pysqlite's own transaction handling
+            # would defer it past our SELECTs and break isolation.
+            connect_args={"isolation_level": None, "check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        _install_sqlite_hooks(engine)
+        return engine
+    if backend == "postgresql":
+        return sa.create_engine(
+            url,
+            echo=echo,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+        )
+    raise StorageError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def is_sqlite(bind: Engine | Connection) -> bool:
+    """True when the engine or connection talks to SQLite."""
+    return bind.dialect.name == "sqlite"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that takes the write lock at once (SQLite ``BEGIN IMMEDIATE``).
+
+    Deferred transactions that read then write can fail with SQLITE_BUSY on upgrade; taking
+    the write lock up front makes writers queue instead.
+    """
+    with engine.connect() as conn:
+        if is_sqlite(engine):
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One forward step of a component's schema: ``apply(conn)`` runs inside a transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+_metadata = sa.MetaData()
+schema_migrations = sa.Table(
+    "schema_migrations",
+    _metadata,
+    sa.Column("component", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.String(40), nullable=False),
+)
+
+
+def applied_versions(engine: Engine, component: str) -> list[int]:
+    """Versions of ``component`` already applied, ascending."""
+    _metadata.create_all(engine, tables=[schema_migrations])
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(schema_migrations.c.version)
+            .where(schema_migrations.c.component == component)
+            .order_by(schema_migrations.c.version)
+        )
+        return [int(r[0]) for r in rows]
+
+
+def migrate(engine: Engine, component: str, steps: Sequence[Migration]) -> list[int]:
+    """Apply the steps of ``component`` that are not applied yet; return those applied.
+
+    Raises:
+        StorageError: versions are not strictly increasing, or the database fails.
+    """
+    versions = [s.version for s in steps]
+    if versions != sorted(set(versions)):
+        raise StorageError(f"{component}: migration versions must be strictly increasing")
+    try:
+        _metadata.create_all(engine, tables=[schema_migrations])
+        done: list[int] = []
+        for step in steps:
+            with write_transaction(engine) as conn:
+                if not is_sqlite(conn):
+                    lock = zlib.crc32(f"centinela:{component}".encode())
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
+                exists = conn.execute(
+                    sa.select(schema_migrations.c.version).where(
+                        schema_migrations.c.component == component,
+                        schema_migrations.c.version == step.version,
+                    )
+                ).first()
+                if exists:
+                    continue
+                step.apply(conn)
+                conn.execute(
+                    schema_migrations.insert().values(
+                        component=component,
+                        version=step.version,
+                        description=step.description,
+                        applied_at=dt.datetime.now(dt.UTC).isoformat(),
+                    )
+                )
+                done.append(step.version)
+        return done
+    except sa.exc.SQLAlchemyError as exc:
+        raise StorageError(f"{component}: migration failed: {exc.__class__.__name__}") from exc

@@ -1,0 +1,56 @@
+"""Storage plumbing on SQLite and PostgreSQL: durability settings and migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from centinela.storage import Migration, applied_versions, make_engine, migrate
+
+
+def _create_t(conn: Connection) -> None:
+    conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+
+
+def _add_col(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE t ADD COLUMN w TEXT"))
+
+
+STEPS = [Migration(1, "create t", _create_t), Migration(2, "add w", _add_col)]
+
+
+def test_migrations_apply_once_and_in_order(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert migrate(engine, "demo", STEPS[:1]) == [1]
+    assert migrate(engine, "demo", STEPS) == [2]
+    assert migrate(engine, "demo", STEPS) == []
+    assert applied_versions(engine, "demo") == [1, 2]
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO t (id, v, w) VALUES (1, 'a', 'b')"))
+    engine.dispose()
+
+
+def test_failed_migration_leaves_no_record(db_url: str) -> None:
+    engine = make_engine(db_url)
+
+    def broken(conn: Connection) -> None:
+        conn.execute(sa.text("CREATE TABLE u (id INTEGER PRIMARY KEY)"))
+        conn.execute(sa.text("SELECT * FROM no_such_table"))
+
+    try:
+        migrate(engine, "demo", [Migration(1, "broken", broken)])
+    except Exception as exc:
+        assert "migration failed" in str(exc)
+    else:
+        raise AssertionError("a broken migration must raise")
+    assert applied_versions(engine, "demo") == []
+    engine.dispose()
+
+
+def test_sqlite_is_durable_wal(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
