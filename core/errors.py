@@ -141,21 +141,21 @@ class ConfigError(CentinelaError):
 # --- keys and encryption -----------------------------------------------------------------
 
 
-class KeyError_(CentinelaError):  # noqa: N801 - avoid shadowing the builtin KeyError
+class KeyManagementError(CentinelaError):
     """Base for key-management errors."""
 
     status = "FAILED_PRECONDITION"
 
 
-class InsecureKeyFile(KeyError_):
+class InsecureKeyFile(KeyManagementError):
     """A key file is readable or writable by others than its owner."""
 
 
-class KeyNotFound(KeyError_):
+class KeyNotFound(KeyManagementError):
     """No key with that id exists (or it was destroyed: crypto-shredded)."""
 
 
-class DecryptionError(KeyError_):
+class DecryptionError(KeyManagementError):
     """A ciphertext failed authentication: wrong key, wrong row, or tampering."""
 
     status = "DATA_LOSS"

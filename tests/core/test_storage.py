@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from centinela.errors import StorageError
 from centinela.storage import Migration, applied_versions, make_engine, migrate
 
 
@@ -37,12 +39,8 @@ def test_failed_migration_leaves_no_record(db_url: str) -> None:
         conn.execute(sa.text("CREATE TABLE u (id INTEGER PRIMARY KEY)"))
         conn.execute(sa.text("SELECT * FROM no_such_table"))
 
-    try:
+    with pytest.raises(StorageError, match="migration failed"):
         migrate(engine, "demo", [Migration(1, "broken", broken)])
-    except Exception as exc:
-        assert "migration failed" in str(exc)
-    else:
-        raise AssertionError("a broken migration must raise")
     assert applied_versions(engine, "demo") == []
     engine.dispose()
 
