@@ -105,6 +105,12 @@ class ResourceExhausted(CentinelaError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class Unimplemented(CentinelaError):
+    """The RPC is part of the contract but not built in this version."""
+
+    status = "UNIMPLEMENTED"
+
+
 class DeadlineExceeded(CentinelaError):
     """The caller's deadline passed before the work could be finished."""
 

@@ -67,4 +67,6 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
 
 def get_logger(name: str) -> Any:
     """A bound structlog logger carrying ``component=name``."""
-    return structlog.get_logger().bind(component=name)
+    # A lazy proxy: it binds at first use, after ``configure`` ran, even when created at
+    # import time.
+    return structlog.get_logger(component=name)

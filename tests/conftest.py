@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from centinela.config import Settings
+from centinela.server.testing import ServerThread
+
 PG_ADMIN_URL = os.environ.get(
     "CENTINELA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -68,3 +71,16 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Every storage test runs on both SQLite and PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Embedded defaults in a fresh data directory, on a free loopback port."""
+    return Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0", shutdown_grace_s=1.0)
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[ServerThread]:
+    """A real Centinela server (mutual TLS, SQLite) running in-process."""
+    with ServerThread(settings) as srv:
+        yield srv

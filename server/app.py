@@ -1,0 +1,243 @@
+"""Start-up wiring: settings → storage, keys, audit, policy, matcher → gRPC server.
+
+Invariants:
+
+* Every port is mutual TLS: the server presents its certificate and requires a client
+  certificate signed by the Centinela CA. The only exception is ``insecure_dev``
+  (plaintext, loopback addresses only), which logs a warning at every start.
+* Shutdown is graceful: on SIGTERM/SIGINT the server stops accepting calls, lets calls in
+  flight finish within ``shutdown_grace_s``, then closes components in reverse order (the
+  audit log flushes last, so no answered decision is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from centinela import __version__
+from centinela.config import Settings
+from centinela.errors import ConfigError
+from centinela.logs import get_logger
+from centinela.server import certs
+from centinela.server.identity import Caller
+from centinela.server.interceptors import CentinelaInterceptor, caller_from_tls
+from centinela.server.unimplemented import (
+    UnimplementedAudit,
+    UnimplementedMatch,
+    UnimplementedRegistry,
+    UnimplementedWatchlist,
+)
+from centinela.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
+    match_service_pb2,
+    match_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+    watchlist_service_pb2,
+    watchlist_service_pb2_grpc,
+)
+
+log = get_logger("server")
+
+SERVICE_NAMES = (
+    match_service_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
+    watchlist_service_pb2.DESCRIPTOR.services_by_name["WatchlistService"].full_name,
+    registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+)
+
+
+@dataclasses.dataclass
+class Servicers:
+    """The four service implementations registered on the server."""
+
+    match: Any = dataclasses.field(default_factory=UnimplementedMatch)
+    watchlist: Any = dataclasses.field(default_factory=UnimplementedWatchlist)
+    registry: Any = dataclasses.field(default_factory=UnimplementedRegistry)
+    audit: Any = dataclasses.field(default_factory=UnimplementedAudit)
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ensure_tls_material(settings: Settings) -> certs.TlsFiles:
+    """The server's TLS files; on embedded defaults, a development PKI is made on first run.
+
+    Raises:
+        ConfigError: a configured certificate directory lacks the server's files.
+    """
+    certs_dir = settings.effective_certs_dir
+    files = certs.server_files(certs_dir)
+    if all(p.exists() for p in (files.cert, files.key, files.ca)):
+        return files
+    if settings.certs_dir is not None:
+        raise ConfigError(
+            f"certificate directory {certs_dir} lacks server.crt, server.key or ca.crt; "
+            "create them with your CA, or run `centinela certs init --data-dir DIR`"
+        )
+    written = certs.init_dev_pki(certs_dir)
+    log.warning("dev_pki_created", certs_dir=str(certs_dir), files=len(written))
+    return files
+
+
+class CentinelaServer:
+    """A configured gRPC server: create, ``start()``, then ``wait()`` or ``stop()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        servicers: Servicers | None = None,
+        *,
+        identity: Callable[[grpc.aio.ServicerContext[Any, Any]], Caller] | None = None,
+        on_stop: Callable[[], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.servicers = servicers or Servicers()
+        self.interceptor = CentinelaInterceptor(
+            identity or caller_from_tls, max_concurrent=settings.max_concurrent_rpcs
+        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self._on_stop = on_stop
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        files = ensure_tls_material(self.settings)
+        cert, key, ca = files.read()
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+    async def start(self) -> int:
+        """Bind, register the services and start serving; return the bound port.
+
+        Raises:
+            ConfigError: insecure mode on a non-loopback address, or the port is taken.
+        """
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[self.interceptor],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+            maximum_concurrent_rpcs=None,
+        )
+        s = self.servicers
+        match_service_pb2_grpc.add_MatchServiceServicer_to_server(s.match, server)
+        watchlist_service_pb2_grpc.add_WatchlistServiceServicer_to_server(s.watchlist, server)
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(s.registry, server)
+        audit_service_pb2_grpc.add_AuditServiceServicer_to_server(s.audit, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        listen = self.settings.listen
+        try:
+            if self.settings.insecure_dev:
+                if not _is_loopback(listen):
+                    raise ConfigError("--insecure-dev listens on loopback addresses only")
+                log.warning(
+                    "INSECURE_DEV_MODE",
+                    detail="plaintext gRPC without client certificates; for local experiments "
+                    "only, never with real data",
+                )
+                self.port = server.add_insecure_port(listen)
+            else:
+                self.port = server.add_secure_port(listen, self._credentials())
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {listen}: address in use or invalid")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.started", listen=listen, port=self.port, version=__version__)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let calls in flight finish, close components."""
+        if self._server is None or self._stopped.is_set():
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if self._on_stop is not None:
+            result = self._on_stop()
+            if asyncio.iscoroutine(result):
+                await result
+        self._stopped.set()
+        log.info("server.stopped")
+
+    async def wait(self) -> None:
+        """Wait until the server is stopped."""
+        await self._stopped.wait()
+
+
+async def run(settings: Settings, *, banner: bool = True) -> None:
+    """Run the service until SIGTERM or SIGINT (the ``centinela serve`` command)."""
+    from centinela.server.wiring import build_application
+
+    app = await build_application(settings)
+    server = CentinelaServer(settings, app.servicers, on_stop=app.close)
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, app.reload)
+    if banner:
+        _print_banner(settings, port)
+    await server.wait()
+
+
+def _print_banner(settings: Settings, port: int) -> None:
+    host = settings.listen.rsplit(":", 1)[0]
+    certs_dir = settings.effective_certs_dir
+    mode = "PLAINTEXT (insecure-dev)" if settings.insecure_dev else "mutual TLS"
+    lines = [
+        f"Centinela {__version__} serving on {host}:{port} ({mode})",
+        f"  data directory : {settings.data_dir.resolve()}",
+        f"  database       : {_redact_url(settings.effective_database_url)}",
+        f"  policy bundle  : {settings.policy_bundle}"
+        + (f" (shadow: {settings.shadow_bundle})" if settings.shadow_bundle else ""),
+    ]
+    if not settings.insecure_dev:
+        c = certs_dir.resolve()
+        lines += [
+            f"  certificates   : {c} (one client certificate per role)",
+            "Try it:",
+            f"  npx buf curl --protocol grpc --cacert {c}/ca.crt --cert {c}/compliance.crt "
+            f"--key {c}/compliance.key https://127.0.0.1:{port}/grpc.health.v1.Health/Check",
+        ]
+    lines.append("Stop with Ctrl-C (graceful).")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
