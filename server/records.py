@@ -1,0 +1,494 @@
+"""The PNP's administrative records: sites, judicial authorisations, requisitorias, vehicles.
+
+Invariants:
+
+* No DNI, plate or name is stored here: people are pseudonymous ``subject_ref`` values and
+  vehicles point to the matcher's encrypted plate entry by ``vehicle_id``. The plate is kept
+  only masked (last two characters) for administrators' lists.
+* Requisitorias are never deleted: lifting records when and why; expiry is a timestamp, so
+  an entry stops matching at that instant without any job running (R6).
+* Every change here is made by a servicer that has already had the policy's allow and writes
+  the audit entry (R15); this module only stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.errors import AlreadyExists, InvalidArgument, NotFound, StorageError
+from centinela.storage import Migration, migrate
+
+metadata = sa.MetaData()
+
+sites = sa.Table(
+    "sites",
+    metadata,
+    sa.Column("site_id", sa.String(128), primary_key=True),
+    sa.Column("municipality", sa.String(128), nullable=False, index=True),
+    sa.Column("region", sa.String(64), nullable=False),
+    sa.Column("kind", sa.Integer, nullable=False),
+    sa.Column("description", sa.String(256), nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+
+authorisations = sa.Table(
+    "authorisations",
+    metadata,
+    sa.Column("authorisation_id", sa.String(128), primary_key=True),
+    sa.Column("court", sa.String(256), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),  # JSON: sites, window, offences, subjects
+    sa.Column("revoked", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+
+requisitions = sa.Table(
+    "requisitions",
+    metadata,
+    sa.Column("requisition_id", sa.String(64), primary_key=True),
+    sa.Column("subject_ref", sa.String(64), nullable=False, index=True),
+    sa.Column("warrant_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("issuing_court", sa.String(256), nullable=False),
+    sa.Column("offence_category", sa.String(64), nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("lifted_at", sa.Float, nullable=True),
+    sa.Column("lift_reason", sa.String(256), nullable=True),
+    sa.Column("from_registry", sa.Boolean, nullable=False),
+    sa.Column("template_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("created_seq", sa.Integer, nullable=False),
+)
+
+vehicles = sa.Table(
+    "vehicles",
+    metadata,
+    sa.Column("vehicle_id", sa.String(64), primary_key=True),
+    sa.Column("police_report_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("plate_masked", sa.String(16), nullable=False),
+    sa.Column("report_category", sa.String(64), nullable=False),
+    sa.Column("reported_at", sa.Float, nullable=False),
+    sa.Column("recovered_at", sa.Float, nullable=True),
+    sa.Column("created_seq", sa.Integer, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[sites, authorisations, requisitions, vehicles])
+
+
+MIGRATIONS = [Migration(1, "sites, authorisations, requisitions, vehicles", _v1)]
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def epoch(when: dt.datetime) -> float:
+    return when.timestamp()
+
+
+def from_epoch(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def new_id(prefix: str) -> str:
+    """A random, unguessable id such as ``req_3f9a…``."""
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def mask_plate(normalised: str) -> str:
+    """All but the last two characters hidden."""
+    return "*" * max(0, len(normalised) - 2) + normalised[-2:]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteRecord:
+    site_id: str
+    municipality: str
+    region: str
+    kind: int
+    description: str
+    active: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthorisationRecord:
+    authorisation_id: str
+    court: str
+    site_ids: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    offence_categories: tuple[str, ...]
+    subject_refs: tuple[str, ...]
+    revoked: bool
+
+    def to_policy(self) -> dict[str, Any]:
+        return {
+            "court": self.court,
+            "sites": list(self.site_ids),
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "offences": list(self.offence_categories),
+            "subjects": list(self.subject_refs),
+            "revoked": self.revoked,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class RequisitionRecord:
+    requisition_id: str
+    subject_ref: str
+    warrant_id: str
+    issuing_court: str
+    offence_category: str
+    issued_at: dt.datetime
+    expires_at: dt.datetime
+    lifted_at: dt.datetime | None
+    lift_reason: str
+    from_registry: bool
+    template_ids: tuple[str, ...]
+
+    def state(self, now: dt.datetime) -> str:
+        """ACTIVE, LIFTED or EXPIRED at ``now``."""
+        if self.lifted_at is not None:
+            return "LIFTED"
+        if now >= self.expires_at:
+            return "EXPIRED"
+        return "ACTIVE"
+
+
+@dataclasses.dataclass(frozen=True)
+class VehicleRecord:
+    vehicle_id: str
+    police_report_id: str
+    plate_masked: str
+    report_category: str
+    reported_at: dt.datetime
+    recovered_at: dt.datetime | None
+
+    @property
+    def stolen(self) -> bool:
+        return self.recovered_at is None
+
+
+def _site(row: Any) -> SiteRecord:
+    return SiteRecord(
+        row.site_id, row.municipality, row.region, int(row.kind), row.description, bool(row.active)
+    )
+
+
+def _auth(row: Any) -> AuthorisationRecord:
+    scope = json.loads(row.scope)
+    return AuthorisationRecord(
+        authorisation_id=row.authorisation_id,
+        court=row.court,
+        site_ids=tuple(scope["sites"]),
+        not_before=dt.datetime.fromisoformat(scope["not_before"]),
+        not_after=dt.datetime.fromisoformat(scope["not_after"]),
+        offence_categories=tuple(scope["offences"]),
+        subject_refs=tuple(scope["subjects"]),
+        revoked=bool(row.revoked),
+    )
+
+
+def _req(row: Any) -> RequisitionRecord:
+    return RequisitionRecord(
+        requisition_id=row.requisition_id,
+        subject_ref=row.subject_ref,
+        warrant_id=row.warrant_id,
+        issuing_court=row.issuing_court,
+        offence_category=row.offence_category,
+        issued_at=dt.datetime.fromtimestamp(row.issued_at, dt.UTC),
+        expires_at=dt.datetime.fromtimestamp(row.expires_at, dt.UTC),
+        lifted_at=from_epoch(row.lifted_at),
+        lift_reason=row.lift_reason or "",
+        from_registry=bool(row.from_registry),
+        template_ids=tuple(json.loads(row.template_ids)),
+    )
+
+
+def _veh(row: Any) -> VehicleRecord:
+    return VehicleRecord(
+        vehicle_id=row.vehicle_id,
+        police_report_id=row.police_report_id,
+        plate_masked=row.plate_masked,
+        report_category=row.report_category,
+        reported_at=dt.datetime.fromtimestamp(row.reported_at, dt.UTC),
+        recovered_at=from_epoch(row.recovered_at),
+    )
+
+
+class Records:
+    """Storage of the administrative records (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        migrate(engine, "records", MIGRATIONS)
+
+    def _run(self, fn: Any) -> Any:
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn)
+        except sa.exc.IntegrityError as exc:
+            raise AlreadyExists("a record with that id already exists") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"records: {exc.__class__.__name__}") from exc
+
+    # ---- sites ----------------------------------------------------------------------------
+
+    def add_site(self, rec: SiteRecord) -> SiteRecord:
+        def op(conn: Connection) -> SiteRecord:
+            conn.execute(
+                sites.insert().values(**dataclasses.asdict(rec), created_at=now_utc().isoformat())
+            )
+            return rec
+
+        result: SiteRecord = self._run(op)
+        return result
+
+    def set_site_active(self, site_id: str, active: bool) -> SiteRecord:
+        def op(conn: Connection) -> SiteRecord:
+            n = conn.execute(
+                sites.update().where(sites.c.site_id == site_id).values(active=active)
+            ).rowcount
+            if n == 0:
+                raise NotFound(f"no site {site_id!r}", field="site_id")
+            return _site(conn.execute(sites.select().where(sites.c.site_id == site_id)).one())
+
+        result: SiteRecord = self._run(op)
+        return result
+
+    def list_sites(
+        self, municipality: str = "", *, offset: int = 0, limit: int = 1000
+    ) -> list[SiteRecord]:
+        q = sites.select().order_by(sites.c.site_id).offset(offset).limit(limit)
+        if municipality:
+            q = q.where(sites.c.municipality == municipality)
+        return self._run(lambda conn: [_site(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
+
+    # ---- authorisations -------------------------------------------------------------------
+
+    def add_authorisation(self, rec: AuthorisationRecord) -> AuthorisationRecord:
+        if rec.not_after <= rec.not_before:
+            raise InvalidArgument(
+                "not_after must lie after not_before", field="authorisation.not_after"
+            )
+        scope = json.dumps(rec.to_policy() | {"revoked": None}, sort_keys=True)
+
+        def op(conn: Connection) -> AuthorisationRecord:
+            conn.execute(
+                authorisations.insert().values(
+                    authorisation_id=rec.authorisation_id,
+                    court=rec.court,
+                    scope=scope,
+                    revoked=False,
+                    created_at=now_utc().isoformat(),
+                )
+            )
+            return rec
+
+        result: AuthorisationRecord = self._run(op)
+        return result
+
+    def revoke_authorisation(self, authorisation_id: str) -> AuthorisationRecord:
+        def op(conn: Connection) -> AuthorisationRecord:
+            n = conn.execute(
+                authorisations.update()
+                .where(authorisations.c.authorisation_id == authorisation_id)
+                .values(revoked=True)
+            ).rowcount
+            if n == 0:
+                raise NotFound(f"no authorisation {authorisation_id!r}", field="authorisation_id")
+            return _auth(
+                conn.execute(
+                    authorisations.select().where(
+                        authorisations.c.authorisation_id == authorisation_id
+                    )
+                ).one()
+            )
+
+        result: AuthorisationRecord = self._run(op)
+        return result
+
+    def list_authorisations(
+        self, *, include_revoked: bool = True, offset: int = 0, limit: int = 100_000
+    ) -> list[AuthorisationRecord]:
+        q = authorisations.select().order_by(authorisations.c.authorisation_id)
+        if not include_revoked:
+            q = q.where(authorisations.c.revoked.is_(False))
+        q = q.offset(offset).limit(limit)
+        return self._run(lambda conn: [_auth(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
+
+    # ---- requisitorias --------------------------------------------------------------------
+
+    def add_requisition(self, rec: RequisitionRecord) -> RequisitionRecord:
+        def op(conn: Connection) -> RequisitionRecord:
+            seq = (
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(requisitions.c.created_seq), 0))
+                ).scalar_one()
+                + 1
+            )
+            conn.execute(
+                requisitions.insert().values(
+                    requisition_id=rec.requisition_id,
+                    subject_ref=rec.subject_ref,
+                    warrant_id=rec.warrant_id,
+                    issuing_court=rec.issuing_court,
+                    offence_category=rec.offence_category,
+                    issued_at=epoch(rec.issued_at),
+                    expires_at=epoch(rec.expires_at),
+                    lifted_at=None,
+                    lift_reason=None,
+                    from_registry=rec.from_registry,
+                    template_ids=json.dumps(list(rec.template_ids)),
+                    created_seq=seq,
+                )
+            )
+            return rec
+
+        result: RequisitionRecord = self._run(op)
+        return result
+
+    def get_requisition(self, requisition_id: str) -> RequisitionRecord:
+        def op(conn: Connection) -> RequisitionRecord:
+            row = conn.execute(
+                requisitions.select().where(requisitions.c.requisition_id == requisition_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"no requisitoria {requisition_id!r}", field="requisition_id")
+            return _req(row)
+
+        result: RequisitionRecord = self._run(op)
+        return result
+
+    def update_requisition(self, requisition_id: str, **values: Any) -> RequisitionRecord:
+        allowed = {"issuing_court", "offence_category", "expires_at", "lifted_at", "lift_reason"}
+        unknown = set(values) - allowed
+        if unknown:
+            raise InvalidArgument(f"cannot update {sorted(unknown)}", field="update_mask")
+        stored = {k: (epoch(v) if isinstance(v, dt.datetime) else v) for k, v in values.items()}
+
+        def op(conn: Connection) -> RequisitionRecord:
+            n = conn.execute(
+                requisitions.update()
+                .where(requisitions.c.requisition_id == requisition_id)
+                .values(**stored)
+            ).rowcount
+            if n == 0:
+                raise NotFound(f"no requisitoria {requisition_id!r}", field="requisition_id")
+            return _req(
+                conn.execute(
+                    requisitions.select().where(requisitions.c.requisition_id == requisition_id)
+                ).one()
+            )
+
+        result: RequisitionRecord = self._run(op)
+        return result
+
+    def list_requisitions(
+        self,
+        *,
+        state: str = "",
+        now: dt.datetime | None = None,
+        offset: int = 0,
+        limit: int = 100_000,
+    ) -> list[RequisitionRecord]:
+        now = now or now_utc()
+        q = requisitions.select().order_by(requisitions.c.created_seq.desc())
+        t = epoch(now)
+        if state == "ACTIVE":
+            q = q.where(requisitions.c.lifted_at.is_(None), requisitions.c.expires_at > t)
+        elif state == "LIFTED":
+            q = q.where(requisitions.c.lifted_at.is_not(None))
+        elif state == "EXPIRED":
+            q = q.where(requisitions.c.lifted_at.is_(None), requisitions.c.expires_at <= t)
+        q = q.offset(offset).limit(limit)
+        return self._run(lambda conn: [_req(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
+
+    # ---- vehicles -------------------------------------------------------------------------
+
+    def add_vehicle(self, rec: VehicleRecord) -> VehicleRecord:
+        def op(conn: Connection) -> VehicleRecord:
+            seq = (
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(vehicles.c.created_seq), 0))
+                ).scalar_one()
+                + 1
+            )
+            conn.execute(
+                vehicles.insert().values(
+                    vehicle_id=rec.vehicle_id,
+                    police_report_id=rec.police_report_id,
+                    plate_masked=rec.plate_masked,
+                    report_category=rec.report_category,
+                    reported_at=epoch(rec.reported_at),
+                    recovered_at=None,
+                    created_seq=seq,
+                )
+            )
+            return rec
+
+        result: VehicleRecord = self._run(op)
+        return result
+
+    def recover_vehicle(self, vehicle_id: str, when: dt.datetime) -> VehicleRecord:
+        def op(conn: Connection) -> VehicleRecord:
+            n = conn.execute(
+                vehicles.update()
+                .where(vehicles.c.vehicle_id == vehicle_id)
+                .values(recovered_at=epoch(when))
+            ).rowcount
+            if n == 0:
+                raise NotFound(f"no vehicle report {vehicle_id!r}", field="vehicle_id")
+            return _veh(
+                conn.execute(vehicles.select().where(vehicles.c.vehicle_id == vehicle_id)).one()
+            )
+
+        result: VehicleRecord = self._run(op)
+        return result
+
+    def list_vehicles(
+        self, *, state: str = "", offset: int = 0, limit: int = 100_000
+    ) -> list[VehicleRecord]:
+        q = vehicles.select().order_by(vehicles.c.created_seq.desc())
+        if state == "STOLEN":
+            q = q.where(vehicles.c.recovered_at.is_(None))
+        elif state == "RECOVERED":
+            q = q.where(vehicles.c.recovered_at.is_not(None))
+        q = q.offset(offset).limit(limit)
+        return self._run(lambda conn: [_veh(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
+
+    # ---- policy data ----------------------------------------------------------------------
+
+    def policy_data(self) -> dict[str, Any]:
+        """The ``data.dynamic`` document the policy engine needs (sites, authorisations)."""
+        return {
+            "sites": {
+                s.site_id: {"municipality": s.municipality, "region": s.region, "active": s.active}
+                for s in self.list_sites(limit=1_000_000)
+            },
+            "authorisations": {
+                a.authorisation_id: a.to_policy() for a in self.list_authorisations()
+            },
+        }
+
+
+def page(items: Sequence[Any], token: str, size: int) -> tuple[list[Any], str]:
+    """Offset paging over an in-memory list; tokens are opaque offsets."""
+    size = 50 if size == 0 else min(size, 500)
+    try:
+        start = int(token) if token else 0
+    except ValueError as exc:
+        raise InvalidArgument("is not a token from a previous answer", field="page_token") from exc
+    chunk = list(items[start : start + size])
+    nxt = str(start + size) if start + size < len(items) else ""
+    return chunk, nxt

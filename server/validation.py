@@ -1,0 +1,217 @@
+"""Input validation for match RPCs, before any policy or matcher work (DESIGN.md §2 step 3).
+
+Every failure raises :class:`centinela.errors.InvalidArgument` (or ``ModelMismatch``) naming
+the field; messages never echo the offending values (they may be biometric or personal).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from centinela.errors import InvalidArgument, ModelMismatch
+from centinela.v1 import common_pb2
+
+#: Largest dimension accepted before anything else is checked (guards memory).
+MAX_DIMENSION = 4096
+#: Tolerance on the L2 norm of a probe (ArcFace embeddings are normalised at the edge).
+NORM_TOLERANCE = 0.01
+#: Capture times may lie this far in the future (clock skew between edge and server).
+MAX_CLOCK_SKEW = dt.timedelta(seconds=30)
+#: Captures older than this are refused: a real-time alarm on a week-old frame is no alarm.
+MAX_CAPTURE_AGE = dt.timedelta(days=7)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_DNI_RE = re.compile(r"^[0-9]{8}$")
+_PLATE_CHARS_RE = re.compile(r"^[A-Za-z0-9 -]{1,16}$")
+_CATEGORY_RE = re.compile(r"^[A-Z0-9_]{1,64}$")
+
+PURPOSES = {
+    common_pb2.PURPOSE_WANTED_PERSON: "WANTED_PERSON",
+    common_pb2.PURPOSE_STOLEN_VEHICLE: "STOLEN_VEHICLE",
+    common_pb2.PURPOSE_MISSING_PERSON: "MISSING_PERSON",
+    common_pb2.PURPOSE_JUDICIAL_INVESTIGATION: "JUDICIAL_INVESTIGATION",
+    common_pb2.PURPOSE_IDENTITY_VERIFICATION: "IDENTITY_VERIFICATION",
+}
+GALLERIES = {
+    common_pb2.GALLERY_PNP_WATCHLIST: "pnp_watchlist",
+    common_pb2.GALLERY_RENIEC_REGISTRY: "reniec_registry",
+    common_pb2.GALLERY_STOLEN_VEHICLES: "stolen_vehicles",
+}
+GALLERY_ENUM = {v: k for k, v in GALLERIES.items()}
+
+
+def check_id(value: str, field: str, *, required: bool = True) -> str:
+    """An identifier: 1–128 characters of letters, digits and ``._:/-``."""
+    if not value:
+        if required:
+            raise InvalidArgument("is required", field=field)
+        return ""
+    if not _ID_RE.match(value):
+        raise InvalidArgument(
+            "must be 1-128 characters of letters, digits and ._:/- (starting alphanumeric)",
+            field=field,
+        )
+    return value
+
+
+def check_text(value: str, field: str, *, max_len: int, required: bool = False) -> str:
+    """Free text of bounded length with no control characters."""
+    if not value:
+        if required:
+            raise InvalidArgument("is required", field=field)
+        return ""
+    if len(value) > max_len:
+        raise InvalidArgument(f"is longer than {max_len} characters", field=field)
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument("contains control characters", field=field)
+    return value
+
+
+def check_category(value: str, field: str, *, required: bool = True) -> str:
+    """An upper-case category code such as ``ROBO_AGRAVADO``."""
+    if not value:
+        if required:
+            raise InvalidArgument("is required", field=field)
+        return ""
+    if not _CATEGORY_RE.match(value):
+        raise InvalidArgument("must be 1-64 characters of A-Z, 0-9 and _", field=field)
+    return value
+
+
+def check_dni(value: str, field: str = "dni") -> str:
+    """A Peruvian DNI: exactly 8 digits. The message never repeats the value."""
+    if not _DNI_RE.match(value or ""):
+        raise InvalidArgument("must be exactly 8 digits", field=field)
+    return value
+
+
+def timestamp(ts: Any) -> dt.datetime:
+    """A protobuf Timestamp as an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, dt.UTC)
+
+
+def check_context(
+    ctx: common_pb2.RequestContext,
+    *,
+    field: str = "context",
+    purpose_required: bool = True,
+    site_required: bool = False,
+    capture_required: bool = False,
+    reference_required: bool = False,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Validate a RequestContext and return it as the policy input's ``context`` document.
+
+    An unknown purpose is not rejected here: the policy denies it with R1 (and the denial is
+    audited); an *unspecified* purpose where one is required is a malformed request.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    out: dict[str, Any] = {"now": now.isoformat()}
+    if purpose_required:
+        if ctx.purpose == common_pb2.PURPOSE_UNSPECIFIED:
+            raise InvalidArgument(
+                "is required (R1): declare why this request is made", field=f"{field}.purpose"
+            )
+        out["purpose"] = PURPOSES.get(ctx.purpose, f"UNKNOWN_{int(ctx.purpose)}")
+    out["site_id"] = check_id(ctx.site_id, f"{field}.site_id", required=site_required)
+    if ctx.HasField("capture_time"):
+        when = timestamp(ctx.capture_time)
+        if when > now + MAX_CLOCK_SKEW:
+            raise InvalidArgument(
+                "lies in the future beyond the allowed clock skew", field=f"{field}.capture_time"
+            )
+        if when < now - MAX_CAPTURE_AGE:
+            raise InvalidArgument("is older than 7 days", field=f"{field}.capture_time")
+        out["capture_time"] = when.isoformat()
+    elif capture_required:
+        raise InvalidArgument("is required", field=f"{field}.capture_time")
+    out["authorisation_id"] = check_id(
+        ctx.authorisation_id, f"{field}.authorisation_id", required=False
+    )
+    out["legal_basis"] = check_text(ctx.legal_basis, f"{field}.legal_basis", max_len=256)
+    out["operator_id"] = check_id(ctx.operator_id, f"{field}.operator_id", required=False)
+    out["reference"] = check_id(ctx.reference, f"{field}.reference", required=reference_required)
+    if ctx.client_request_id and not _REQUEST_ID_RE.match(ctx.client_request_id):
+        raise InvalidArgument(
+            "must be 8-128 characters of [A-Za-z0-9._:-]", field=f"{field}.client_request_id"
+        )
+    return out
+
+
+def check_vector(
+    values: Any, *, dimension: int, field: str, check_norm: bool = True
+) -> npt.NDArray[np.float32]:
+    """A face vector: the gallery's dimension, finite values, unit L2 norm (± tolerance)."""
+    n = len(values)
+    if n == 0:
+        raise InvalidArgument("is empty", field=field)
+    if n > MAX_DIMENSION or n != dimension:
+        raise InvalidArgument(f"has {n} values; the gallery's model has {dimension}", field=field)
+    vec = np.asarray(values, dtype=np.float32)
+    if not np.all(np.isfinite(vec)):
+        raise InvalidArgument("contains NaN or infinite values", field=field)
+    if check_norm:
+        norm = float(np.linalg.norm(vec))
+        if not math.isfinite(norm) or abs(norm - 1.0) > NORM_TOLERANCE:
+            raise InvalidArgument(
+                f"must be L2-normalised (norm within {NORM_TOLERANCE} of 1)", field=field
+            )
+    return vec
+
+
+def check_face_probe(
+    probe: common_pb2.FaceProbe, *, model_id: str, dimension: int, field: str = "probe"
+) -> npt.NDArray[np.float32]:
+    """Validate a FaceProbe against a gallery's model; return the vector.
+
+    Raises:
+        InvalidArgument: malformed vector or quality.
+        ModelMismatch: the probe comes from another model (R13).
+    """
+    if not probe.model_id:
+        raise InvalidArgument("is required", field=f"{field}.model_id")
+    if not (0.0 <= probe.quality <= 1.0) or math.isnan(probe.quality):
+        raise InvalidArgument("must lie in [0, 1]", field=f"{field}.quality")
+    if probe.model_id != model_id:
+        raise ModelMismatch(
+            "comes from another embedding model than the gallery's (R13); "
+            "re-encode with the gallery's model",
+            field=f"{field}.model_id",
+        )
+    return check_vector(probe.vector, dimension=dimension, field=f"{field}.vector")
+
+
+def check_plate_read(read: common_pb2.PlateRead, field: str = "read") -> None:
+    """Validate a PlateRead's shape (normalisation itself is the matcher's)."""
+    if not read.text:
+        raise InvalidArgument("is required", field=f"{field}.text")
+    if not _PLATE_CHARS_RE.match(read.text):
+        raise InvalidArgument(
+            "must be 1-16 letters, digits, spaces or dashes", field=f"{field}.text"
+        )
+    alnum = sum(c.isalnum() for c in read.text)
+    if not 4 <= alnum <= 10:
+        raise InvalidArgument("must hold 4-10 letters or digits", field=f"{field}.text")
+    if read.confidences:
+        if len(read.confidences) != alnum:
+            raise InvalidArgument(
+                "must have one value per letter or digit of the text", field=f"{field}.confidences"
+            )
+        if not all(0.0 <= c <= 1.0 for c in read.confidences):
+            raise InvalidArgument("values must lie in [0, 1]", field=f"{field}.confidences")
+    if len(read.alternatives) > 8:
+        raise InvalidArgument("at most 8 alternatives", field=f"{field}.alternatives")
+    for i, alt in enumerate(read.alternatives):
+        if not _PLATE_CHARS_RE.match(alt) or not 4 <= sum(c.isalnum() for c in alt) <= 10:
+            raise InvalidArgument(
+                "is not a plate of 4-10 letters or digits", field=f"{field}.alternatives[{i}]"
+            )
+    if not (0.0 <= read.quality <= 1.0) or math.isnan(read.quality):
+        raise InvalidArgument("must lie in [0, 1]", field=f"{field}.quality")

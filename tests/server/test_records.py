@@ -1,0 +1,109 @@
+"""Administrative records on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from centinela.errors import AlreadyExists, InvalidArgument, NotFound
+from centinela.server.records import (
+    AuthorisationRecord,
+    Records,
+    RequisitionRecord,
+    SiteRecord,
+    VehicleRecord,
+    mask_plate,
+    page,
+)
+from centinela.storage import make_engine
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
+
+
+def _req(rid: str, expires: dt.datetime, warrant: str) -> RequisitionRecord:
+    return RequisitionRecord(
+        rid,
+        "subj_" + rid,
+        warrant,
+        "Juzgado 1",
+        "ROBO_AGRAVADO",
+        NOW - dt.timedelta(days=1),
+        expires,
+        None,
+        "",
+        False,
+        ("tpl_1",),
+    )
+
+
+def test_requisition_states_follow_lift_and_expiry(db_url: str) -> None:
+    records = Records(make_engine(db_url))
+    records.add_requisition(_req("req_a", NOW + dt.timedelta(days=30), "W-1"))
+    records.add_requisition(_req("req_b", NOW + dt.timedelta(hours=1), "W-2"))
+    assert {r.requisition_id for r in records.list_requisitions(state="ACTIVE", now=NOW)} == {
+        "req_a",
+        "req_b",
+    }
+    later = NOW + dt.timedelta(hours=2)
+    assert [r.requisition_id for r in records.list_requisitions(state="EXPIRED", now=later)] == [
+        "req_b"
+    ]
+    lifted = records.update_requisition("req_a", lifted_at=NOW, lift_reason="captured")
+    assert lifted.state(NOW) == "LIFTED"
+    with pytest.raises(AlreadyExists):
+        records.add_requisition(_req("req_c", NOW + dt.timedelta(days=1), "W-1"))
+    with pytest.raises(NotFound):
+        records.get_requisition("req_missing")
+    records.engine.dispose()
+
+
+def test_sites_authorisations_and_policy_data(db_url: str) -> None:
+    records = Records(make_engine(db_url))
+    records.add_site(SiteRecord("mira-01", "muni-miraflores", "lima", 2, "Av. Larco", True))
+    records.set_site_active("mira-01", False)
+    auth = AuthorisationRecord(
+        "JUZ-2026-001",
+        "Juzgado Penal 3",
+        ("mira-01",),
+        NOW,
+        NOW + dt.timedelta(days=7),
+        ("ROBO_AGRAVADO",),
+        ("subj_x",),
+        False,
+    )
+    records.add_authorisation(auth)
+    records.revoke_authorisation("JUZ-2026-001")
+    data = records.policy_data()
+    assert data["sites"]["mira-01"] == {
+        "municipality": "muni-miraflores",
+        "region": "lima",
+        "active": False,
+    }
+    assert data["authorisations"]["JUZ-2026-001"]["revoked"] is True
+    assert data["authorisations"]["JUZ-2026-001"]["subjects"] == ["subj_x"]
+    with pytest.raises(InvalidArgument):
+        records.add_authorisation(AuthorisationRecord("bad", "c", (), NOW, NOW, (), (), False))
+    records.engine.dispose()
+
+
+def test_vehicles_keep_only_a_masked_plate(db_url: str) -> None:
+    records = Records(make_engine(db_url))
+    rec = VehicleRecord("veh_1", "DEN-77", mask_plate("ABC123"), "ROBO", NOW, None)
+    records.add_vehicle(rec)
+    assert records.list_vehicles(state="STOLEN")[0].plate_masked == "****23"
+    records.recover_vehicle("veh_1", NOW)
+    assert records.list_vehicles(state="STOLEN") == []
+    assert records.list_vehicles(state="RECOVERED")[0].vehicle_id == "veh_1"
+    records.engine.dispose()
+
+
+def test_paging_tokens() -> None:
+    items = list(range(120))
+    first, tok = page(items, "", 50)
+    second, tok2 = page(items, tok, 50)
+    third, tok3 = page(items, tok2, 50)
+    assert first + second + third == items
+    assert tok3 == ""
+    with pytest.raises(InvalidArgument):
+        page(items, "garbage", 10)
