@@ -53,6 +53,12 @@ class Settings:
     keys_dir: Path | None = None
     #: Directory of TLS material; default ``data_dir/certs``.
     certs_dir: Path | None = None
+    #: Embedding model id of the face galleries; empty = the default edge model's id.
+    face_model_id: str = ""
+    #: Origin line of the audit log's checkpoints (C2SP tlog-checkpoint).
+    audit_origin: str = "centinela.local/audit"
+    #: HNSW snapshot directory (encrypted); default ``data_dir/snapshots``.
+    snapshot_dir: Path | None = None
 
     # ---- derived ---------------------------------------------------------------------
 
@@ -66,6 +72,18 @@ class Settings:
     @property
     def effective_keys_dir(self) -> Path:
         return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+    @property
+    def effective_snapshot_dir(self) -> Path:
+        return self.snapshot_dir if self.snapshot_dir is not None else self.data_dir / "snapshots"
+
+    @property
+    def effective_face_model_id(self) -> str:
+        if self.face_model_id:
+            return self.face_model_id
+        from centinela.models import default_face_model_id
+
+        return default_face_model_id()
 
     @property
     def effective_certs_dir(self) -> Path:

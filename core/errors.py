@@ -22,10 +22,21 @@ class CentinelaError(Exception):
 
     status: str = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        rule_ids: Sequence[str] = (),
+        decision_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        #: Rule ids of LEGAL_RULES.md behind the error, when a policy decision caused it.
+        self.rule_ids = tuple(rule_ids)
+        #: The audited decision that this error answers, if one was made.
+        self.decision_id = decision_id
 
     def diagnostics(self) -> str:
         """A human text: what went wrong and, where known, what to do about it."""
@@ -91,12 +102,15 @@ class PolicyDenied(PermissionDenied):
         decision_id: str | None = None,
         message: str | None = None,
     ) -> None:
-        self.reasons = tuple(reasons)
-        self.decision_id = decision_id
-        text = message or ("denied by policy: " + ", ".join(self.reasons or ("default deny",)))
+        text = message or ("denied by policy: " + ", ".join(tuple(reasons) or ("default deny",)))
         if decision_id:
             text += f" (decision {decision_id})"
-        super().__init__(text)
+        super().__init__(text, rule_ids=reasons, decision_id=decision_id)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """The rule ids that denied."""
+        return self.rule_ids
 
 
 class ResourceExhausted(CentinelaError):

@@ -89,7 +89,7 @@ DEV_IDENTITIES: tuple[DevIdentity, ...] = (
         "*",
         "PNP national command (all regions)",
     ),
-    DevIdentity("reniec", "reniec", "reniec", ("registry",), "", "Reniec registry data owner"),
+    DevIdentity("reniec", "reniec", "reniec", ("admin",), "", "Reniec registry data owner"),
     DevIdentity(
         "compliance",
         "compliance",

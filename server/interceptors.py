@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from centinela.errors import CentinelaError, PolicyDenied, ResourceExhausted, Unauthenticated
+from centinela.errors import CentinelaError, ResourceExhausted, Unauthenticated
 from centinela.logs import get_logger
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
@@ -62,12 +62,12 @@ def _trailers(err: CentinelaError, request_id: str) -> tuple[tuple[str, str | by
     if err.field:
         meta["field"] = err.field
     trailers: list[tuple[str, str | bytes]] = [("x-request-id", request_id)]
-    if isinstance(err, PolicyDenied):
-        meta["rule_ids"] = ",".join(err.reasons)
-        if err.decision_id:
-            meta["decision_id"] = err.decision_id
-            trailers.append(("x-centinela-decision-id", err.decision_id))
-        trailers.append(("x-centinela-rule-ids", ",".join(err.reasons)))
+    if err.rule_ids:
+        meta["rule_ids"] = ",".join(err.rule_ids)
+        trailers.append(("x-centinela-rule-ids", ",".join(err.rule_ids)))
+    if err.decision_id:
+        meta["decision_id"] = err.decision_id
+        trailers.append(("x-centinela-decision-id", err.decision_id))
     info = error_details_pb2.ErrorInfo(
         reason=type(err).__name__, domain="centinela.v1", metadata=meta
     )

@@ -1,28 +1,646 @@
-"""MatchService: identity → validation → policy → match → durable audit → minimal response."""
+"""MatchService: identity → validation → policy → match → durable audit → minimal response.
+
+Invariants (DESIGN.md §2, LEGAL_RULES R1–R14):
+
+* The order is fixed: the caller comes from the verified certificate (interceptor), then
+  input validation, then the policy decision, then the matcher, then the durable audit
+  append, and only then the response. No candidate leaves the process without its entry.
+* A probe is never stored (R11): the audit keeps an HMAC of its bytes; the matcher holds it
+  only for the search.
+* Responses are shaped by the decision's obligations (R10): sub-threshold candidates never
+  appear, registry fields never appear, subject refs only where ``visible_fields`` allow.
+* StreamMatch answers each message in order with its own result or error; one bad message
+  does not end the stream, and at most one probe per stream is in flight (flow control is
+  the transport's: the server reads the next message only after answering the previous).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from centinela import __version__
-from centinela.server.context import current_caller
+from centinela.audit.entry import EventType
+from centinela.errors import CentinelaError, InvalidArgument, NotFound
+from centinela.matcher.plates import PlateRead
+from centinela.server.alerts import CONFIRMED, PARTIAL, PENDING, REJECTED, score_band
+from centinela.server.components import Components
+from centinela.server.context import CallState, current_call, current_caller
+from centinela.server.identity import Caller
+from centinela.server.interceptors import status_code
+from centinela.server.pipeline import Outcome
 from centinela.server.unimplemented import UnimplementedMatch
+from centinela.server.validation import (
+    GALLERIES,
+    GALLERY_ENUM,
+    check_context,
+    check_dni,
+    check_face_probe,
+    check_id,
+    check_plate_read,
+    check_text,
+)
+from centinela.v1 import common_pb2
 from centinela.v1 import match_service_pb2 as pb
+
+FACE_GALLERIES = ("pnp_watchlist", "reniec_registry")
+INSTRUCTIONS = {
+    "pnp_watchlist": "Do not intervene alone: alert the PNP center and wait for human review (R9).",
+    "reniec_registry": "Investigation lead only: every candidate needs human review (R8, R9).",
+    "stolen_vehicles": "Report the sighting to the PNP center; do not stop the vehicle alone.",
+}
+STATE_ENUM = {
+    PENDING: pb.ALERT_STATE_PENDING,
+    PARTIAL: pb.ALERT_STATE_PARTIALLY_CONFIRMED,
+    CONFIRMED: pb.ALERT_STATE_CONFIRMED,
+    REJECTED: pb.ALERT_STATE_REJECTED,
+}
+_MODES = {
+    common_pb2.SEARCH_MODE_UNSPECIFIED: "ALERT",
+    common_pb2.SEARCH_MODE_ALERT: "ALERT",
+    common_pb2.SEARCH_MODE_INVESTIGATION: "INVESTIGATION",
+}
+
+
+def _gallery_names(values: Any, *, allowed: tuple[str, ...], field: str) -> list[str]:
+    names: list[str] = []
+    for i, g in enumerate(values):
+        name = GALLERIES.get(g)
+        if name is None or name not in allowed:
+            raise InvalidArgument("is not a gallery this RPC can search", field=f"{field}[{i}]")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _requested(max_results: int, min_score: float) -> dict[str, Any]:
+    """What the caller asked for; zero means "the policy's default" and is left out."""
+    out: dict[str, Any] = {}
+    if max_results:
+        out["max_results"] = int(max_results)
+    if min_score:
+        out["min_score"] = float(min_score)
+    return out
+
+
+def _check_alert_scope(scope: Any, alert: Any) -> None:
+    """R10: a caller sees and confirms only the alerts of its jurisdiction.
+
+    Raises:
+        NotFound: the alert lies outside the caller's scope (as if it did not exist).
+    """
+    level = (scope or {}).get("level", "")
+    if level == "national":
+        return
+    if level == "own_sites" and alert.municipality == scope.get("municipality"):
+        return
+    if level == "region" and alert.region.lower() == str(scope.get("region", "")).lower():
+        return
+    raise NotFound("no such alert", field="alert_id")
 
 
 class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     """The MatchService implementation."""
 
-    def __init__(self, components: Any = None) -> None:
-        self._c = components
+    def __init__(self, components: Components) -> None:
+        self.c = components
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    async def _in_executor(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.c.executor, lambda: fn(*args, **kw))
+
+    async def _idempotent(
+        self, caller: Caller, ctx: common_pb2.RequestContext, rpc: str, compute: Any, cls: Any
+    ) -> Any:
+        async def run() -> bytes:
+            msg = await compute()
+            return bytes(msg.SerializeToString())
+
+        data, _replayed = await self.c.idempotency.run(caller.name, ctx.client_request_id, rpc, run)
+        return cls.FromString(data)
+
+    def _info(self, outcome: Outcome) -> common_pb2.DecisionInfo:
+        return outcome.info(self.c.bundle_name)
+
+    # ---- MatchFace ---------------------------------------------------------------------
+
+    async def MatchFace(self, request: pb.MatchFaceRequest, context: Any) -> pb.MatchFaceResponse:
+        caller, call = current_caller(), current_call()
+        return await self._idempotent(
+            caller,
+            request.context,
+            "MatchFace",
+            lambda: self._match_face(request, caller, call),
+            pb.MatchFaceResponse,
+        )
+
+    async def _match_face(
+        self, request: pb.MatchFaceRequest, caller: Caller, call: CallState
+    ) -> pb.MatchFaceResponse:
+        now = dt.datetime.now(dt.UTC)
+        ctx = check_context(
+            request.context,
+            site_required=caller.kind == "municipality",
+            capture_required=True,
+            now=now,
+        )
+        asked = _gallery_names(request.galleries, allowed=FACE_GALLERIES, field="galleries")
+        if request.mode not in _MODES:
+            raise InvalidArgument("unknown search mode", field="mode")
+        mode = _MODES[request.mode]
+        if not 0.0 <= request.min_score <= 1.0:
+            raise InvalidArgument("must lie in [0, 1]", field="min_score")
+        vec = check_face_probe(
+            request.probe, model_id=self.c.face_model_id, dimension=self._dimension()
+        )
+        digests = {"probe": self.c.digester.digest("probe", vec.tobytes())}
+        rate = self.c.pipeline.rates.observe(caller.name, ctx["site_id"])
+        decision, decision_id = await self.c.pipeline.authorise(
+            "MatchFace",
+            call=call,
+            caller=caller,
+            context=ctx,
+            digests=digests,
+            galleries=asked or ["pnp_watchlist"],
+            mode=mode,
+            rate=rate,
+            requested=_requested(request.max_results, request.min_score),
+            probe={
+                "kind": "face",
+                "quality": float(request.probe.quality),
+                "model_id": request.probe.model_id,
+            },
+        )
+        ob = decision.obligations
+        galleries = [g for g in ob.galleries if g in FACE_GALLERIES and (not asked or g in asked)]
+        k = max(1, min(ob.max_results or 1, int(request.max_results) or ob.max_results or 1))
+        exempt = frozenset(ob.objection_exempt_subjects)
+        found: list[tuple[str, Any]] = []
+        for g in galleries:
+            floor = float(ob.min_score.get(g, 1.0))
+            hits = await self._in_executor(
+                self.c.matcher.search_faces,
+                g,
+                vec,
+                model_id=self.c.face_model_id,
+                k=k,
+                min_score=max(floor, float(request.min_score)),
+                now=now,
+                exclude_objectors=ob.exclude_objectors,
+                exempt_subjects=exempt,
+            )
+            found.extend((g, h) for h in hits)
+        found.sort(key=lambda gh: -gh[1].score)
+        found = found[:k]
+        visible = set(ob.visible_fields)
+        candidates: list[pb.FaceCandidate] = []
+        alert_rows: list[dict[str, Any]] = []
+        refs: dict[str, str] = {}
+        site = self.c.view.site(ctx["site_id"]) if ctx["site_id"] else None
+        for g, hit in found:
+            reference, category = "", ""
+            if g == "pnp_watchlist":
+                req = self.c.view.active_requisition(hit.subject_ref, now)
+                if req is None:  # lifted or expired since the index last caught up (R6)
+                    continue
+                reference, category = req.requisition_id, req.offence_category
+            alert_id = "alt_" + secrets.token_hex(10) if mode == "ALERT" else ""
+            cand = pb.FaceCandidate(
+                gallery=GALLERY_ENUM[g],
+                requires_human_review=True,
+                instructions=INSTRUCTIONS[g],
+            )
+            if "reference" in visible or "alert" in visible:
+                cand.reference = reference
+            if "offence_category" in visible:
+                cand.offence_category = category
+            if "score" in visible:
+                cand.score = hit.score
+            if "subject_ref" in visible:
+                cand.subject_ref = hit.subject_ref
+            if alert_id:
+                cand.alert_id = alert_id
+                alert_rows.append(
+                    {
+                        "alert_id": alert_id,
+                        "decision_id": decision_id,
+                        "audit_index": -1,
+                        "caller_org": caller.org,
+                        "site_id": ctx["site_id"] or "-",
+                        "municipality": site.municipality if site else caller.org,
+                        "region": site.region if site else caller.region,
+                        "capture_time": dt.datetime.fromisoformat(
+                            ctx.get("capture_time", now.isoformat())
+                        ).timestamp(),
+                        "gallery": g,
+                        "reference": reference or hit.subject_ref,
+                        "category": category or "-",
+                        "score_band": score_band(hit.score, float(ob.min_score.get(g, 0.0))),
+                        "state": PENDING,
+                        "confirmations_required": 2 if ob.two_person_confirmation else 1,
+                        "created_at": now.timestamp(),
+                    }
+                )
+            candidates.append(cand)
+        if candidates:
+            first = candidates[0]
+            if first.reference:
+                refs["requisition"] = first.reference
+            if first.alert_id:
+                refs["alert"] = first.alert_id
+        outcome_name = "HIT" if candidates else "NO_HIT"
+        event = self.c.pipeline.event(
+            EventType.MATCH_DECISION,
+            call=call,
+            caller=caller,
+            context=ctx,
+            decision=decision,
+            decision_id=decision_id,
+            outcome=outcome_name,
+            refs=refs,
+            digests=digests,
+            metrics={
+                "candidates": len(candidates),
+                "top_score": round(found[0][1].score, 6) if found else 0.0,
+            },
+        )
+        (receipt,) = await self.c.pipeline.append(event)
+        outcome = Outcome(decision, decision_id, receipt)
+        if alert_rows:
+            for row in alert_rows:
+                row["audit_index"] = receipt.index
+            await self._in_executor(self.c.alerts.add, alert_rows)
+        return pb.MatchFaceResponse(
+            decision=self._info(outcome),
+            alert=bool(candidates) and mode == "ALERT",
+            candidates=candidates,
+            requires_human_review=bool(candidates),
+            confirmations_required=(2 if ob.two_person_confirmation else 1) if candidates else 0,
+        )
+
+    def _dimension(self) -> int:
+        return int(self.c.matcher.specs["pnp_watchlist"].dim)
+
+    # ---- MatchPlate --------------------------------------------------------------------
+
+    async def MatchPlate(
+        self, request: pb.MatchPlateRequest, context: Any
+    ) -> pb.MatchPlateResponse:
+        caller, call = current_caller(), current_call()
+        return await self._idempotent(
+            caller,
+            request.context,
+            "MatchPlate",
+            lambda: self._match_plate(request, caller, call),
+            pb.MatchPlateResponse,
+        )
+
+    async def _match_plate(
+        self, request: pb.MatchPlateRequest, caller: Caller, call: CallState
+    ) -> pb.MatchPlateResponse:
+        now = dt.datetime.now(dt.UTC)
+        ctx = check_context(
+            request.context,
+            site_required=caller.kind == "municipality",
+            capture_required=True,
+            now=now,
+        )
+        check_plate_read(request.read)
+        digests = {"plate": self.c.digester.digest("plate", request.read.text.upper())}
+        rate = self.c.pipeline.rates.observe(caller.name, ctx["site_id"])
+        decision, decision_id = await self.c.pipeline.authorise(
+            "MatchPlate",
+            call=call,
+            caller=caller,
+            context=ctx,
+            digests=digests,
+            galleries=["stolen_vehicles"],
+            mode="ALERT",
+            rate=rate,
+            requested={},
+            probe={"kind": "plate", "quality": float(request.read.quality), "model_id": ""},
+        )
+        ob = decision.obligations
+        candidates: list[pb.PlateCandidate] = []
+        alert_rows: list[dict[str, Any]] = []
+        if "stolen_vehicles" in ob.galleries:
+            read = PlateRead(
+                text=request.read.text,
+                confidences=list(request.read.confidences) or None,
+                alternatives=list(request.read.alternatives),
+            )
+            floor = float(ob.min_score.get("stolen_vehicles", 1.0))
+            hits = await self._in_executor(
+                self.c.matcher.search_plates, read, k=max(1, ob.max_results or 1)
+            )
+            site = self.c.view.site(ctx["site_id"]) if ctx["site_id"] else None
+            for hit in hits:
+                if hit.score < floor:
+                    continue
+                vehicle = self.c.view.stolen_vehicle(hit.ref)
+                if vehicle is None:  # recovered (R6)
+                    continue
+                alert_id = "alt_" + secrets.token_hex(10)
+                candidates.append(
+                    pb.PlateCandidate(
+                        reference=vehicle.vehicle_id,
+                        police_report_id=vehicle.police_report_id,
+                        report_category=vehicle.report_category,
+                        score=hit.score,
+                        alert_id=alert_id,
+                        instructions=INSTRUCTIONS["stolen_vehicles"],
+                    )
+                )
+                alert_rows.append(
+                    {
+                        "alert_id": alert_id,
+                        "decision_id": decision_id,
+                        "audit_index": -1,
+                        "caller_org": caller.org,
+                        "site_id": ctx["site_id"] or "-",
+                        "municipality": site.municipality if site else caller.org,
+                        "region": site.region if site else caller.region,
+                        "capture_time": dt.datetime.fromisoformat(
+                            ctx.get("capture_time", now.isoformat())
+                        ).timestamp(),
+                        "gallery": "stolen_vehicles",
+                        "reference": vehicle.vehicle_id,
+                        "category": vehicle.report_category,
+                        "score_band": score_band(hit.score, floor),
+                        "state": PENDING,
+                        "confirmations_required": 1,
+                        "created_at": now.timestamp(),
+                    }
+                )
+        refs: dict[str, str] = {}
+        if candidates:
+            refs = {"report": candidates[0].reference, "alert": candidates[0].alert_id}
+        event = self.c.pipeline.event(
+            EventType.MATCH_DECISION,
+            call=call,
+            caller=caller,
+            context=ctx,
+            decision=decision,
+            decision_id=decision_id,
+            outcome="HIT" if candidates else "NO_HIT",
+            refs=refs,
+            digests=digests,
+            metrics={"candidates": len(candidates)},
+        )
+        (receipt,) = await self.c.pipeline.append(event)
+        if alert_rows:
+            for row in alert_rows:
+                row["audit_index"] = receipt.index
+            await self._in_executor(self.c.alerts.add, alert_rows)
+        return pb.MatchPlateResponse(
+            decision=self._info(Outcome(decision, decision_id, receipt)),
+            alert=bool(candidates),
+            candidates=candidates,
+        )
+
+    # ---- StreamMatch -------------------------------------------------------------------
+
+    async def StreamMatch(
+        self, request_iterator: AsyncIterator[pb.StreamMatchRequest], context: Any
+    ) -> AsyncIterator[pb.StreamMatchResponse]:
+        caller, call = current_caller(), current_call()
+        async for msg in request_iterator:
+            sub = CallState(
+                request_id=f"{call.request_id}.{msg.sequence}", method=call.method, caller=caller
+            )
+            try:
+                which = msg.WhichOneof("probe")
+                if which == "face":
+                    face = await self._idempotent(
+                        caller,
+                        msg.face.context,
+                        "MatchFace",
+                        lambda m=msg, s=sub: self._match_face(m.face, caller, s),
+                        pb.MatchFaceResponse,
+                    )
+                    yield pb.StreamMatchResponse(sequence=msg.sequence, face=face)
+                elif which == "plate":
+                    plate = await self._idempotent(
+                        caller,
+                        msg.plate.context,
+                        "MatchPlate",
+                        lambda m=msg, s=sub: self._match_plate(m.plate, caller, s),
+                        pb.MatchPlateResponse,
+                    )
+                    yield pb.StreamMatchResponse(sequence=msg.sequence, plate=plate)
+                else:
+                    raise InvalidArgument("carries neither a face nor a plate", field="probe")
+            except CentinelaError as exc:
+                yield pb.StreamMatchResponse(
+                    sequence=msg.sequence,
+                    error=common_pb2.ErrorStatus(
+                        code=status_code(exc).value[0],
+                        message=exc.diagnostics(),
+                        field=exc.field or "",
+                        rule_ids=list(exc.rule_ids),
+                        decision_id=exc.decision_id or "",
+                    ),
+                )
+
+    # ---- VerifyFace --------------------------------------------------------------------
+
+    async def VerifyFace(
+        self, request: pb.VerifyFaceRequest, context: Any
+    ) -> pb.VerifyFaceResponse:
+        caller, call = current_caller(), current_call()
+        return await self._idempotent(
+            caller,
+            request.context,
+            "VerifyFace",
+            lambda: self._verify(request, caller, call),
+            pb.VerifyFaceResponse,
+        )
+
+    async def _verify(
+        self, request: pb.VerifyFaceRequest, caller: Caller, call: CallState
+    ) -> pb.VerifyFaceResponse:
+        ctx = check_context(request.context)
+        dni = check_dni(request.dni)
+        vec = check_face_probe(
+            request.probe, model_id=self.c.face_model_id, dimension=self._dimension()
+        )
+        digests = {
+            "probe": self.c.digester.digest("probe", vec.tobytes()),
+            "dni": self.c.digester.digest("dni", dni),
+        }
+        rate = self.c.pipeline.rates.observe(caller.name, ctx["site_id"])
+        decision, decision_id = await self.c.pipeline.authorise(
+            "VerifyFace",
+            call=call,
+            caller=caller,
+            context=ctx,
+            digests=digests,
+            galleries=["reniec_registry"],
+            mode="VERIFY",
+            rate=rate,
+            requested={"max_results": 1},
+            probe={
+                "kind": "face",
+                "quality": float(request.probe.quality),
+                "model_id": request.probe.model_id,
+            },
+        )
+        threshold = float(decision.obligations.min_score.get("reniec_registry", 1.0))
+        try:
+            score = float(
+                await self._in_executor(
+                    self.c.matcher.verify,
+                    "reniec_registry",
+                    vec,
+                    model_id=self.c.face_model_id,
+                    dni=dni,
+                )
+            )
+        except NotFound:
+            score = 0.0
+        match = score >= threshold
+        event = self.c.pipeline.event(
+            EventType.MATCH_DECISION,
+            call=call,
+            caller=caller,
+            context=ctx,
+            decision=decision,
+            decision_id=decision_id,
+            outcome="MATCH" if match else "NO_MATCH",
+            digests=digests,
+            metrics={"score": round(score, 6), "threshold": threshold},
+        )
+        (receipt,) = await self.c.pipeline.append(event)
+        return pb.VerifyFaceResponse(
+            decision=self._info(Outcome(decision, decision_id, receipt)),
+            match=match,
+            score=score,
+        )
+
+    # ---- ConfirmAlert ------------------------------------------------------------------
+
+    async def ConfirmAlert(
+        self, request: pb.ConfirmAlertRequest, context: Any
+    ) -> pb.ConfirmAlertResponse:
+        caller, call = current_caller(), current_call()
+        return await self._idempotent(
+            caller,
+            request.context,
+            "ConfirmAlert",
+            lambda: self._confirm(request, caller, call),
+            pb.ConfirmAlertResponse,
+        )
+
+    async def _confirm(
+        self, request: pb.ConfirmAlertRequest, caller: Caller, call: CallState
+    ) -> pb.ConfirmAlertResponse:
+        now = dt.datetime.now(dt.UTC)
+        ctx = check_context(request.context, purpose_required=False)
+        if not ctx["operator_id"]:
+            raise InvalidArgument(
+                "is required: confirmations count distinct people (R9)",
+                field="context.operator_id",
+            )
+        alert_id = check_id(request.alert_id, "alert_id")
+        check_text(request.note, "note", max_len=512)
+        verdicts = {pb.ALERT_VERDICT_CONFIRMED: CONFIRMED, pb.ALERT_VERDICT_REJECTED: REJECTED}
+        if request.verdict not in verdicts:
+            raise InvalidArgument("must be CONFIRMED or REJECTED", field="verdict")
+        alert = await self._in_executor(self.c.alerts.get, alert_id)
+        ctx.setdefault("site_id", alert.site_id)
+        ctx["site_id"] = ctx["site_id"] or alert.site_id
+        decision, decision_id = await self.c.pipeline.authorise(
+            "ConfirmAlert",
+            call=call,
+            caller=caller,
+            context=ctx,
+            refs={"alert": alert_id},
+            mode="ALERT",
+            alert={
+                "site_id": alert.site_id,
+                "municipality": alert.municipality,
+                "region": alert.region,
+                "gallery": alert.gallery,
+            },
+        )
+        _check_alert_scope(decision.obligations.alert_scope, alert)
+        person = f"{caller.name}/{ctx['operator_id']}"
+        updated = await self._in_executor(
+            self.c.alerts.confirm, alert_id, person, verdicts[request.verdict], now
+        )
+        event = self.c.pipeline.event(
+            EventType.ALERT_CONFIRMATION,
+            call=call,
+            caller=caller,
+            context=ctx,
+            decision=decision,
+            decision_id=decision_id,
+            outcome=updated.state,
+            refs={"alert": alert_id},
+            metrics={"confirmations": updated.confirmations},
+        )
+        (receipt,) = await self.c.pipeline.append(event)
+        return pb.ConfirmAlertResponse(
+            decision=self._info(Outcome(decision, decision_id, receipt)),
+            state=STATE_ENUM[updated.state],
+            confirmations=updated.confirmations,
+            confirmations_required=updated.confirmations_required,
+            actionable=updated.state == CONFIRMED,
+        )
+
+    # ---- GetServerInfo -----------------------------------------------------------------
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Any
     ) -> pb.GetServerInfoResponse:
         caller = current_caller()
+        c = self.c
+        galleries = []
+        for name, g in c.matcher.galleries.items():
+            galleries.append(
+                pb.GalleryInfo(
+                    gallery=GALLERY_ENUM[name],
+                    model_id=g.model_id,
+                    dimension=g.dim,
+                    size=len(g),
+                    threshold=self._floor(name),
+                )
+            )
+        galleries.append(
+            pb.GalleryInfo(
+                gallery=GALLERY_ENUM["stolen_vehicles"],
+                size=len(c.matcher.plates),
+                threshold=self._floor("stolen_vehicles"),
+            )
+        )
+        framework = self._framework()
         return pb.GetServerInfoResponse(
             version=__version__,
+            policy_bundle=c.bundle_name,
+            policy_bundle_digest=c.policy.bundle_digest.removeprefix("sha256:"),
+            shadow_bundle=c.shadow_name,
+            shadow_bundle_digest=(c.policy.shadow_digest or "").removeprefix("sha256:"),
+            facial_matching_enabled=bool(framework.get("facial_matching_enabled", False)),
+            galleries=galleries,
+            audit_size=c.audit.size,
             caller_org=caller.org,
             caller_kind=caller.kind,
             caller_roles=list(caller.roles),
         )
+
+    def _config(self) -> dict[str, Any]:
+        bundle = getattr(self.c.policy.active, "bundle", None)
+        cfg = getattr(bundle, "config", None) or {}
+        return dict(cfg)
+
+    def _framework(self) -> dict[str, Any]:
+        return dict(self._config().get("framework", {}))
+
+    def _floor(self, gallery: str) -> float:
+        g = self._config().get("galleries", {}).get(gallery, {})
+        return float(g.get("threshold_floor", 0.0))

@@ -28,6 +28,8 @@ MAX_CAPTURE_AGE = dt.timedelta(days=7)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+# Operator ids are pseudonymous tokens (they enter the audit log as they are).
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{11,127}$")
 _DNI_RE = re.compile(r"^[0-9]{8}$")
 _PLATE_CHARS_RE = re.compile(r"^[A-Za-z0-9 -]{1,16}$")
 _CATEGORY_RE = re.compile(r"^[A-Z0-9_]{1,64}$")
@@ -136,7 +138,12 @@ def check_context(
         ctx.authorisation_id, f"{field}.authorisation_id", required=False
     )
     out["legal_basis"] = check_text(ctx.legal_basis, f"{field}.legal_basis", max_len=256)
-    out["operator_id"] = check_id(ctx.operator_id, f"{field}.operator_id", required=False)
+    if ctx.operator_id and not _OPERATOR_RE.match(ctx.operator_id):
+        raise InvalidArgument(
+            "must be a pseudonymous token of 12-128 characters of [A-Za-z0-9_.:@=+-]",
+            field=f"{field}.operator_id",
+        )
+    out["operator_id"] = ctx.operator_id
     out["reference"] = check_id(ctx.reference, f"{field}.reference", required=reference_required)
     if ctx.client_request_id and not _REQUEST_ID_RE.match(ctx.client_request_id):
         raise InvalidArgument(

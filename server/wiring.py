@@ -1,16 +1,40 @@
-"""Assemble the application's components from settings (the composition root)."""
+"""Assemble the application's components from settings (the composition root).
+
+Start-up order: data directory → database and migrations → key provider → audit log (its
+signing and HMAC keys) → policy engines (with dynamic data from the records) → matcher (from
+snapshot or store) → servicers. A ``SERVICE_START`` entry with the digests of the policy
+bundle and of the configuration is durable before the first call is served; shutdown writes
+``SERVICE_STOP`` and closes in reverse order, the audit log last.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from centinela.audit.entry import AuditEvent, Digester, EventType, artifact_digest
+from centinela.audit.keys import load_or_create_hmac_key, load_or_create_signing_key
+from centinela.audit.log import AuditLog
 from centinela.config import Settings
+from centinela.errors import ConfigError
 from centinela.logs import get_logger
+from centinela.matcher.keys import FileKeyProvider
+from centinela.matcher.service import Matcher, default_galleries
+from centinela.matcher.store import TemplateStore
+from centinela.policy import Bundle, EmbeddedEngine, OpaServerEngine, PolicyEngine, PolicyService
+from centinela.server.alerts import AlertStore
 from centinela.server.app import Servicers
+from centinela.server.components import Components, WatchlistView
+from centinela.server.idempotency import IdempotencyStore
 from centinela.server.match_service import MatchServicer
+from centinela.server.pipeline import Pipeline, artifact
+from centinela.server.records import Records
+from centinela.server.watchlist_service import WatchlistServicer
 from centinela.storage import make_engine
 
 log = get_logger("server.wiring")
@@ -23,24 +47,151 @@ class Application:
     settings: Settings
     engine: Engine
     servicers: Servicers
-    closers: list[Any] = dataclasses.field(default_factory=list)
+    components: Components
 
     def reload(self) -> None:
-        """SIGHUP: reload what can be reloaded without a restart (the policy bundle)."""
-        log.info("reload.requested")
+        """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""
+        results = self.components.policy.reload()
+        for r in results:
+            log.info(
+                "policy.reload", role=r.role, ok=r.ok, digest=r.digest_after, message=r.message
+            )
+        if any(r.ok and r.changed for r in results):
+            event = AuditEvent(
+                event_type=EventType.POLICY_RELOAD,
+                outcome="RELOADED",
+                policy_bundle_digest=artifact(self.components.policy.bundle_digest),
+            )
+            self.components.audit.append_blocking(event)
 
     async def close(self) -> None:
-        """Close components in reverse order of creation."""
-        for closer in reversed(self.closers):
-            result = closer()
-            if hasattr(result, "__await__"):
-                await result
+        """Write SERVICE_STOP, then close components in reverse order of creation."""
+        c = self.components
+        try:
+            await c.audit.append(
+                AuditEvent(
+                    event_type=EventType.SERVICE_STOP,
+                    outcome="STOPPED",
+                    policy_bundle_digest=artifact(c.policy.bundle_digest),
+                )
+            )
+        except Exception as exc:  # the log may be the thing that failed
+            log.error("service_stop_not_audited", error=type(exc).__name__)
+        await asyncio.to_thread(c.matcher.stop)
+        c.policy.stop_watching()
+        c.executor.shutdown(wait=True)
+        await asyncio.to_thread(c.audit.close)
         self.engine.dispose()
+
+
+def _engine_for(settings: Settings, bundle: Bundle) -> PolicyEngine:
+    if settings.policy_engine == "embedded":
+        return EmbeddedEngine(bundle)
+    if settings.policy_engine == "opa":
+        engine = OpaServerEngine(settings.opa_url, bundle)
+        engine.publish()
+        return engine
+    raise ConfigError(f"policy_engine must be 'embedded' or 'opa', not {settings.policy_engine!r}")
+
+
+def build_components(settings: Settings) -> Components:
+    """Create every component (blocking; run it in a thread from async code)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(settings.effective_database_url)
+    keys_dir = settings.effective_keys_dir
+    records = Records(engine)
+    alerts = AlertStore(engine)
+    idem = IdempotencyStore(engine)
+
+    audit = AuditLog.open(
+        engine,
+        load_or_create_signing_key(keys_dir / "audit-log.ed25519"),
+        settings.audit_origin,
+        checkpoint_every_entries=settings.checkpoint_every_entries,
+        checkpoint_every_seconds=settings.checkpoint_every_seconds,
+    )
+    digester = Digester(load_or_create_hmac_key(keys_dir / "audit-hmac.key"))
+
+    active_bundle = Bundle.load(settings.policy_bundle)
+    active = _engine_for(settings, active_bundle)
+    shadow = (
+        _engine_for(settings, Bundle.load(settings.shadow_bundle))
+        if (settings.shadow_bundle)
+        else None
+    )
+    policy = PolicyService(active, shadow)
+    policy.set_dynamic_data(records.policy_data())
+
+    face_model_id = settings.effective_face_model_id
+    store = TemplateStore(engine, FileKeyProvider(keys_dir))
+    snapshot_dir = settings.effective_snapshot_dir
+    snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    matcher = Matcher(store, galleries=default_galleries(face_model_id), snapshot_dir=snapshot_dir)
+    matcher.start(
+        lambda p: (
+            log.info("matcher.start", phase=p.phase, gallery=p.gallery, done=p.done, total=p.total)
+            if p.total >= 10_000 or p.phase == "ready"
+            else None
+        )
+    )
+    matcher.run_in_background()
+
+    pipeline = Pipeline(policy, audit, digester, bundle_name=active_bundle.name)
+    view = WatchlistView(records)
+    view.refresh()
+    components = Components(
+        settings=settings,
+        engine=engine,
+        records=records,
+        alerts=alerts,
+        idempotency=idem,
+        audit=audit,
+        digester=digester,
+        policy=policy,
+        matcher=matcher,
+        pipeline=pipeline,
+        view=view,
+        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="centinela"),
+        face_model_id=face_model_id,
+        bundle_name=active_bundle.name,
+        shadow_name=settings.shadow_bundle,
+    )
+    config_doc = json.dumps(
+        {k: str(v) for k, v in dataclasses.asdict(settings).items()}, sort_keys=True
+    ).encode()
+    audit.append_blocking(
+        AuditEvent(
+            event_type=EventType.SERVICE_START,
+            outcome="STARTED",
+            policy_bundle_digest=artifact(policy.bundle_digest),
+            artifacts={"config": artifact_digest(config_doc)},
+        )
+    )
+    return components
+
+
+def build_servicers(components: Components) -> Servicers:
+    """The four services over the components."""
+    return Servicers(match=MatchServicer(components), watchlist=WatchlistServicer(components))
 
 
 async def build_application(settings: Settings) -> Application:
     """Create the data directory and every component; nothing is served yet."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = make_engine(settings.effective_database_url)
-    servicers = Servicers(match=MatchServicer())
-    return Application(settings=settings, engine=engine, servicers=servicers)
+    components = await asyncio.to_thread(build_components, settings)
+    return Application(
+        settings=settings,
+        engine=components.engine,
+        servicers=build_servicers(components),
+        components=components,
+    )
+
+
+def describe(app: Application) -> dict[str, Any]:
+    """A short, non-personal description of the running application (for logs)."""
+    c = app.components
+    return {
+        "bundle": c.bundle_name,
+        "digest": c.policy.bundle_digest,
+        "face_model_id": c.face_model_id,
+        "audit_size": c.audit.size,
+    }

@@ -150,7 +150,10 @@ class RequestContext(_message.Message):
     municipality (R5). Required on match RPCs from municipalities.
     """
     operator_id: _builtins.str
-    """Pseudonymous id of the human operator behind the call, if any (for accountability, R15)."""
+    """Pseudonymous id of the human operator behind the call, if any (for accountability, R15;
+    required by ConfirmAlert, R9): 12–128 characters of [A-Za-z0-9_.:@=+-], never a name
+    or a DNI. It is written to the audit log as given.
+    """
     client_request_id: _builtins.str
     """Caller-chosen id that makes a retry idempotent: the same id returns the same decision and
     is audited once. 8–128 characters of [A-Za-z0-9._:-]; a UUID is a good choice.

@@ -213,7 +213,10 @@ class CreateRequisitionRequest(_message.Message):
     offence_category: _builtins.str
     """Offence category."""
     dni: _builtins.str
-    """The wanted person's DNI (8 digits): templates are copied from the registry gallery."""
+    """The wanted person's DNI (8 digits), if known; stored encrypted and indexed by keyed
+    hash only. Without `templates`, the face templates are copied from the registry gallery
+    (the link is audited), so the PNP needs no photo.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """reference (the warrant id or order) is required (R15)."""
@@ -228,7 +231,9 @@ class CreateRequisitionRequest(_message.Message):
 
     @_builtins.property
     def templates(self) -> Global___TemplateSet:
-        """Templates supplied by the PNP."""
+        """Templates supplied by the PNP (e.g. enrolled from a photo at the edge). Required when
+        `dni` is empty; with a DNI they are used instead of the registry's.
+        """
 
     def __init__(
         self,
@@ -242,13 +247,11 @@ class CreateRequisitionRequest(_message.Message):
         dni: _builtins.str = ...,
         templates: Global___TemplateSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dni", b"dni", "expires_at", b"expires_at", "issued_at", b"issued_at", "source", b"source", "templates", b"templates"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "expires_at", b"expires_at", "issued_at", b"issued_at", "templates", b"templates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dni", b"dni", "expires_at", b"expires_at", "issued_at", b"issued_at", "issuing_court", b"issuing_court", "offence_category", b"offence_category", "source", b"source", "templates", b"templates", "warrant_id", b"warrant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dni", b"dni", "expires_at", b"expires_at", "issued_at", b"issued_at", "issuing_court", b"issuing_court", "offence_category", b"offence_category", "templates", b"templates", "warrant_id", b"warrant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["dni", "templates"]  # noqa: Y015
-    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateRequisitionRequest: _TypeAlias = CreateRequisitionRequest  # noqa: Y015
 

@@ -1,0 +1,497 @@
+"""The audit log the server holds: group-committed appends, signed checkpoints, proofs.
+
+Invariants (DESIGN.md §6; RFC 9162 §2.1; c2sp.org/tlog-checkpoint):
+
+* One writer thread owns the leaf table. It drains a queue of pending appends, gives them the
+  next contiguous indexes, inserts them in one transaction (SQLite ``synchronous=FULL``,
+  PostgreSQL default durability), and only after the commit returns does it add them to the
+  in-memory tree and resolve the callers. An append therefore returns only when durable.
+* If the database fails, every waiter of that batch gets ``AuditUnavailable`` (fail closed: no
+  result may be served without its audit record), the writer drops its connection and, before
+  the next batch, reloads the size and any leaves it does not hold from the database, so an
+  index is never given twice. A store that holds fewer leaves than the tree already published
+  is tampering: the log refuses every further append.
+* Before signing a checkpoint the log proves, with an RFC 9162 consistency proof checked
+  against the root of the last checkpoint it signed, that the new tree extends it; otherwise
+  it refuses to sign (``InconsistentCheckpointError``). The same check runs at start-up against
+  the latest stored checkpoint, so a log rewritten behind the server's back does not open.
+* Checkpoints are cut every N entries or T seconds (whichever comes first), on demand, and on
+  close. Entries reach this module as bytes or :class:`~centinela.audit.entry.AuditEvent`
+  objects; the latter are validated and canonicalised on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.audit.checkpoint import (
+    Checkpoint,
+    SignedCheckpoint,
+    Signer,
+    Verifier,
+    open_checkpoint,
+    sign_checkpoint,
+)
+from centinela.audit.entry import AuditEvent, validate_entry_bytes
+from centinela.audit.keys import load_or_create_hmac_key, load_or_create_signing_key
+from centinela.audit.merkle import MerkleTree, verify_consistency
+from centinela.audit.store import LeafStore
+from centinela.errors import (
+    AppendOnlyViolation,
+    AuditUnavailable,
+    CentinelaError,
+    InconsistentCheckpointError,
+    VerificationError,
+)
+from centinela.logs import get_logger
+
+__all__ = [
+    "AppendReceipt",
+    "AuditLog",
+    "load_or_create_hmac_key",
+    "load_or_create_signing_key",
+]
+
+DEFAULT_ORIGIN = "centinela.local/audit"
+_log = get_logger("centinela.audit.log")
+_CLOSE = object()
+_LEAF_PREFIX = b"\x00"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppendReceipt:
+    """Where an entry landed: its leaf index and its leaf hash (hex)."""
+
+    index: int
+    leaf_hash: str
+
+
+# A pending append: (entry bytes, leaf hash, waiter, loop or None for a thread waiter).
+_Item = tuple[bytes, bytes, Any, asyncio.AbstractEventLoop | None]
+
+
+def _resolve_many(results: list[tuple[Any, object]]) -> None:
+    for fut, res in results:
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
+class AuditLog:
+    """A tamper-evident, group-committed audit log over a :class:`LeafStore`.
+
+    Use :meth:`open` (migrates, loads, checks, starts); :meth:`close` flushes pending appends
+    and cuts a final checkpoint. ``max_batch=1`` gives one commit per append (a baseline for
+    benchmarks, not for production).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        signing_key: Ed25519PrivateKey,
+        origin: str = DEFAULT_ORIGIN,
+        *,
+        checkpoint_every_entries: int = 1000,
+        checkpoint_every_seconds: float = 10.0,
+        max_batch: int = 4096,
+    ) -> None:
+        if checkpoint_every_entries < 1 or checkpoint_every_seconds <= 0 or max_batch < 1:
+            raise ValueError("checkpoint intervals and max_batch must be positive")
+        self.origin = origin
+        self.store = LeafStore(engine)
+        self._signer = Signer(origin, signing_key)
+        self._verifier = Verifier(self._signer.verifier_key())
+        self._every_n = checkpoint_every_entries
+        self._every_s = checkpoint_every_seconds
+        self._max_batch = max_batch
+        self._tree = MerkleTree()
+        self._lock = threading.Lock()  # guards the tree
+        self._cp_lock = threading.RLock()  # serialises checkpoint signing
+        self._last_cp: SignedCheckpoint | None = None
+        self._last_cp_time = time.monotonic()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None
+        self._needs_reload = False
+        self._fault: str | None = None
+        self._closed = False
+        self._loaded = False
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        signing_key: Ed25519PrivateKey,
+        origin: str = DEFAULT_ORIGIN,
+        *,
+        checkpoint_every_entries: int = 1000,
+        checkpoint_every_seconds: float = 10.0,
+        max_batch: int = 4096,
+    ) -> AuditLog:
+        """Migrate the tables, load and check the tree, and start the writer.
+
+        Raises:
+            StorageError: the database failed.
+            InconsistentCheckpointError: the stored leaves do not extend the last signed
+                checkpoint (the log was truncated or rewritten).
+            VerificationError: the last stored checkpoint is not signed by this key/origin.
+        """
+        log = cls(
+            engine,
+            signing_key,
+            origin,
+            checkpoint_every_entries=checkpoint_every_entries,
+            checkpoint_every_seconds=checkpoint_every_seconds,
+            max_batch=max_batch,
+        )
+        log.store.migrate()
+        log.load()
+        log.start()
+        return log
+
+    def load(self) -> None:
+        """Load every leaf hash from the store and check it against the last checkpoint."""
+        tree = MerkleTree.from_packed(self.store.packed_leaf_hashes())
+        stored = self.store.latest_checkpoint()
+        last: SignedCheckpoint | None = None
+        if stored is not None:
+            last = open_checkpoint(stored.note, [self._verifier], origin=self.origin)
+            _check_extends(tree, last)
+        with self._lock:
+            self._tree = tree
+        self._last_cp = last
+        self._last_cp_time = time.monotonic()
+        self._loaded = True
+
+    def start(self) -> None:
+        """Start the writer thread (idempotent)."""
+        if not self._loaded:
+            self.store.migrate()
+            self.load()
+        if self._thread is None:
+            self._closed = False
+            self._thread = threading.Thread(
+                target=self._run, name="centinela-audit-writer", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """Flush pending appends, cut a final checkpoint, stop the writer."""
+        if self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join()
+        self._thread = None
+        self._drop_conn()
+        self._fail_leftovers()
+        try:
+            if self._fault is None and (self._last_cp is None or self.size > self._last_cp.size):
+                self.checkpoint()
+        except CentinelaError as exc:
+            _log.error("audit_final_checkpoint_failed", error=exc.__class__.__name__)
+
+    # --- appends -------------------------------------------------------------------------
+
+    def _prepare(self, entry: bytes | AuditEvent) -> tuple[bytes, bytes]:
+        if self._closed or self._thread is None:
+            raise AuditUnavailable("the audit log is not running")
+        if self._fault is not None:
+            raise AuditUnavailable(self._fault)
+        data = entry.encode() if isinstance(entry, AuditEvent) else bytes(entry)
+        validate_entry_bytes(data)
+        return data, hashlib.sha256(_LEAF_PREFIX + data).digest()
+
+    async def append(self, entry: bytes | AuditEvent) -> AppendReceipt:
+        """Append an entry; return once it is durable.
+
+        Raises:
+            AuditUnavailable: the log is closed, faulted, or the database failed.
+            InvalidArgument: the entry is malformed.
+        """
+        data, leaf = self._prepare(entry)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AppendReceipt] = loop.create_future()
+        self._queue.put((data, leaf, fut, loop))
+        return await fut
+
+    def append_blocking(
+        self, entry: bytes | AuditEvent, timeout: float | None = None
+    ) -> AppendReceipt:
+        """Append from a plain thread; return once the entry is durable.
+
+        Raises:
+            AuditUnavailable: the log is closed, faulted, the database failed, or the
+                timeout passed (the entry may still be written later).
+        """
+        data, leaf = self._prepare(entry)
+        fut: concurrent.futures.Future[AppendReceipt] = concurrent.futures.Future()
+        self._queue.put((data, leaf, fut, None))
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise AuditUnavailable("timed out waiting for the audit commit") from None
+
+    # --- the writer ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        q = self._queue
+        closing = False
+        while not closing:
+            timeout = max(0.0, self._last_cp_time + self._every_s - time.monotonic())
+            try:
+                first = q.get(timeout=timeout if timeout > 0 else 0.001)
+            except queue.Empty:
+                self._maybe_checkpoint()
+                continue
+            batch: list[_Item] = []
+            if first is _CLOSE:
+                closing = True
+            else:
+                batch.append(first)  # type: ignore[arg-type]
+            while len(batch) < self._max_batch:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _CLOSE:
+                    closing = True
+                    continue
+                batch.append(item)  # type: ignore[arg-type]
+            if closing:
+                # Drain whatever arrived before close so no waiter hangs.
+                while True:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _CLOSE:
+                        batch.append(item)  # type: ignore[arg-type]
+            if batch:
+                for start in range(0, len(batch), self._max_batch):
+                    self._commit(batch[start : start + self._max_batch])
+            self._maybe_checkpoint()
+
+    def _commit(self, batch: Sequence[_Item]) -> None:
+        results: list[object]
+        try:
+            if self._fault is not None:
+                raise AuditUnavailable(self._fault)
+            if self._needs_reload:
+                self._reload()
+            if self._conn is None:
+                self._conn = self.store.engine.connect()
+            first = self._tree.size
+            self.store.append_batch(self._conn, first, [(b[0], b[1]) for b in batch])
+        except Exception as exc:  # fail closed whatever broke
+            self._needs_reload = True
+            self._drop_conn()
+            _log.error("audit_append_failed", error=exc.__class__.__name__, batch=len(batch))
+            err = AuditUnavailable("the audit log could not make the entry durable")
+            err.__cause__ = exc
+            results = [err] * len(batch)
+        else:
+            tree = self._tree
+            with self._lock:
+                for item in batch:
+                    tree.append(item[1])
+            results = [AppendReceipt(first + i, item[1].hex()) for i, item in enumerate(batch)]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, object]]] = {}
+        for item, res in zip(batch, results, strict=True):
+            waiter, loop = item[2], item[3]
+            if loop is None:
+                if isinstance(res, BaseException):
+                    waiter.set_exception(res)
+                else:
+                    waiter.set_result(res)
+            else:
+                by_loop.setdefault(loop, []).append((waiter, res))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+                loop.call_soon_threadsafe(_resolve_many, items)
+
+    def _fail_leftovers(self) -> None:
+        leftovers: list[_Item] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _CLOSE:
+                leftovers.append(item)  # type: ignore[arg-type]
+        if leftovers:
+            self._fault_batch(leftovers, AuditUnavailable("the audit log closed"))
+
+    def _fault_batch(self, batch: Sequence[_Item], err: AuditUnavailable) -> None:
+        for _, _, waiter, loop in batch:
+            if loop is None:
+                waiter.set_exception(err)
+            else:
+                items: list[tuple[Any, object]] = [(waiter, err)]
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve_many, items)
+
+    def _reload(self) -> None:
+        stored = self.store.size()
+        have = self._tree.size
+        if stored < have:
+            self._fault = "the audit store holds fewer leaves than were committed: refusing"
+            _log.critical("audit_store_truncated", stored=stored, committed=have)
+            raise AppendOnlyViolation(self._fault)
+        if stored > have:
+            packed = self.store.packed_leaf_hashes(have)
+            with self._lock:
+                for off in range(0, len(packed), 32):
+                    self._tree.append(packed[off : off + 32])
+        self._needs_reload = False
+
+    def _drop_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception as exc:  # the connection is already broken
+                _log.debug("audit_conn_close_failed", error=exc.__class__.__name__)
+
+    def _maybe_checkpoint(self) -> None:
+        last_size = self._last_cp.size if self._last_cp else 0
+        size = self._tree.size
+        if size <= last_size and self._last_cp is not None:
+            self._last_cp_time = time.monotonic()
+            return
+        due_n = size - last_size >= self._every_n
+        due_t = time.monotonic() - self._last_cp_time >= self._every_s
+        if not (due_n or due_t) or self._fault is not None:
+            return
+        try:
+            self.checkpoint()
+        except InconsistentCheckpointError:
+            self._fault = "the audit tree is inconsistent with its last signed checkpoint"
+            _log.critical("audit_checkpoint_inconsistent")
+        except CentinelaError as exc:
+            self._last_cp_time = time.monotonic()  # retry at the next interval
+            _log.error("audit_checkpoint_failed", error=exc.__class__.__name__)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint(self) -> SignedCheckpoint:
+        """Sign and store a checkpoint of the current tree (or return the last one if equal).
+
+        Raises:
+            InconsistentCheckpointError: the tree does not extend the last signed checkpoint.
+            StorageError, AppendOnlyViolation: the database failed or refused the row.
+        """
+        with self._cp_lock:
+            with self._lock:
+                size = self._tree.size
+                root = self._tree.root(size)
+                last = self._last_cp
+                proof = (
+                    self._tree.consistency_proof(last.size, size)
+                    if last is not None and 0 < last.size <= size
+                    else []
+                )
+            if last is not None:
+                if last.size > size:
+                    raise InconsistentCheckpointError(
+                        "the tree is smaller than its last checkpoint"
+                    )
+                if last.size > 0 or size == 0:
+                    try:
+                        verify_consistency(last.size, size, last.root_hash, root, proof)
+                    except VerificationError as exc:
+                        raise InconsistentCheckpointError(
+                            f"refusing to sign size {size}: not consistent with signed "
+                            f"size {last.size}"
+                        ) from exc
+                if last.size == size:
+                    self._last_cp_time = time.monotonic()
+                    return last
+            signed = sign_checkpoint(self._signer, Checkpoint(self.origin, size, root))
+            self.store.add_checkpoint(size, root, signed.note)
+            self._last_cp = signed
+            self._last_cp_time = time.monotonic()
+            return signed
+
+    def latest_checkpoint(self) -> SignedCheckpoint | None:
+        """The last checkpoint this log signed or loaded."""
+        return self._last_cp
+
+    def verifier_key(self) -> str:
+        """The log's public key in signed-note verifier-key format."""
+        return self._signer.verifier_key()
+
+    # --- reads ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durable entries."""
+        return self._tree.size
+
+    def root(self, size: int | None = None) -> bytes:
+        """Root hash at ``size`` (default: now)."""
+        with self._lock:
+            return self._tree.root(size)
+
+    def leaf_hash(self, index: int) -> bytes:
+        """The leaf hash at ``index``."""
+        with self._lock:
+            return self._tree.leaf(index)
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entry bytes ``[start, end)`` (end is clamped to the durable size)."""
+        end = min(end, self.size)
+        if start < 0 or start > end:
+            raise ValueError("bad entry range")
+        return self.store.entries(start, end)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof of leaf ``index`` in the tree of ``size``."""
+        with self._lock:
+            return self._tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, m: int, n: int) -> list[bytes]:
+        """RFC 9162 consistency proof between sizes ``m`` and ``n`` (0 < m <= n)."""
+        with self._lock:
+            return self._tree.consistency_proof(m, n)
+
+    def packed_leaf_hashes(self, start: int, end: int) -> bytes:
+        """Leaf hashes ``[start, end)`` concatenated, 32 bytes each."""
+        with self._lock:
+            return self._tree.packed_leaves(start, end)
+
+    def compact_range(self, size: int) -> list[bytes]:
+        """Perfect-subtree hashes covering ``[0, size)``, largest first."""
+        with self._lock:
+            return self._tree.compact_range(size)
+
+
+def _check_extends(tree: MerkleTree, cp: SignedCheckpoint) -> None:
+    if tree.size < cp.size:
+        raise InconsistentCheckpointError(
+            f"the store holds {tree.size} leaves but checkpoint size {cp.size} was signed: "
+            "the log was truncated"
+        )
+    if tree.root(cp.size) != cp.root_hash:
+        raise InconsistentCheckpointError(
+            f"the stored leaves do not match the signed root at size {cp.size}: "
+            "the log was rewritten"
+        )

@@ -1,0 +1,342 @@
+"""The audit log's tables: leaves and signed checkpoints, append-only in the database itself.
+
+Invariants (DESIGN.md §6):
+
+* ``audit_leaves`` holds one row per leaf: ``idx`` contiguous from 0, the entry bytes, their
+  RFC 9162 leaf hash and the time written. The database rejects UPDATE and DELETE (both
+  dialects) and TRUNCATE (PostgreSQL), and an INSERT whose ``idx`` is not exactly the next
+  one. On SQLite the contiguity trigger is what stops ``INSERT OR REPLACE``: REPLACE deletes the
+  conflicting row without firing DELETE triggers, but the BEFORE INSERT check fires first and
+  refuses any index that already exists. PostgreSQL's ``ON CONFLICT DO UPDATE`` hits the UPDATE
+  trigger.
+* ``audit_checkpoints`` holds every signed checkpoint (note text verbatim), also append-only;
+  the database refuses a checkpoint smaller than an earlier one, a second checkpoint of the
+  same size with another root (a split view), and one beyond the number of leaves.
+* Only :class:`~centinela.audit.log.AuditLog`'s single writer appends leaves; this module does
+  the SQL and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.errors import AppendOnlyViolation, StorageError
+from centinela.storage import Migration, is_sqlite, migrate
+
+COMPONENT = "audit"
+
+_SQLITE_V1 = [
+    """CREATE TABLE audit_leaves (
+        idx INTEGER PRIMARY KEY,
+        entry BLOB NOT NULL,
+        leaf_hash BLOB NOT NULL CHECK (length(leaf_hash) = 32),
+        created_at TEXT NOT NULL
+    )""",
+    # Covering index: loading every leaf hash at start-up reads 45 bytes a leaf, not the entry.
+    "CREATE INDEX audit_leaves_hashes ON audit_leaves (idx, leaf_hash)",
+    """CREATE TRIGGER audit_leaves_no_update BEFORE UPDATE ON audit_leaves
+       BEGIN SELECT RAISE(ABORT, 'audit_leaves is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER audit_leaves_no_delete BEFORE DELETE ON audit_leaves
+       BEGIN SELECT RAISE(ABORT, 'audit_leaves is append-only: DELETE refused'); END""",
+    """CREATE TRIGGER audit_leaves_contiguous BEFORE INSERT ON audit_leaves
+       WHEN NEW.idx IS NOT (SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves)
+       BEGIN SELECT RAISE(ABORT, 'audit_leaves is append-only: idx is not the next index'); END""",
+    """CREATE TABLE audit_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        tree_size INTEGER NOT NULL,
+        root_hash BLOB NOT NULL CHECK (length(root_hash) = 32),
+        note TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    """CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+       BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+       BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only: DELETE refused'); END""",
+    """CREATE TRIGGER audit_checkpoints_guard BEFORE INSERT ON audit_checkpoints
+       WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), -1) + 1 FROM audit_checkpoints)
+         OR EXISTS (SELECT 1 FROM audit_checkpoints WHERE tree_size > NEW.tree_size)
+         OR EXISTS (SELECT 1 FROM audit_checkpoints
+                    WHERE tree_size = NEW.tree_size AND root_hash <> NEW.root_hash)
+         OR NEW.tree_size > (SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves)
+       BEGIN SELECT RAISE(ABORT, 'audit_checkpoints: rollback, split view or gap refused'); END""",
+]
+
+_PG_V1 = [
+    """CREATE TABLE audit_leaves (
+        idx BIGINT PRIMARY KEY,
+        entry BYTEA NOT NULL,
+        leaf_hash BYTEA NOT NULL CHECK (length(leaf_hash) = 32),
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX audit_leaves_hashes ON audit_leaves (idx) INCLUDE (leaf_hash)",
+    """CREATE TABLE audit_checkpoints (
+        seq BIGINT PRIMARY KEY,
+        tree_size BIGINT NOT NULL,
+        root_hash BYTEA NOT NULL CHECK (length(root_hash) = 32),
+        note TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    """CREATE FUNCTION audit_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         RAISE EXCEPTION USING
+           MESSAGE = TG_TABLE_NAME || ' is append-only: ' || TG_OP || ' refused',
+           ERRCODE = 'integrity_constraint_violation';
+       END $$""",
+    """CREATE FUNCTION audit_leaves_next() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         IF NEW.idx IS DISTINCT FROM
+            (SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves) THEN
+           RAISE EXCEPTION 'audit_leaves is append-only: idx is not the next index'
+             USING ERRCODE = 'integrity_constraint_violation';
+         END IF;
+         RETURN NEW;
+       END $$""",
+    """CREATE FUNCTION audit_checkpoints_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         IF NEW.seq IS DISTINCT FROM (SELECT COALESCE(MAX(seq), -1) + 1 FROM audit_checkpoints)
+            OR EXISTS (SELECT 1 FROM audit_checkpoints WHERE tree_size > NEW.tree_size)
+            OR EXISTS (SELECT 1 FROM audit_checkpoints
+                       WHERE tree_size = NEW.tree_size AND root_hash <> NEW.root_hash)
+            OR NEW.tree_size > (SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves) THEN
+           RAISE EXCEPTION 'audit_checkpoints: rollback, split view or gap refused'
+             USING ERRCODE = 'integrity_constraint_violation';
+         END IF;
+         RETURN NEW;
+       END $$""",
+    """CREATE TRIGGER audit_leaves_no_change BEFORE UPDATE OR DELETE ON audit_leaves
+       FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()""",
+    """CREATE TRIGGER audit_leaves_no_truncate BEFORE TRUNCATE ON audit_leaves
+       FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()""",
+    """CREATE TRIGGER audit_leaves_contiguous BEFORE INSERT ON audit_leaves
+       FOR EACH ROW EXECUTE FUNCTION audit_leaves_next()""",
+    """CREATE TRIGGER audit_checkpoints_no_change BEFORE UPDATE OR DELETE ON audit_checkpoints
+       FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()""",
+    """CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
+       FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()""",
+    """CREATE TRIGGER audit_checkpoints_guard BEFORE INSERT ON audit_checkpoints
+       FOR EACH ROW EXECUTE FUNCTION audit_checkpoints_guard()""",
+]
+
+
+def _create_v1(conn: Connection) -> None:
+    for stmt in _SQLITE_V1 if is_sqlite(conn) else _PG_V1:
+        conn.exec_driver_sql(stmt)
+
+
+MIGRATIONS = [Migration(1, "audit leaves and checkpoints, append-only", _create_v1)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """A row of ``audit_checkpoints``."""
+
+    seq: int
+    tree_size: int
+    root_hash: bytes
+    note: str
+    created_at: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _is_append_only_refusal(exc: BaseException) -> bool:
+    text = str(exc)
+    return "append-only" in text or "split view" in text
+
+
+class LeafStore:
+    """SQL access to the audit tables. Create it, call :meth:`migrate`, then use it.
+
+    Writes go through :meth:`append_batch` on a connection the caller holds (the log's writer
+    keeps one open); reads check out a pooled connection each.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sqlite = is_sqlite(engine)
+        # Only the driver's placeholder is interpolated into these statements, never a value.
+        mark = self._mark = "?" if self.sqlite else "%s"
+        self._insert_leaf = (
+            "INSERT INTO audit_leaves (idx, entry, leaf_hash, created_at) "  # noqa: S608
+            f"VALUES ({mark}, {mark}, {mark}, {mark})"
+        )
+        self._insert_cp = (
+            "INSERT INTO audit_checkpoints (seq, tree_size, root_hash, note, created_at) "  # noqa: S608
+            f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark})"
+        )
+
+    def migrate(self) -> None:
+        """Create or upgrade the audit tables.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        migrate(self.engine, COMPONENT, MIGRATIONS)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def append_batch(
+        self, conn: Connection, first_index: int, rows: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        """Insert ``(entry, leaf_hash)`` rows at ``first_index``… in one durable transaction.
+
+        Raises:
+            AppendOnlyViolation: the database refused an index (someone else appended).
+            StorageError: the database failed; nothing of the batch was written.
+        """
+        now = _now()
+        params = [(first_index + i, e, h, now) for i, (e, h) in enumerate(rows)]
+        try:
+            if self.sqlite:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                conn.exec_driver_sql(self._insert_leaf, params)
+        except sa.exc.SQLAlchemyError as exc:
+            if _is_append_only_refusal(exc):
+                raise AppendOnlyViolation("the store refused the next leaf index") from exc
+            raise StorageError(f"audit append failed: {exc.__class__.__name__}") from exc
+
+    def add_checkpoint(self, tree_size: int, root_hash: bytes, note: str) -> StoredCheckpoint:
+        """Record a signed checkpoint.
+
+        Raises:
+            AppendOnlyViolation: the database refused it (rollback, split view, gap).
+            StorageError: the database failed.
+        """
+        now = _now()
+        try:
+            with self.engine.connect() as conn:
+                if self.sqlite:
+                    conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    seq = conn.exec_driver_sql(
+                        "SELECT COALESCE(MAX(seq), -1) + 1 FROM audit_checkpoints"
+                    ).scalar_one()
+                    conn.exec_driver_sql(
+                        self._insert_cp, [(int(seq), tree_size, root_hash, note, now)]
+                    )
+        except sa.exc.SQLAlchemyError as exc:
+            if _is_append_only_refusal(exc):
+                raise AppendOnlyViolation("the store refused the checkpoint") from exc
+            raise StorageError(f"audit checkpoint write failed: {exc.__class__.__name__}") from exc
+        return StoredCheckpoint(int(seq), tree_size, root_hash, note, now)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Number of leaves stored (the next index)."""
+        try:
+            with self.engine.connect() as conn:
+                n = conn.exec_driver_sql(
+                    "SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves"
+                ).scalar_one()
+            return int(n)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit size read failed: {exc.__class__.__name__}") from exc
+
+    def packed_leaf_hashes(self, start: int = 0, chunk: int = 200_000) -> bytes:
+        """Leaf hashes from ``start`` to the end, concatenated (32 bytes each), index order.
+
+        Reads the covering index through the driver's cursor: a million leaves in about a
+        second on SQLite.
+
+        Raises:
+            AppendOnlyViolation: the stored indexes have a gap (rows were removed).
+            StorageError: the database failed.
+        """
+        parts: list[bytes] = []
+        expected = start
+        sql = (
+            "SELECT idx, leaf_hash FROM audit_leaves "  # noqa: S608 - placeholders only
+            f"WHERE idx >= {self._mark} ORDER BY idx LIMIT {int(chunk)}"
+        )
+        try:
+            with self.engine.connect() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    while True:
+                        cursor.execute(sql, (expected,))
+                        rows = cursor.fetchall()
+                        if not rows:
+                            break
+                        if rows[0][0] != expected or rows[-1][0] != expected + len(rows) - 1:
+                            raise AppendOnlyViolation(f"audit leaves have a gap after {expected}")
+                        parts.append(b"".join([bytes(r[1]) for r in rows]))
+                        expected += len(rows)
+                finally:
+                    cursor.close()
+        except AppendOnlyViolation:
+            raise
+        except Exception as exc:  # SQLAlchemy's or, through the raw cursor, the driver's
+            raise StorageError(f"audit leaf read failed: {exc.__class__.__name__}") from exc
+        out = b"".join(parts)
+        if len(out) != (expected - start) * 32:
+            raise AppendOnlyViolation("a stored leaf hash is not 32 bytes")
+        return out
+
+    def iter_entries(self, start: int, end: int, chunk: int = 10_000) -> Iterator[bytes]:
+        """Entry bytes for indexes ``[start, end)``, in order.
+
+        Raises:
+            AppendOnlyViolation: an index in the range is missing.
+            StorageError: the database failed.
+        """
+        mark = self._mark
+        pos = start
+        try:
+            with self.engine.connect() as conn:
+                while pos < end:
+                    stop = min(end, pos + chunk)
+                    rows = conn.exec_driver_sql(
+                        "SELECT idx, entry FROM audit_leaves "  # noqa: S608
+                        f"WHERE idx >= {mark} AND idx < {mark} ORDER BY idx",
+                        (pos, stop),
+                    ).fetchall()
+                    for idx, entry in rows:
+                        if idx != pos:
+                            raise AppendOnlyViolation(f"audit leaf {pos} is missing")
+                        yield bytes(entry)
+                        pos += 1
+                    if pos != stop:
+                        raise AppendOnlyViolation(f"audit leaf {pos} is missing")
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit entry read failed: {exc.__class__.__name__}") from exc
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entry bytes for indexes ``[start, end)``."""
+        return list(self.iter_entries(start, end))
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        """All stored checkpoints, oldest first."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT seq, tree_size, root_hash, note, created_at FROM audit_checkpoints "
+                    "ORDER BY seq"
+                ).fetchall()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit checkpoint read failed: {exc.__class__.__name__}") from exc
+        return [
+            StoredCheckpoint(int(r[0]), int(r[1]), bytes(r[2]), str(r[3]), str(r[4])) for r in rows
+        ]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """The most recent stored checkpoint, if any."""
+        try:
+            with self.engine.connect() as conn:
+                r = conn.exec_driver_sql(
+                    "SELECT seq, tree_size, root_hash, note, created_at FROM audit_checkpoints "
+                    "ORDER BY seq DESC LIMIT 1"
+                ).first()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit checkpoint read failed: {exc.__class__.__name__}") from exc
+        if r is None:
+            return None
+        return StoredCheckpoint(int(r[0]), int(r[1]), bytes(r[2]), str(r[3]), str(r[4]))

@@ -1,0 +1,128 @@
+"""The OPA-server engine: an OPA sidecar queried over its REST data API.
+
+Invariants (DESIGN.md §5):
+
+* The decision is ``POST /v1/data/centinela/decision`` with ``{"input": …}``; anything but a
+  200 with a ``result`` object that parses as a decision is a deny with ``ENGINE_UNAVAILABLE``
+  (errors, time-outs and an undefined result alike). ``decide`` never raises.
+* ``publish`` pushes the bundle's policy modules (tests excluded, ids ``centinela/<file>``)
+  and its static data, then deletes modules of an earlier bundle, so the sidecar evaluates
+  the bundle whose digest this engine reports; dynamic data goes to ``PUT /v1/data/dynamic``.
+  The push is module by module, not atomic: deployments that swap bundles under load should
+  let OPA pull signed bundles instead (deploy/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from opa_client.opa import OpaClient
+
+from centinela.errors import ConfigError, PolicyEngineUnavailable
+from centinela.logs import get_logger
+from centinela.policy.bundle import CONFIG_KEY, Bundle
+from centinela.policy.decision import ENGINE_UNAVAILABLE, Decision, parse_decision
+from centinela.policy.engine import check_dynamic
+
+_log = get_logger("policy")
+
+#: OPA policy ids of the modules we publish; stale ones under it are deleted on publish.
+POLICY_PREFIX = "centinela/"
+
+
+class OpaServerEngine:
+    """Decisions from an OPA server at ``url`` (e.g. ``http://127.0.0.1:8181``)."""
+
+    name = "opa"
+
+    def __init__(self, url: str, bundle: Bundle, *, timeout_s: float = 0.5) -> None:
+        """Connect lazily to ``url``; call :meth:`publish` to load the bundle into OPA.
+
+        Raises:
+            ConfigError: the URL is not ``http(s)://host:port``.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError(f"OPA url must be http(s)://host:port, got {url!r}")
+        self.url = url
+        self._dynamic: dict[str, Any] = check_dynamic({})
+        self._bundle = bundle
+        self._floors = bundle.floors()
+        self._client = OpaClient(
+            host=parts.hostname,
+            port=parts.port or (443 if parts.scheme == "https" else 80),
+            ssl=parts.scheme == "https",
+            timeout=timeout_s,
+            retries=0,
+        )
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle this engine reports (and publishes)."""
+        return self._bundle
+
+    @property
+    def bundle_digest(self) -> str:
+        return self._bundle.digest
+
+    @property
+    def dynamic(self) -> dict[str, Any]:
+        """The ``data.dynamic`` document last pushed."""
+        return self._dynamic
+
+    def close(self) -> None:
+        """Release the HTTP session."""
+        self._client.close_connection()
+
+    def publish(self, dynamic: Mapping[str, Any] | None = None) -> None:
+        """Load the bundle's policy and data (and ``dynamic``) into the OPA server.
+
+        Raises:
+            PolicyEngineUnavailable: OPA refused a module or the data, or is unreachable.
+        """
+        try:
+            self._client.update_or_create_data(dict(self._bundle.config), CONFIG_KEY)
+            self._dynamic = check_dynamic(dynamic or {})
+            self._client.update_or_create_data(self._dynamic, "dynamic")
+            ours = {f"{POLICY_PREFIX}{name}": src for name, src in self._bundle.policy_modules.items()}
+            for policy_id, src in sorted(ours.items()):
+                self._client.update_policy_from_string(src, policy_id, rego_compat=False)
+            for policy_id in self._client.get_policies_list():
+                if policy_id.startswith(POLICY_PREFIX) and policy_id not in ours:
+                    self._client.delete_policy(policy_id)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise PolicyEngineUnavailable(f"cannot publish the bundle to OPA: {exc}") from exc
+
+    def set_dynamic_data(self, doc: Mapping[str, Any]) -> None:
+        dynamic = check_dynamic(doc)
+        try:
+            self._client.update_or_create_data(dynamic, "dynamic")
+        except Exception as exc:
+            raise PolicyEngineUnavailable(f"cannot push dynamic data to OPA: {exc}") from exc
+        self._dynamic = dynamic
+
+    def evaluate_raw(self, input: Any) -> Any:
+        """The raw ``result`` for ``input``, or ``None`` when OPA says it is undefined.
+
+        Raises:
+            Exception: whatever the HTTP client raises (connection, timeout, HTTP status).
+        """
+        body = self._client.query_rule(input_data=input, package_path="centinela", rule_name="decision")
+        if not isinstance(body, dict):
+            return None
+        return body.get("result")
+
+    def decide(self, input: Mapping[str, Any]) -> Decision:
+        digest = self._bundle.digest
+        try:
+            raw = self.evaluate_raw(dict(input) if isinstance(input, Mapping) else input)
+        except Exception as exc:  # any client failure fails closed
+            _log.error("policy_engine_error", engine=self.name, bundle=digest, error=type(exc).__name__)
+            return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
+        if raw is None:
+            return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
+        return parse_decision(raw, digest, self.name, self._floors)

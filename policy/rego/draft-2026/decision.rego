@@ -1,0 +1,62 @@
+# The one entry point of the policy: data.centinela.decision.
+#
+# Invariants (LEGAL_RULES.md, DESIGN.md §5):
+#   * Default deny: `allow` is true only for a well-formed input, a known RPC, a caller whose
+#     roles grant that RPC, and no rule in `deny` firing.
+#   * The decision is defined for every input, garbage included, so an engine never has to
+#     guess: an undefined decision is an engine failure and reads as a deny there.
+#   * `reasons` holds the rule ids that denied (or INPUT_MALFORMED / DEFAULT_DENY); on an
+#     allow it holds the rule ids whose obligations shape the answer.
+#   * Obligations can only narrow: galleries are the requested ones, thresholds are never
+#     below the calibrated floor (R8), results are capped by mode.
+#
+# Rego v1. Modules in this bundle share package `centinela`; tests live in `centinela_test`.
+package centinela
+
+decision := {
+	"allow": allow,
+	"reasons": reasons,
+	"obligations": obligations,
+	"details": details,
+}
+
+default allow := false
+
+allow if {
+	count(malformed) == 0
+	count(deny) == 0
+	rpc_known
+	count(grants) > 0
+}
+
+reasons := ["INPUT_MALFORMED"] if {
+	count(malformed) > 0
+} else := sort([r | some r in deny]) if {
+	count(deny) > 0
+} else := ["DEFAULT_DENY"] if {
+	not allow
+} else := sort([r | some r in constraints])
+
+# Names of malformed input fields (never their values: they may hold personal data).
+details := sort([d | some d in malformed])
+
+# Rules whose obligations constrain an allowed answer.
+constraints contains "R3" if registry_search
+
+constraints contains "R4" if family == "verify"
+
+constraints contains "R6" if probe_rpc
+
+constraints contains "R7" if exclude_objectors
+
+constraints contains "R8" if probe_rpc
+
+constraints contains "R9" if human_review
+
+constraints contains "R10" if {
+	family in {"search", "verify", "alert"}
+}
+
+constraints contains "R15" if family == "admin"
+
+constraints contains "R16" if family == "audit"

@@ -1,0 +1,134 @@
+"""Run a bundle's Rego tests through the embedded engine (rego-cpp), reported by test name.
+
+The bundle tests are table-driven (see a bundle's ``fixtures_test.rego``): every
+``test_<name>`` rule is ``check("<name>")`` and ``cases.<name>`` holds the input, optional
+``dynamic`` / ``config`` overrides and the expectation. OPA runs the rules themselves, using
+``with input as …`` (``check_test.rego``). rego-cpp 1.5.2 cannot compile that ``with`` on this
+policy (a compile error for whole-input ``with``; seconds and gigabytes for per-key ``with``),
+so this runner evaluates the *same* cases instead:
+
+1. compile the test modules with ``check_test.rego`` replaced by a stub, read ``cases``;
+2. for each test rule, decide its case through :class:`EmbeddedEngine` (the compiled entry
+   point, with the case's data), then evaluate ``embedded_check`` on (decision, expectation).
+
+Invariant: a test rule without a case, a case without a test rule, or an engine error is a
+failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import regopy
+
+from centinela.errors import ConfigError
+from centinela.policy import rego_native
+from centinela.policy.bundle import (
+    CHECK_STUB,
+    CONFIG_KEY,
+    OPA_ONLY_TEST_MODULE,
+    Bundle,
+    TestResult,
+    deep_merge,
+)
+from centinela.policy.engine import EmbeddedEngine
+
+TEST_PACKAGE = "centinela_test"
+CHECK_ENTRYPOINT = "centinela_test/embedded_check"
+
+
+def _test_modules(bundle: Bundle) -> dict[str, str]:
+    mods = dict(bundle.test_modules)
+    if OPA_ONLY_TEST_MODULE in mods:
+        mods[OPA_ONLY_TEST_MODULE] = CHECK_STUB
+    return mods
+
+
+def load_cases(bundle: Bundle) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bundle's test cases (name -> case) and the fixture ``data.dynamic``.
+
+    Raises:
+        RegoFailure: the test modules do not compile.
+    """
+    modules = {**bundle.policy_modules, **_test_modules(bundle)}
+    interp, _ = rego_native.compile_bundle(modules, [bundle.data], [CHECK_ENTRYPOINT])
+    cases = rego_native.query(interp, f"data.{TEST_PACKAGE}.cases")
+    dynamic = rego_native.query(interp, f"data.{TEST_PACKAGE}.dynamic")
+    return (cases if isinstance(cases, dict) else {}), (dynamic if isinstance(dynamic, dict) else {})
+
+
+def run_bundle_tests(bundle: Bundle) -> list[TestResult]:
+    """Run every test rule of ``bundle``; one result per rule (plus orphan cases)."""
+    names = bundle.test_names()
+    modules = {**bundle.policy_modules, **_test_modules(bundle)}
+    try:
+        interp, checker = rego_native.compile_bundle(modules, [bundle.data], [CHECK_ENTRYPOINT])
+        cases = rego_native.query(interp, f"data.{TEST_PACKAGE}.cases")
+        fixture_dynamic = rego_native.query(interp, f"data.{TEST_PACKAGE}.dynamic")
+    except rego_native.RegoFailure as exc:
+        msg = f"test modules do not compile: {exc}"
+        return [TestResult(t, p, False, msg) for p, t in names] or [
+            TestResult("compile", TEST_PACKAGE, False, msg)
+        ]
+    if not isinstance(cases, dict):
+        cases = {}
+    engines: dict[str, EmbeddedEngine] = {}
+    runner = regopy.Interpreter()
+    results: list[TestResult] = []
+    seen: set[str] = set()
+    for pkg, test in names:
+        key = test.removeprefix("test_")
+        seen.add(key)
+        case = cases.get(key)
+        if pkg != TEST_PACKAGE or not isinstance(case, dict):
+            results.append(TestResult(test, pkg, False, f"no case {key!r} in {TEST_PACKAGE}.cases"))
+            continue
+        results.append(_run_case(bundle, test, case, fixture_dynamic, engines, runner, checker))
+    for key in sorted(set(cases) - seen):
+        results.append(TestResult(f"test_{key}", TEST_PACKAGE, False, "case has no test rule"))
+    return results
+
+
+def _engine_for(
+    bundle: Bundle, case: dict[str, Any], fixture: Any, engines: dict[str, EmbeddedEngine]
+) -> EmbeddedEngine:
+    config_patch = case.get("config", {})
+    dynamic = case.get("dynamic", fixture if isinstance(fixture, dict) else {})
+    cache_key = json.dumps([config_patch, dynamic], sort_keys=True)
+    engine = engines.get(cache_key)
+    if engine is None:
+        variant = bundle
+        if config_patch:
+            data = dict(bundle.data)
+            data[CONFIG_KEY] = deep_merge(bundle.config, config_patch)
+            variant = Bundle(bundle.name, bundle.path, bundle.files, data, bundle.digest)
+        engine = EmbeddedEngine(variant, dynamic)
+        engines[cache_key] = engine
+    return engine
+
+
+def _run_case(
+    bundle: Bundle,
+    test: str,
+    case: dict[str, Any],
+    fixture: Any,
+    engines: dict[str, EmbeddedEngine],
+    runner: regopy.Interpreter,
+    checker: regopy.Bundle,
+) -> TestResult:
+    try:
+        engine = _engine_for(bundle, case, fixture, engines)
+        decision = engine.evaluate_raw(case.get("input"))
+        if decision is None:
+            return TestResult(test, TEST_PACKAGE, False, "decision undefined")
+        rego_native.set_input(runner, {"decision": decision, "expect": case.get("expect", {})})
+        ok = rego_native.query_entrypoint(runner, checker, CHECK_ENTRYPOINT)
+    except (rego_native.RegoFailure, ConfigError, ValueError) as exc:
+        return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
+    if ok is True:
+        return TestResult(test, TEST_PACKAGE, True)
+    got = {k: decision.get(k) for k in ("allow", "reasons", "details")}
+    return TestResult(
+        test, TEST_PACKAGE, False, f"expected {case.get('expect')}, got {json.dumps(got)}"
+    )

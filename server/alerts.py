@@ -1,0 +1,221 @@
+"""Alerts raised by hits, and their human confirmations (R9).
+
+Invariants:
+
+* An alert row is written only after the match decision that raised it is durable in the
+  audit log, and names that entry's index: the audit log is the source of truth and this
+  table an index over it (a row missing after a crash belongs to an answer nobody received).
+* Confirmations count **distinct people**: (caller, operator id). One rejection makes the
+  alert REJECTED; it becomes CONFIRMED when the required number of distinct confirmations
+  is reached (1 under interim, 2 under draft-2026).
+* Alerts hold references, categories, sites and score bands; never probes, scores of
+  non-hits, plates, DNIs or names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.errors import FailedPrecondition, NotFound, StorageError
+from centinela.storage import Migration, migrate, write_transaction
+
+metadata = sa.MetaData()
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("alert_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("decision_id", sa.String(64), nullable=False, index=True),
+    sa.Column("audit_index", sa.BigInteger, nullable=False),
+    sa.Column("caller_org", sa.String(128), nullable=False),
+    sa.Column("site_id", sa.String(128), nullable=False),
+    sa.Column("municipality", sa.String(128), nullable=False),
+    sa.Column("region", sa.String(64), nullable=False),
+    sa.Column("capture_time", sa.Float, nullable=False),
+    sa.Column("gallery", sa.String(32), nullable=False),
+    sa.Column("reference", sa.String(64), nullable=False, index=True),
+    sa.Column("category", sa.String(64), nullable=False),
+    sa.Column("score_band", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("confirmations_required", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+confirmations = sa.Table(
+    "alert_confirmations",
+    metadata,
+    sa.Column("alert_id", sa.String(64), primary_key=True),
+    sa.Column("person", sa.String(256), primary_key=True),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[alerts, confirmations])
+
+
+MIGRATIONS = [Migration(1, "alerts and confirmations", _v1)]
+
+PENDING = "PENDING"
+PARTIAL = "PARTIALLY_CONFIRMED"
+CONFIRMED = "CONFIRMED"
+REJECTED = "REJECTED"
+
+
+def score_band(score: float, threshold: float) -> str:
+    """A coarse band instead of the raw score, for subscribers (R10)."""
+    if score >= threshold + 0.15:
+        return "HIGH"
+    if score >= threshold + 0.05:
+        return "MEDIUM"
+    return "LOW"
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    seq: int
+    alert_id: str
+    decision_id: str
+    audit_index: int
+    caller_org: str
+    site_id: str
+    municipality: str
+    region: str
+    capture_time: dt.datetime
+    gallery: str
+    reference: str
+    category: str
+    score_band: str
+    state: str
+    confirmations_required: int
+    confirmations: int = 0
+
+
+def _alert(row: Any, count: int = 0) -> Alert:
+    return Alert(
+        seq=int(row.seq),
+        alert_id=row.alert_id,
+        decision_id=row.decision_id,
+        audit_index=int(row.audit_index),
+        caller_org=row.caller_org,
+        site_id=row.site_id,
+        municipality=row.municipality,
+        region=row.region,
+        capture_time=dt.datetime.fromtimestamp(row.capture_time, dt.UTC),
+        gallery=row.gallery,
+        reference=row.reference,
+        category=row.category,
+        score_band=row.score_band,
+        state=row.state,
+        confirmations_required=int(row.confirmations_required),
+        confirmations=count,
+    )
+
+
+class AlertStore:
+    """Alerts and confirmations (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        migrate(engine, "alerts", MIGRATIONS)
+
+    def add(self, items: list[dict[str, Any]]) -> None:
+        """Insert alert rows (dicts with the table's columns but ``seq``)."""
+        if not items:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(alerts.insert(), items)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"alert store failed: {exc.__class__.__name__}") from exc
+
+    def get(self, alert_id: str) -> Alert:
+        """One alert with its confirmation count.
+
+        Raises:
+            NotFound: no such alert.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).first()
+            if row is None:
+                raise NotFound("no such alert", field="alert_id")
+            count = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(confirmations)
+                .where(confirmations.c.alert_id == alert_id, confirmations.c.verdict == CONFIRMED)
+            ).scalar_one()
+        return _alert(row, int(count))
+
+    def confirm(self, alert_id: str, person: str, verdict: str, when: dt.datetime) -> Alert:
+        """Record one person's verdict; return the alert's new state.
+
+        Raises:
+            NotFound: no such alert.
+            FailedPrecondition: the alert was already rejected, or this person already gave
+                a different verdict.
+        """
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).first()
+            if row is None:
+                raise NotFound("no such alert", field="alert_id")
+            if row.state == REJECTED:
+                raise FailedPrecondition("the alert was already rejected", field="alert_id")
+            prior = conn.execute(
+                sa.select(confirmations.c.verdict).where(
+                    confirmations.c.alert_id == alert_id, confirmations.c.person == person
+                )
+            ).first()
+            if prior is not None and prior.verdict != verdict:
+                raise FailedPrecondition(
+                    "this person already gave another verdict on the alert", field="verdict"
+                )
+            if prior is None:
+                conn.execute(
+                    confirmations.insert().values(
+                        alert_id=alert_id, person=person, verdict=verdict, at=when.timestamp()
+                    )
+                )
+            count = int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(confirmations)
+                    .where(
+                        confirmations.c.alert_id == alert_id, confirmations.c.verdict == CONFIRMED
+                    )
+                ).scalar_one()
+            )
+            if verdict == REJECTED:
+                state = REJECTED
+            elif count >= int(row.confirmations_required):
+                state = CONFIRMED
+            else:
+                state = PARTIAL
+            conn.execute(alerts.update().where(alerts.c.alert_id == alert_id).values(state=state))
+            row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).one()
+        return _alert(row, count)
+
+    def since(self, seq: int, limit: int = 1000) -> list[Alert]:
+        """Alerts after ``seq``, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                alerts.select().where(alerts.c.seq > seq).order_by(alerts.c.seq).limit(limit)
+            ).all()
+        return [_alert(r) for r in rows]
+
+    def by_reference(self, reference: str, *, not_before: dt.datetime) -> list[Alert]:
+        """Alerts of one requisitoria or vehicle, newest first, within retention."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                alerts.select()
+                .where(
+                    alerts.c.reference == reference,
+                    alerts.c.capture_time >= not_before.timestamp(),
+                )
+                .order_by(alerts.c.seq.desc())
+            ).all()
+        return [_alert(r) for r in rows]

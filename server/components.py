@@ -1,0 +1,93 @@
+"""The running components every servicer shares, and the watchlist view the matcher needs.
+
+Invariant: the in-memory view of requisitorias and vehicles is refreshed from the database
+after every administrative change made through this process, and a hit is returned only
+when its requisitoria or vehicle report is active *at the time of the search* (R6) — the
+matcher's own filter is the first line, this view the second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from centinela.audit.entry import Digester
+from centinela.audit.log import AuditLog
+from centinela.config import Settings
+from centinela.matcher.service import Matcher
+from centinela.policy import PolicyService
+from centinela.server.alerts import AlertStore
+from centinela.server.idempotency import IdempotencyStore
+from centinela.server.pipeline import Pipeline
+from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
+
+
+class WatchlistView:
+    """Active requisitorias by subject, vehicle reports by id, and sites, in memory."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+        self._lock = threading.Lock()
+        self._by_subject: dict[str, list[RequisitionRecord]] = {}
+        self._vehicles: dict[str, VehicleRecord] = {}
+        self._sites: dict[str, SiteRecord] = {}
+
+    def refresh(self) -> None:
+        """Reload from the database (after a change, and at start)."""
+        reqs = self._records.list_requisitions()
+        by_subject: dict[str, list[RequisitionRecord]] = {}
+        for r in reqs:
+            if r.lifted_at is None:
+                by_subject.setdefault(r.subject_ref, []).append(r)
+        vehicles = {v.vehicle_id: v for v in self._records.list_vehicles()}
+        sites = {s.site_id: s for s in self._records.list_sites(limit=1_000_000)}
+        with self._lock:
+            self._by_subject, self._vehicles, self._sites = by_subject, vehicles, sites
+
+    def active_requisition(self, subject_ref: str, now: dt.datetime) -> RequisitionRecord | None:
+        """The subject's active requisitoria expiring last, if any (R6)."""
+        with self._lock:
+            live = [r for r in self._by_subject.get(subject_ref, ()) if r.state(now) == "ACTIVE"]
+        return max(live, key=lambda r: r.expires_at) if live else None
+
+    def stolen_vehicle(self, vehicle_id: str) -> VehicleRecord | None:
+        """The report if the vehicle is still reported stolen (R6)."""
+        with self._lock:
+            v = self._vehicles.get(vehicle_id)
+        return v if v is not None and v.stolen else None
+
+    def site(self, site_id: str) -> SiteRecord | None:
+        with self._lock:
+            return self._sites.get(site_id)
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything the servicers use; built by ``centinela.server.wiring``."""
+
+    settings: Settings
+    engine: Engine
+    records: Records
+    alerts: AlertStore
+    idempotency: IdempotencyStore
+    audit: AuditLog
+    digester: Digester
+    policy: PolicyService
+    matcher: Matcher
+    pipeline: Pipeline
+    view: WatchlistView
+    executor: ThreadPoolExecutor
+    face_model_id: str
+    bundle_name: str
+    shadow_name: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def refresh_policy_data(self) -> None:
+        """Push sites and authorisations to the policy engines, and refresh the view."""
+        self.policy.set_dynamic_data(self.records.policy_data())
+        self.view.refresh()

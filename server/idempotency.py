@@ -1,0 +1,133 @@
+"""Idempotent retries: the same (caller, client request id) gets the same answer, audited once.
+
+Invariants:
+
+* A stored answer is the serialised response the caller already received; it holds only
+  references, scores and decision ids (R10 shaping happened before), never a probe.
+* A record is written only after the decision's audit entry is durable, so a retry after a
+  crash either finds the answer or runs the request anew — never an answer without its entry.
+* Concurrent duplicates are coalesced in process: the second waits for the first's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from centinela.errors import StorageError
+from centinela.storage import Migration, migrate
+
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+idempotency = sa.Table(
+    "idempotency",
+    metadata,
+    sa.Column("caller", sa.String(128), primary_key=True),
+    sa.Column("client_request_id", sa.String(128), primary_key=True),
+    sa.Column("rpc", sa.String(64), nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[idempotency])
+
+
+MIGRATIONS = [Migration(1, "idempotency records", _v1)]
+
+#: Records older than this are pruned; a retry after a day is a new request.
+RETENTION = dt.timedelta(hours=24)
+
+
+class IdempotencyStore:
+    """Stored answers by (caller, client request id)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        migrate(engine, "idempotency", MIGRATIONS)
+        self._inflight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+
+    def _get(self, caller: str, rid: str, rpc: str) -> bytes | None:
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(idempotency.c.response, idempotency.c.rpc).where(
+                        idempotency.c.caller == caller, idempotency.c.client_request_id == rid
+                    )
+                ).first()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"idempotency lookup failed: {exc.__class__.__name__}") from exc
+        if row is None or row.rpc != rpc:
+            return None
+        return bytes(row.response)
+
+    def _put(self, caller: str, rid: str, rpc: str, response: bytes) -> None:
+        now = dt.datetime.now(dt.UTC).timestamp()
+        try:
+            with self.engine.begin() as conn:
+                exists = conn.execute(
+                    sa.select(idempotency.c.caller).where(
+                        idempotency.c.caller == caller, idempotency.c.client_request_id == rid
+                    )
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        idempotency.insert().values(
+                            caller=caller,
+                            client_request_id=rid,
+                            rpc=rpc,
+                            response=response,
+                            created_at=now,
+                        )
+                    )
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"idempotency store failed: {exc.__class__.__name__}") from exc
+
+    def prune(self, now: dt.datetime | None = None) -> int:
+        """Delete records past the retention period; return how many."""
+        cutoff = ((now or dt.datetime.now(dt.UTC)) - RETENTION).timestamp()
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(idempotency.delete().where(idempotency.c.created_at < cutoff)).rowcount
+            )
+
+    async def run(
+        self,
+        caller: str,
+        client_request_id: str,
+        rpc: str,
+        compute: Callable[[], Awaitable[bytes]],
+    ) -> tuple[bytes, bool]:
+        """The stored answer, or ``compute()``'s, stored; returns (answer, was_replayed).
+
+        Without a client request id the computation simply runs.
+        """
+        if not client_request_id:
+            return await compute(), False
+        key = (caller, client_request_id)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending), True
+        stored = await asyncio.to_thread(self._get, caller, client_request_id, rpc)
+        if stored is not None:
+            return stored, True
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            answer = await compute()
+            await asyncio.to_thread(self._put, caller, client_request_id, rpc, answer)
+            fut.set_result(answer)
+            return answer, False
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: a waiter may not exist
+            raise
+        finally:
+            del self._inflight[key]

@@ -1,0 +1,267 @@
+"""The decision path every Centinela RPC shares: policy input → decision → durable audit.
+
+Invariants (DESIGN.md §2, LEGAL_RULES R1–R16):
+
+* Every RPC of the four services is decided by the policy (default deny), admin and audit
+  reads included. A policy engine failure is a deny (``ENGINE_UNAVAILABLE``), never an allow.
+* Every decision, allow or deny, is appended to the audit log and is durable **before** the
+  caller hears of it. If the append fails, the caller gets UNAVAILABLE and no result.
+* Denials become typed errors carrying the rule ids and the decision id; the status code
+  follows the rule: R12 → FAILED_PRECONDITION, R13 → INVALID_ARGUMENT, R14 →
+  RESOURCE_EXHAUSTED, anything else → PERMISSION_DENIED.
+* Audit entries hold pseudonymous references and keyed digests only (R11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from centinela.audit.entry import AuditEvent, Digester, EventType
+from centinela.audit.entry import Caller as AuditCaller
+from centinela.audit.log import AppendReceipt, AuditLog
+from centinela.errors import (
+    AuditUnavailable,
+    CentinelaError,
+    FacialMatchingDisabled,
+    InvalidArgument,
+    PolicyDenied,
+    ResourceExhausted,
+)
+from centinela.logs import get_logger
+from centinela.policy import Decision, PolicyService
+from centinela.server.context import CallState
+from centinela.server.identity import Caller
+from centinela.server.ratelimit import RateCounters
+from centinela.v1 import common_pb2
+
+log = get_logger("server.pipeline")
+
+
+def artifact(digest: str) -> str:
+    """A bundle digest in the audit's ``sha256:<hex>`` form."""
+    return digest if digest.startswith("sha256:") else "sha256:" + digest
+
+
+def new_decision_id() -> str:
+    """An unguessable decision id, e.g. ``dec_3f9a…`` (24 hex digits)."""
+    return "dec_" + secrets.token_hex(12)
+
+
+def error_for_denial(decision: Decision, decision_id: str) -> CentinelaError:
+    """The typed error a denial becomes (status code by rule, rule ids attached)."""
+    reasons = tuple(decision.reasons) or ("DEFAULT_DENY",)
+    if "R12" in reasons:
+        return FacialMatchingDisabled(
+            "facial matching is not enabled by the legal framework in force (R12); "
+            "plate matching is unaffected",
+            rule_ids=reasons,
+            decision_id=decision_id,
+        )
+    if "R13" in reasons:
+        return InvalidArgument(
+            "probe below the quality floor (R13)",
+            field="probe.quality",
+            rule_ids=reasons,
+            decision_id=decision_id,
+        )
+    if "R14" in reasons:
+        return ResourceExhausted(
+            "request rate ceiling reached for this caller or site (R14); retry later",
+            rule_ids=reasons,
+            decision_id=decision_id,
+        )
+    if "INPUT_MALFORMED" in reasons:
+        fields = ", ".join(decision.details) or "unknown"
+        return InvalidArgument(
+            f"the request is incomplete for the policy (INPUT_MALFORMED: {fields})",
+            field=decision.details[0] if decision.details else None,
+            rule_ids=reasons,
+            decision_id=decision_id,
+        )
+    return PolicyDenied(reasons, decision_id=decision_id)
+
+
+def decision_info(
+    decision: Decision, decision_id: str, receipt: AppendReceipt, bundle: str
+) -> common_pb2.DecisionInfo:
+    """The DecisionInfo a caller may cite."""
+    return common_pb2.DecisionInfo(
+        decision_id=decision_id,
+        policy_bundle=bundle,
+        policy_bundle_digest=decision.bundle_digest.removeprefix("sha256:"),
+        rule_ids=list(decision.reasons),
+        audit_index=receipt.index,
+    )
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A decision that was made and made durable."""
+
+    decision: Decision
+    decision_id: str
+    receipt: AppendReceipt
+
+    def info(self, bundle: str) -> common_pb2.DecisionInfo:
+        return decision_info(self.decision, self.decision_id, self.receipt, bundle)
+
+
+class Pipeline:
+    """Policy decisions and their audit, shared by every servicer."""
+
+    def __init__(
+        self,
+        policy: PolicyService,
+        audit: AuditLog,
+        digester: Digester,
+        *,
+        bundle_name: str,
+        rates: RateCounters | None = None,
+    ) -> None:
+        self.policy = policy
+        self.audit = audit
+        self.digester = digester
+        self.bundle_name = bundle_name
+        self.rates = rates or RateCounters()
+
+    # ---- policy ------------------------------------------------------------------------
+
+    def policy_input(
+        self,
+        rpc: str,
+        caller: Caller,
+        context: Mapping[str, Any],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The policy input document for one request."""
+        ctx = dict(context)
+        doc: dict[str, Any] = {
+            "caller": caller.to_policy(str(ctx.get("operator_id", ""))),
+            "rpc": rpc,
+            "context": ctx,
+        }
+        if "purpose" in ctx:
+            doc["purpose"] = ctx["purpose"]
+        doc.update({k: v for k, v in extra.items() if v is not None})
+        return doc
+
+    def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Decision | None]:
+        """Active decision (fails closed) and the shadow bundle's, if one is configured."""
+        result = self.policy.decide(policy_input)
+        return result.active, result.shadow
+
+    # ---- audit ---------------------------------------------------------------------------
+
+    @staticmethod
+    def audit_caller(caller: Caller, context: Mapping[str, Any]) -> AuditCaller:
+        operator = str(context.get("operator_id") or "") or None
+        return AuditCaller(org=caller.org, kind=caller.kind, operator_id=operator)
+
+    async def append(self, *events: AuditEvent) -> list[AppendReceipt]:
+        """Append events durably (group commit); fail closed.
+
+        Raises:
+            AuditUnavailable: any event could not be made durable.
+        """
+        try:
+            return list(await asyncio.gather(*(self.audit.append(e) for e in events)))
+        except AuditUnavailable:
+            raise
+        except CentinelaError as exc:
+            if isinstance(exc, InvalidArgument):
+                # An entry the schema refuses is a bug of ours, never the caller's fault:
+                # say so in the log by field, and fail closed.
+                log.error("audit.entry_refused", field=exc.field)
+            raise AuditUnavailable("the audit log could not record this decision") from exc
+
+    def event(
+        self,
+        event_type: EventType,
+        *,
+        call: CallState,
+        caller: Caller,
+        context: Mapping[str, Any],
+        decision: Decision,
+        decision_id: str,
+        outcome: str,
+        refs: Mapping[str, Any] | None = None,
+        digests: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float | int] | None = None,
+        rule_ids: Sequence[str] | None = None,
+    ) -> AuditEvent:
+        """An audit event for a decision of the current call."""
+        return AuditEvent(
+            event_type=event_type,
+            request_id=call.request_id,
+            decision_id=decision_id,
+            caller=self.audit_caller(caller, context),
+            purpose=context.get("purpose") or None,
+            site_id=context.get("site_id") or None,
+            policy_bundle_digest=artifact(decision.bundle_digest),
+            rule_ids=tuple(decision.reasons if rule_ids is None else rule_ids),
+            outcome=outcome,
+            refs=dict(refs or {}),
+            digests=dict(digests or {}),
+            metrics=dict(metrics or {}),
+        )
+
+    async def authorise(
+        self,
+        rpc: str,
+        *,
+        call: CallState,
+        caller: Caller,
+        context: Mapping[str, Any],
+        refs: Mapping[str, Any] | None = None,
+        digests: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> tuple[Decision, str]:
+        """Decide; on deny, audit the denial and raise; on allow return (decision, id).
+
+        The allow itself is audited by the caller together with what it did (one entry per
+        decision), except for reads, which call :meth:`record` at once.
+
+        Raises:
+            PolicyDenied, FacialMatchingDisabled, InvalidArgument, ResourceExhausted: denied.
+            AuditUnavailable: the denial could not be audited.
+        """
+        decision_id = new_decision_id()
+        call.decision_id = decision_id
+        doc = self.policy_input(rpc, caller, context, **extra)
+        active, shadow = self.decide(doc)
+        events: list[AuditEvent] = []
+        if shadow is not None and (shadow.allow != active.allow):
+            events.append(
+                self.event(
+                    EventType.SHADOW_DISAGREEMENT,
+                    call=call,
+                    caller=caller,
+                    context=context,
+                    decision=shadow,
+                    decision_id=decision_id,
+                    outcome="SHADOW_ALLOW" if shadow.allow else "SHADOW_DENY",
+                )
+            )
+        if not active.allow:
+            events.append(
+                self.event(
+                    EventType.DENIAL,
+                    call=call,
+                    caller=caller,
+                    context=context,
+                    decision=active,
+                    decision_id=decision_id,
+                    outcome="DENIED",
+                    refs=refs,
+                    digests=digests,
+                )
+            )
+            await self.append(*events)
+            raise error_for_denial(active, decision_id)
+        if events:
+            await self.append(*events)
+        return active, decision_id
