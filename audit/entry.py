@@ -78,6 +78,7 @@ REF_KINDS = frozenset(
         "session",
         "model",
         "target",
+        "reference",  # a cited warrant, police-report or authorisation reference
     }
 )
 #: Names of numeric facts an entry may carry.
