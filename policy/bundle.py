@@ -122,9 +122,7 @@ class Bundle:
     @property
     def policy_modules(self) -> dict[str, str]:
         """The policy's Rego modules (tests excluded)."""
-        return {
-            n: s for n, s in self.files.items() if n.endswith(".rego") and not is_test(n)
-        }
+        return {n: s for n, s in self.files.items() if n.endswith(".rego") and not is_test(n)}
 
     @property
     def test_modules(self) -> dict[str, str]:

@@ -40,13 +40,25 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("test", help="run a bundle's Rego tests (exit 1 on any failure)")
     t.add_argument("bundle", nargs="*", metavar="BUNDLE", help="default: every packaged bundle")
-    t.add_argument("-v", "--verbose", action="store_true", help="print every test, not only failures")
+    t.add_argument(
+        "-v", "--verbose", action="store_true", help="print every test, not only failures"
+    )
     t.add_argument("--json", action="store_true", help="machine-readable results")
 
-    e = sub.add_parser("eval", help="decide one input and print the decision and the rules that fired")
+    e = sub.add_parser(
+        "eval", help="decide one input and print the decision and the rules that fired"
+    )
     e.add_argument("--bundle", required=True, metavar="BUNDLE")
-    e.add_argument("--input", required=True, type=Path, metavar="FILE.json", help="the input document ('-' for stdin)")
-    e.add_argument("--dynamic", type=Path, metavar="FILE.json", help="data.dynamic: sites and authorisations")
+    e.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        metavar="FILE.json",
+        help="the input document ('-' for stdin)",
+    )
+    e.add_argument(
+        "--dynamic", type=Path, metavar="FILE.json", help="data.dynamic: sites and authorisations"
+    )
     e.add_argument("--json", action="store_true", help="print the decision as JSON")
 
     d = sub.add_parser("digest", help="print the SHA-256 digest of a bundle")

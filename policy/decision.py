@@ -104,7 +104,9 @@ class Decision:
     details: tuple[str, ...] = ()
 
     @classmethod
-    def deny(cls, reason: str, digest: str, engine: str = "", details: tuple[str, ...] = ()) -> Decision:
+    def deny(
+        cls, reason: str, digest: str, engine: str = "", details: tuple[str, ...] = ()
+    ) -> Decision:
         """A deny that opens nothing, citing ``reason``."""
         return cls(False, (reason,), Obligations(), digest, engine, details)
 
@@ -139,13 +141,12 @@ def _bool(value: Any, what: str) -> bool:
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Malformed(what)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise _Malformed(what)
-        value = int(value)
-    if not lo <= value <= hi:
+    if isinstance(value, float) and not value.is_integer():
         raise _Malformed(what)
-    return value
+    number = int(value)
+    if not lo <= number <= hi:
+        raise _Malformed(what)
+    return number
 
 
 def _score(value: Any, what: str) -> float:
@@ -188,8 +189,6 @@ def _obligations(raw: Any, allow: bool, floors: Mapping[str, float] | None) -> O
     if retain:
         raise _Malformed("retain_non_hit_probe")  # R11 has no off switch
     if allow:
-        if mode in {"ALERT", "INVESTIGATION", "VERIFY"} and not galleries:
-            raise _Malformed("galleries")
         for g in galleries:
             if g not in min_score:
                 raise _Malformed("min_score")

@@ -86,7 +86,9 @@ class OpaServerEngine:
             self._client.update_or_create_data(dict(self._bundle.config), CONFIG_KEY)
             self._dynamic = check_dynamic(dynamic or {})
             self._client.update_or_create_data(self._dynamic, "dynamic")
-            ours = {f"{POLICY_PREFIX}{name}": src for name, src in self._bundle.policy_modules.items()}
+            ours = {
+                f"{POLICY_PREFIX}{name}": src for name, src in self._bundle.policy_modules.items()
+            }
             for policy_id, src in sorted(ours.items()):
                 self._client.update_policy_from_string(src, policy_id, rego_compat=False)
             for policy_id in self._client.get_policies_list():
@@ -111,7 +113,9 @@ class OpaServerEngine:
         Raises:
             Exception: whatever the HTTP client raises (connection, timeout, HTTP status).
         """
-        body = self._client.query_rule(input_data=input, package_path="centinela", rule_name="decision")
+        body = self._client.query_rule(
+            input_data=input, package_path="centinela", rule_name="decision"
+        )
         if not isinstance(body, dict):
             return None
         return body.get("result")
@@ -121,7 +125,9 @@ class OpaServerEngine:
         try:
             raw = self.evaluate_raw(dict(input) if isinstance(input, Mapping) else input)
         except Exception as exc:  # any client failure fails closed
-            _log.error("policy_engine_error", engine=self.name, bundle=digest, error=type(exc).__name__)
+            _log.error(
+                "policy_engine_error", engine=self.name, bundle=digest, error=type(exc).__name__
+            )
             return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
         if raw is None:
             return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)

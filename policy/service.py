@@ -110,7 +110,9 @@ class PolicyService:
         self._factory = factory
         self._run_tests = run_tests_on_reload
         current = getattr(active, "dynamic", None)
-        self._dynamic: dict[str, Any] = check_dynamic(current if isinstance(current, Mapping) else {})
+        self._dynamic: dict[str, Any] = check_dynamic(
+            current if isinstance(current, Mapping) else {}
+        )
         self._counts: Counter[str] = Counter()
         self._compared = 0
         self._lock = threading.Lock()
@@ -180,7 +182,9 @@ class PolicyService:
 
     # ---- reload ----------------------------------------------------------------------
 
-    def reload(self, active: str | Path | None = None, shadow: str | Path | None = None) -> list[ReloadResult]:
+    def reload(
+        self, active: str | Path | None = None, shadow: str | Path | None = None
+    ) -> list[ReloadResult]:
         """Reload the active (and shadow) bundle from disk, or from the given names/paths.
 
         Never raises; each result says whether that bundle was taken or refused and why.
@@ -205,8 +209,13 @@ class PolicyService:
             if self._run_tests:
                 failed = tuple(r.name for r in bundle.run_tests() if not r.passed)
                 if failed:
-                    msg = f"bundle {bundle.name} fails {len(failed)} of its own tests; kept {before[:12]}"
-                    _log.error("policy_reload_refused", role=role, bundle=bundle.digest, failed=len(failed))
+                    msg = (
+                        f"bundle {bundle.name} fails {len(failed)} of its own tests; "
+                        f"kept {before[:12]}"
+                    )
+                    _log.error(
+                        "policy_reload_refused", role=role, bundle=bundle.digest, failed=len(failed)
+                    )
                     return ReloadResult(False, role, before, before, msg, failed)
             factory = self._factory or default_factory(current or self._active)
             engine = factory(bundle, self._dynamic)
@@ -215,13 +224,17 @@ class PolicyService:
             return ReloadResult(False, role, before, before, f"refused: {exc.diagnostics()}")
         except Exception as exc:  # reload must never take the running bundle down
             _log.error("policy_reload_refused", role=role, error=type(exc).__name__)
-            return ReloadResult(False, role, before, before, f"refused: {type(exc).__name__}: {exc}")
+            return ReloadResult(
+                False, role, before, before, f"refused: {type(exc).__name__}: {exc}"
+            )
         if role == "active":
             self._active = engine
         else:
             self._shadow = engine
         _log.info("policy_reloaded", role=role, before=before, after=bundle.digest)
-        return ReloadResult(True, role, before, bundle.digest, f"now {bundle.name} {bundle.digest[:12]}")
+        return ReloadResult(
+            True, role, before, bundle.digest, f"now {bundle.name} {bundle.digest[:12]}"
+        )
 
     # ---- triggers --------------------------------------------------------------------
 

@@ -55,7 +55,9 @@ def load_cases(bundle: Bundle) -> tuple[dict[str, Any], dict[str, Any]]:
     interp, _ = rego_native.compile_bundle(modules, [bundle.data], [CHECK_ENTRYPOINT])
     cases = rego_native.query(interp, f"data.{TEST_PACKAGE}.cases")
     dynamic = rego_native.query(interp, f"data.{TEST_PACKAGE}.dynamic")
-    return (cases if isinstance(cases, dict) else {}), (dynamic if isinstance(dynamic, dict) else {})
+    return (cases if isinstance(cases, dict) else {}), (
+        dynamic if isinstance(dynamic, dict) else {}
+    )
 
 
 def run_bundle_tests(bundle: Bundle) -> list[TestResult]:

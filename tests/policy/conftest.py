@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ def _cases_of(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 @functools.cache
 def _engine_of(name: str) -> EmbeddedEngine:
     return EmbeddedEngine(Bundle.load(name), _cases_of(name)[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_interpreters() -> Iterator[None]:
+    """Free cached rego-cpp interpreters before interpreter shutdown (regopy's __del__
+    fails noisily once its module globals are gone)."""
+    yield
+    _engine_of.cache_clear()
+    gc.collect()
 
 
 @pytest.fixture
@@ -43,7 +53,8 @@ def case_input() -> Callable[[str, str], dict[str, Any]]:
 
     def get(bundle: str, case: str) -> dict[str, Any]:
         value: dict[str, Any] = _cases_of(bundle)[0][case]["input"]
-        return json.loads(json.dumps(value))  # a private copy
+        copy: dict[str, Any] = json.loads(json.dumps(value))  # a private copy
+        return copy
 
     return get
 

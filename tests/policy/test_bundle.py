@@ -17,7 +17,8 @@ from centinela.policy.bundle import deep_merge, digest_files
 def test_packaged_bundles() -> None:
     assert bundle_names() == ["draft-2026", "interim"]
     b = Bundle.load("interim")
-    assert b.name == "interim" and "decision.rego" in b.policy_modules
+    assert b.name == "interim"
+    assert "decision.rego" in b.policy_modules
     assert all(n.endswith("_test.rego") for n in b.test_modules)
     assert not any(n.endswith("_test.rego") for n in b.policy_modules)
 

@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 import requests
 
-from centinela.policy import ENGINE_UNAVAILABLE, Bundle, EmbeddedEngine, OpaServerEngine, PolicyEngine
+from centinela.policy import (
+    ENGINE_UNAVAILABLE,
+    Bundle,
+    EmbeddedEngine,
+    OpaServerEngine,
+    PolicyEngine,
+)
 
 BUNDLES = ("interim", "draft-2026")
 OPA = shutil.which("opa")
@@ -52,8 +58,16 @@ class OpaStandIn(ThreadingHTTPServer):
         with self.lock:
             if self.engine is None:
                 files = {k.rsplit("/", 1)[-1]: v for k, v in self.modules.items()}
-                files["data.json"] = json.dumps({"centinela_config": self.data.get("centinela_config", {})})
-                bundle = Bundle("standin", Bundle.load("interim").path, files, json.loads(files["data.json"]), "")
+                files["data.json"] = json.dumps(
+                    {"centinela_config": self.data.get("centinela_config", {})}
+                )
+                bundle = Bundle(
+                    "standin",
+                    Bundle.load("interim").path,
+                    files,
+                    json.loads(files["data.json"]),
+                    "",
+                )
                 self.engine = EmbeddedEngine(bundle, self.data.get("dynamic", {}))
             return self.engine
 
@@ -102,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "error":
             self._reply(500, {"code": "internal_error", "message": "boom"})
         elif mode == "slow":
-            time.sleep(1.0)
+            time.sleep(3.0)
             self._reply(200, {})
         elif mode == "undefined":
             self._reply(200, {})
@@ -147,14 +161,20 @@ def real_opa() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _engine(kind: str, bundle: str, dynamic: dict[str, Any], request: pytest.FixtureRequest) -> PolicyEngine:
+def _engine(
+    kind: str, bundle: str, dynamic: dict[str, Any], request: pytest.FixtureRequest
+) -> PolicyEngine:
     b = Bundle.load(bundle)
     if kind == "embedded":
         return EmbeddedEngine(b, dynamic)
-    url = request.getfixturevalue("standin").url if kind == "opa-standin" else request.getfixturevalue("real_opa")
+    url = (
+        request.getfixturevalue("standin").url
+        if kind == "opa-standin"
+        else request.getfixturevalue("real_opa")
+    )
     if kind == "opa-standin":
         request.getfixturevalue("standin").mode = "ok"
-    engine = OpaServerEngine(url, b, timeout_s=5.0)
+    engine = OpaServerEngine(url, b, timeout_s=30.0)
     engine.publish(dynamic)
     return engine
 
@@ -177,16 +197,24 @@ def test_engines_agree_on_every_scenario(
     reference = EmbeddedEngine(Bundle.load(bundle), dynamic)
     other = _engine("opa-real" if kind == "opa-real" else "opa-standin", bundle, dynamic, request)
     for name, case in scenarios.items():
-        assert _normal(other.decide(case["input"])) == _normal(reference.decide(case["input"])), name
+        assert _normal(other.decide(case["input"])) == _normal(reference.decide(case["input"])), (
+            name
+        )
 
 
 @pytest.mark.parametrize("mode", ["error", "slow", "undefined", "garbage"])
-def test_opa_failures_fail_closed(mode: str, standin: OpaStandIn, cases_of: Callable[..., Any]) -> None:
+def test_opa_failures_fail_closed(
+    mode: str, standin: OpaStandIn, cases_of: Callable[..., Any]
+) -> None:
     cases, dynamic = cases_of("interim")
-    engine = OpaServerEngine(standin.url, Bundle.load("interim"), timeout_s=0.3)
-    engine.publish(dynamic)
+    healthy = OpaServerEngine(standin.url, Bundle.load("interim"), timeout_s=30.0)
+    healthy.publish(dynamic)
     inp = cases["r1_allow_declared_purpose"]["input"]
-    assert engine.decide(inp).allow
+    assert healthy.decide(inp).allow
+    # Only the "slow" case depends on the time-out; it is far below the stand-in's delay.
+    engine = OpaServerEngine(
+        standin.url, Bundle.load("interim"), timeout_s=0.3 if mode == "slow" else 30.0
+    )
     standin.mode = mode
     try:
         d = engine.decide(inp)
@@ -196,14 +224,18 @@ def test_opa_failures_fail_closed(mode: str, standin: OpaStandIn, cases_of: Call
 
 
 def test_opa_unreachable_fails_closed() -> None:
-    engine = OpaServerEngine(f"http://127.0.0.1:{_free_port()}", Bundle.load("interim"), timeout_s=0.3)
+    engine = OpaServerEngine(
+        f"http://127.0.0.1:{_free_port()}", Bundle.load("interim"), timeout_s=0.3
+    )
     d = engine.decide({"rpc": "MatchFace"})
     assert (d.allow, d.reasons) == (False, (ENGINE_UNAVAILABLE,))
 
 
-def test_opa_dynamic_data_reaches_the_server(standin: OpaStandIn, cases_of: Callable[..., Any]) -> None:
+def test_opa_dynamic_data_reaches_the_server(
+    standin: OpaStandIn, cases_of: Callable[..., Any]
+) -> None:
     cases, dynamic = cases_of("interim")
-    engine = OpaServerEngine(standin.url, Bundle.load("interim"))
+    engine = OpaServerEngine(standin.url, Bundle.load("interim"), timeout_s=30.0)
     engine.publish(dynamic)
     inp = cases["r1_allow_declared_purpose"]["input"]
     assert engine.decide(inp).allow
@@ -216,3 +248,19 @@ def test_opa_url_must_be_http() -> None:
 
     with pytest.raises(ConfigError):
         OpaServerEngine("unix:///tmp/opa.sock", Bundle.load("interim"))
+
+
+def test_opa_publish_replaces_an_earlier_bundle(
+    standin: OpaStandIn, cases_of: Callable[..., Any]
+) -> None:
+    """Switching bundles leaves no module of the old one behind (no mixed policy)."""
+    cases, dynamic = cases_of("interim")
+    standin.modules["centinela/stale_rule.rego"] = "package centinela\n\nstale := true\n"
+    standin.modules["other/keep.rego"] = "package other\n\nx := 1\n"
+    engine = OpaServerEngine(standin.url, Bundle.load("draft-2026"), timeout_s=30.0)
+    engine.publish(dynamic)
+    assert "centinela/stale_rule.rego" not in standin.modules
+    assert "other/keep.rego" in standin.modules
+    d = engine.decide(cases["r1_allow_declared_purpose"]["input"])
+    assert d.obligations.two_person_confirmation  # draft-2026 semantics now
+    del standin.modules["other/keep.rego"]

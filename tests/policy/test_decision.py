@@ -85,7 +85,9 @@ def test_malformed_result_denies(path: list[str], value: Any) -> None:
 
 def test_threshold_below_calibrated_floor_is_refused() -> None:
     """R8 is checked again on the way out: a policy bug cannot lower a floor."""
-    d = parse_decision(_with(["obligations", "min_score"], {"pnp_watchlist": 0.3}), "abc", "e", FLOORS)
+    d = parse_decision(
+        _with(["obligations", "min_score"], {"pnp_watchlist": 0.3}), "abc", "e", FLOORS
+    )
     assert d.reasons == (ENGINE_UNAVAILABLE,)
 
 
@@ -98,7 +100,8 @@ def test_a_deny_opens_nothing() -> None:
     raw = _with(["allow"], False) | {"reasons": ["R2"]}
     d = parse_decision(raw, "abc", "e", FLOORS)
     assert not d.allow
-    assert d.obligations.galleries == () and d.obligations.max_results == 0
+    assert d.obligations.galleries == ()
+    assert d.obligations.max_results == 0
     assert d.obligations.visible_fields == ()
 
 
@@ -109,7 +112,9 @@ def test_deny_constructor() -> None:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -127,7 +132,8 @@ def test_any_single_field_corruption_is_safe(field: str, value: Any) -> None:
     """Whatever one obligation holds, an allow still has galleries at or above the floors."""
     d = parse_decision(_with(["obligations", field], value), "abc", "e", FLOORS)
     if d.allow:
-        assert d.obligations.active_only and not d.obligations.retain_non_hit_probe
+        assert d.obligations.active_only
+        assert not d.obligations.retain_non_hit_probe
         for g in d.obligations.galleries:
             assert d.obligations.min_score[g] >= FLOORS[g]
         assert 1 <= d.obligations.max_results <= 50

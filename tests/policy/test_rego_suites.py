@@ -22,7 +22,9 @@ def _discovered() -> list[tuple[str, str]]:
     return [(b, t) for b in BUNDLES for _pkg, t in Bundle.load(b).test_names()]
 
 
-@pytest.mark.parametrize(("bundle", "test"), _discovered(), ids=[f"{b}::{t}" for b, t in _discovered()])
+@pytest.mark.parametrize(
+    ("bundle", "test"), _discovered(), ids=[f"{b}::{t}" for b, t in _discovered()]
+)
 def test_rego(bundle: str, test: str) -> None:
     result = _results(bundle)[test]
     assert result.passed, result.message

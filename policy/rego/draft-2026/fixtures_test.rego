@@ -99,7 +99,7 @@ muni_face := {
 	"galleries": ["pnp_watchlist"],
 	"mode": "ALERT",
 	"requested": {"max_results": 3, "min_score": 0},
-	"probe": {"kind": "face", "quality": 0.91, "model_id": "arcface-w600k-r50"},
+	"probe": {"kind": "face", "quality": 0.91, "model_id": "w600k_mbf:9cc6e4a75f0e2bf0"},
 	"rate": rate_ok,
 }
 
@@ -111,7 +111,7 @@ muni_plate := {
 	"galleries": ["stolen_vehicles"],
 	"mode": "ALERT",
 	"requested": {"max_results": 1},
-	"probe": {"kind": "plate", "quality": 0.8, "model_id": "plate-ocr-v1"},
+	"probe": {"kind": "plate", "quality": 0.8, "model_id": ""},
 	"rate": rate_ok,
 }
 
@@ -126,7 +126,7 @@ investigator_registry := {
 	"galleries": ["reniec_registry"],
 	"mode": "INVESTIGATION",
 	"requested": {"max_results": 20},
-	"probe": {"kind": "face", "quality": 0.88, "model_id": "arcface-w600k-r50"},
+	"probe": {"kind": "face", "quality": 0.88, "model_id": "w600k_mbf:9cc6e4a75f0e2bf0"},
 	"rate": rate_ok,
 }
 
@@ -137,7 +137,7 @@ officer_verify := {
 	"context": {"site_id": "pnp-van-12", "capture_time": "2026-03-01T10:00:00Z", "now": "2026-03-01T10:00:02Z"},
 	"galleries": ["reniec_registry"],
 	"mode": "VERIFY",
-	"probe": {"kind": "face", "quality": 0.93, "model_id": "arcface-w600k-r50"},
+	"probe": {"kind": "face", "quality": 0.93, "model_id": "w600k_mbf:9cc6e4a75f0e2bf0"},
 	"rate": rate_ok,
 }
 

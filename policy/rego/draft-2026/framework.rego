@@ -34,13 +34,13 @@ two_person_confirmation if {
 # Nobody may ask to see objectors.
 deny contains "R7" if {
 	probe_rpc
-	input.requested.include_objectors == true
+	req_include_objectors == true
 }
 
 # The second confirmation must come from another person.
 deny contains "R9" if {
 	cfg.framework.two_person_confirmation == true
 	rpc == "ConfirmAlert"
-	some who in input.context.confirmed_by
-	who == input.caller.operator_id
+	some who in ctx_confirmed_by
+	who == caller_operator
 }

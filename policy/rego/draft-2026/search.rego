@@ -10,10 +10,15 @@
 #     cannot be searched (R8 fails closed on a bad data.json edit).
 package centinela
 
+# The requested galleries' entries in data.json, looked up once.
+gallery_specs := {g: spec |
+	some g in req_galleries
+	spec := cfg.galleries[g]
+}
+
 allowed_galleries contains g if {
 	some grant in grants
 	some g in grant.galleries
-	cfg.galleries[g]
 }
 
 allowed_purposes contains p if {
@@ -26,19 +31,16 @@ allowed_modes contains m if {
 	some m in grant.modes
 }
 
-purpose_known if {
-	some p in cfg.purposes
-	p == input.purpose
+purpose_known if in_purpose in cfg.purposes
+
+face_probe if {
+	probe_rpc
+	probe_kind == "face"
 }
 
 face_probe if {
 	probe_rpc
-	input.probe.kind == "face"
-}
-
-face_probe if {
-	probe_rpc
-	cfg.rpcs[rpc].probe_kind == "face"
+	rpc_probe_kind == "face"
 }
 
 # ---- R1 purpose ----------------------------------------------------------------------
@@ -49,7 +51,7 @@ deny contains "R1" if {
 }
 
 deny contains "R1" if {
-	present(input.purpose)
+	in_purpose != null
 	not purpose_known
 }
 
@@ -57,34 +59,38 @@ deny contains "R1" if {
 deny contains "R1" if {
 	probe_rpc
 	purpose_known
-	count(grants) > 0
-	not input.purpose in allowed_purposes
+	granted
+	not in_purpose in allowed_purposes
 }
 
 # The purpose does not fit the gallery (purpose limitation).
 deny contains "R1" if {
 	probe_rpc
 	purpose_known
-	some g in req_galleries
-	gallery := cfg.galleries[g]
-	not input.purpose in gallery.purposes
+	some spec in gallery_specs
+	not in_purpose in spec.purposes
 }
 
 # ---- R2 gallery by role ------------------------------------------------------------------
 
 deny contains "R2" if {
 	probe_rpc
-	count(grants) > 0
+	granted
 	some g in req_galleries
-	not g in allowed_galleries
+	not gallery_open(g)
+}
+
+gallery_open(g) if {
+	g in allowed_galleries
+	gallery_specs[g]
 }
 
 # ---- R3 judicial order for 1:N registry searches -----------------------------------------
 
 judicial_galleries contains g if {
 	family == "search"
-	some g in req_galleries
-	cfg.galleries[g].judicial_order_required == true
+	some g, spec in gallery_specs
+	spec.judicial_order_required == true
 }
 
 registry_search if count(judicial_galleries) > 0
@@ -95,13 +101,13 @@ deny contains "R3" if {
 	not judicial_order_ok
 }
 
-authorisation := authorisations[input.context.authorisation_id]
+authorisation := authorisations[ctx_authorisation_id]
 
 judicial_order_ok if {
 	caller_kind == cfg.judicial.caller_kind
-	some role in caller_roles
+	some role in caller_role_list
 	role in cfg.judicial.roles
-	input.purpose == cfg.judicial.purpose
+	in_purpose == cfg.judicial.purpose
 	authorisation_covers
 }
 
@@ -115,52 +121,47 @@ authorisation_covers if {
 	now_ns <= not_after
 	not_before <= capture_ns
 	capture_ns <= not_after
-	input.context.site_id in auth.sites
-	input.context.offence_category in auth.offences
+	ctx_site_id in auth.sites
+	ctx_offence in auth.offences
 }
 
 # ---- R4 verification (1:1) ---------------------------------------------------------------
 
 deny contains "R4" if {
 	family == "verify"
-	purpose_known
-	input.purpose != cfg.verification.purpose
+	not verification_shape
 }
 
-deny contains "R4" if {
-	family == "verify"
-	input.mode in {"ALERT", "INVESTIGATION"}
-}
-
-deny contains "R4" if {
-	family == "verify"
-	count(req_galleries) != 1
-}
-
-deny contains "R4" if {
-	family == "verify"
-	some g in req_galleries
-	not cfg.galleries[g].verification == true
+verification_shape if {
+	in_purpose == cfg.verification.purpose
+	in_mode == cfg.verification.mode
+	count(req_galleries) == 1
+	every spec in gallery_specs {
+		spec.verification == true
+	}
+	count(gallery_specs) == 1
 }
 
 # Verification is never a 1:N search.
 deny contains "R4" if {
 	family == "search"
-	input.purpose == cfg.verification.purpose
+	in_purpose == cfg.verification.purpose
 }
 
 deny contains "R4" if {
 	family == "search"
-	input.mode == cfg.verification.mode
+	in_mode == cfg.verification.mode
 }
 
 # ---- R5 jurisdiction ---------------------------------------------------------------------
+# Probes only. Alerts are scoped by `alert_scope` (R10): the server answers an alert outside
+# the caller's jurisdiction as not found, without saying whose it is.
 
 site_bound if caller_kind in cfg.jurisdiction.site_bound_kinds
 
 own_active_site if {
-	site := sites[input.context.site_id]
-	site.municipality == input.caller.org
+	site := sites[ctx_site_id]
+	site.municipality == caller_org
 	site.active == true
 }
 
@@ -170,43 +171,35 @@ deny contains "R5" if {
 	not own_active_site
 }
 
-deny contains "R5" if {
-	family == "alert"
-	site_bound
-	present(input.context.site_id)
-	not own_active_site
-}
-
 # ---- R6 active entries only --------------------------------------------------------------
 
 deny contains "R6" if {
 	probe_rpc
-	input.requested.include_inactive == true
+	req_include_inactive == true
 }
 
 # ---- R8 thresholds -----------------------------------------------------------------------
 
-calibrated(gallery) if {
-	is_number(gallery.threshold_floor)
-	gallery.threshold_floor > 0
-	gallery.threshold_floor <= 1
-	is_number(gallery.alert_threshold)
-	gallery.alert_threshold >= gallery.threshold_floor
-	gallery.alert_threshold <= 1
+calibrated(spec) if {
+	is_number(spec.threshold_floor)
+	spec.threshold_floor > 0
+	spec.threshold_floor <= 1
+	is_number(spec.alert_threshold)
+	spec.alert_threshold >= spec.threshold_floor
+	spec.alert_threshold <= 1
 }
 
 deny contains "R8" if {
 	probe_rpc
-	some g in req_galleries
-	gallery := cfg.galleries[g]
-	not calibrated(gallery)
+	some spec in gallery_specs
+	not calibrated(spec)
 }
 
 # A mode without a cap, or a cap above 50 (R8: at most 50 ranked candidates), fails closed.
 deny contains "R8" if {
 	probe_rpc
-	input.mode in {"ALERT", "INVESTIGATION", "VERIFY"}
-	not valid_cap(cfg.max_results[input.mode])
+	in_mode in probe_modes
+	not valid_cap(mode_cap_raw)
 }
 
 valid_cap(c) if {
@@ -219,16 +212,16 @@ valid_cap(c) if {
 
 deny contains "R10" if {
 	family == "search"
-	count(grants) > 0
-	input.mode in {"ALERT", "INVESTIGATION"}
-	not input.mode in allowed_modes
+	granted
+	in_mode in {"ALERT", "INVESTIGATION"}
+	not in_mode in allowed_modes
 }
 
 # ---- R11 no probe retention --------------------------------------------------------------
 
 deny contains "R11" if {
 	probe_rpc
-	input.requested.retain_probe == true
+	req_retain_probe == true
 }
 
 deny contains "R11" if {
@@ -250,28 +243,41 @@ deny contains "R12" if {
 
 # ---- R13 quality and model ---------------------------------------------------------------
 
+quality_floor := cfg.quality_floor[probe_kind]
+
 deny contains "R13" if {
 	probe_rpc
-	floor_q := cfg.quality_floor[input.probe.kind]
-	input.probe.quality < floor_q
+	probe_quality < quality_floor
 }
 
 deny contains "R13" if {
 	probe_rpc
-	input.probe.kind in {"face", "plate"}
-	not is_number(cfg.quality_floor[input.probe.kind])
+	probe_kind in probe_kinds
+	not is_number(quality_floor)
 }
 
 deny contains "R13" if {
 	probe_rpc
-	some g in req_galleries
-	gallery := cfg.galleries[g]
-	gallery.kind != input.probe.kind
+	some spec in gallery_specs
+	spec.kind != probe_kind
 }
+
+# The model a gallery holds: what the server reports in data.dynamic.models (the matcher
+# knows), else the model data.json's floors were calibrated for. "" means no model binding
+# (plate lists hold normalised text, not embeddings).
+dynamic_models := data.dynamic.models if {
+	is_object(data.dynamic.models)
+} else := {}
+
+gallery_model(g, spec) := m if {
+	m := dynamic_models[g]
+	is_string(m)
+} else := spec.model_id
 
 deny contains "R13" if {
 	probe_rpc
-	some g in req_galleries
-	gallery := cfg.galleries[g]
-	gallery.model_id != input.probe.model_id
+	some g, spec in gallery_specs
+	model := gallery_model(g, spec)
+	model != ""
+	model != probe_model
 }

@@ -10,18 +10,18 @@ package centinela
 
 known_modes := {"ALERT", "INVESTIGATION", "VERIFY", "ADMIN", "READ"}
 
-mode := input.mode if {
+mode := in_mode if {
 	probe_rpc
-	input.mode in known_modes
+	in_mode in known_modes
 } else := m if {
 	not probe_rpc
-	m := cfg.rpcs[rpc].mode
+	m := rpc_spec.mode
 } else := "ADMIN" if {
 	admin_write
 } else := "READ"
 
-requested_min_score := input.requested.min_score if {
-	is_number(input.requested.min_score)
+requested_min_score := req_min_score if {
+	is_number(req_min_score)
 } else := 0
 
 # The threshold a gallery applies in this mode: the policy's alert threshold in ALERT mode,
@@ -41,18 +41,19 @@ lesser(a, b) := a if {
 } else := b
 
 min_score := {g: s |
-	some g in req_galleries
-	gallery := cfg.galleries[g]
-	s := gallery_threshold(gallery)
+	some g, spec in gallery_specs
+	s := gallery_threshold(spec)
 }
 
-mode_cap := cfg.max_results[mode] if {
-	valid_cap(cfg.max_results[mode])
+mode_cap_raw := cfg.max_results[mode]
+
+mode_cap := mode_cap_raw if {
+	valid_cap(mode_cap_raw)
 } else := 1
 
-max_results := lesser(mode_cap, input.requested.max_results) if {
+max_results := lesser(mode_cap, req_max_results) if {
 	probe_rpc
-	is_number(input.requested.max_results)
+	is_number(req_max_results)
 } else := mode_cap
 
 visible_fields := fields if {

@@ -10,6 +10,44 @@ package centinela
 
 cfg := data.centinela_config
 
+# ---- the input, field by field ------------------------------------------------------------
+# Every input field the policy reads is read here once. rego-cpp 1.5.2 pays ~10-25 us for
+# each `input.a.b` reference but memoises rules, so this table makes a decision several times
+# cheaper there; OPA is indifferent. An absent field leaves its rule undefined, exactly
+# like the `input.…` reference it stands for.
+
+caller_kind_raw := input.caller.kind
+caller_operator := input.caller.operator_id
+caller_org := input.caller.org
+caller_role_list := input.caller.roles
+ctx_authorisation_id := input.context.authorisation_id
+ctx_capture_time := input.context.capture_time
+ctx_confirmed_by := input.context.confirmed_by
+ctx_now := input.context.now
+ctx_offence := input.context.offence_category
+ctx_reference := input.context.reference
+ctx_site_id := input.context.site_id
+ctx_warrant_id := input.context.warrant_id
+in_caller := input.caller
+in_context := input.context
+in_galleries := input.galleries
+in_mode := input.mode
+in_probe := input.probe
+in_purpose := input.purpose
+in_rate := input.rate
+in_requested := input.requested
+in_rpc := input.rpc
+probe_kind := input.probe.kind
+probe_model := input.probe.model_id
+probe_quality := input.probe.quality
+rate_caller := input.rate.caller_per_minute
+rate_site := input.rate.site_per_minute
+req_include_inactive := input.requested.include_inactive
+req_include_objectors := input.requested.include_objectors
+req_max_results := input.requested.max_results
+req_min_score := input.requested.min_score
+req_retain_probe := input.requested.retain_probe
+
 # Dynamic documents pushed by the server (sites, judicial authorisations); absent means empty.
 sites := data.dynamic.sites if {
 	is_object(data.dynamic.sites)
@@ -19,79 +57,81 @@ authorisations := data.dynamic.authorisations if {
 	is_object(data.dynamic.authorisations)
 } else := {}
 
-rpc := input.rpc if {
-	is_string(input.rpc)
+# ---- the RPC and the caller ------------------------------------------------------------
+# Each data.json entry the decision needs is looked up once (rego-cpp memoises rules but
+# not repeated lookups, and a lookup costs about as much as a whole simple rule).
+
+rpc := in_rpc if {
+	is_string(in_rpc)
 } else := ""
 
-rpc_known if cfg.rpcs[rpc]
+rpc_spec := cfg.rpcs[rpc]
 
-family := cfg.rpcs[rpc].family if {
+rpc_known if rpc_spec
+
+family := rpc_spec.family if {
 	rpc_known
 } else := "unknown"
+
+rpc_probe_kind := rpc_spec.probe_kind if {
+	is_string(rpc_spec.probe_kind)
+} else := ""
+
+rpc_write if rpc_spec.write == true
 
 # RPCs that carry a probe (face vector or plate read) and search a gallery.
 probe_rpc if family == "search"
 
 probe_rpc if family == "verify"
 
-caller_kind := input.caller.kind if {
-	is_string(input.caller.kind)
+caller_kind := caller_kind_raw if {
+	is_string(caller_kind_raw)
 } else := ""
 
-caller_roles contains role if {
-	some role in input.caller.roles
-	is_string(role)
-}
+kind_roles := roles if {
+	roles := cfg.roles[caller_kind]
+	is_object(roles)
+} else := {}
 
 # The role entries of the caller that grant this RPC.
 grants contains grant if {
-	some role in caller_roles
-	grant := cfg.roles[caller_kind][role]
+	some role in caller_role_list
+	grant := kind_roles[role]
 	rpc in grant.rpcs
 }
+
+granted if count(grants) > 0
 
 # Denial when no role of the caller grants the RPC, cited with the rule governing that RPC.
 deny contains rule if {
 	rpc_known
-	count(grants) == 0
-	rule := cfg.rpcs[rpc].rule
+	not granted
+	rule := rpc_spec.rule
 }
 
 deny contains "DEFAULT_DENY" if not rpc_known
 
-present(x) if {
-	x != null
-}
-
-valid_time(t) if {
-	_ := ts_ns(t)
-}
-
 # RFC 3339 to nanoseconds. A "Z" suffix is rewritten to "+00:00" first: rego-cpp 1.5.2 does
 # not parse "Z" (see tests/policy/test_engine_quirks.py); OPA parses both alike.
 ts_ns(t) := time.parse_rfc3339_ns(concat("", [substring(t, 0, count(t) - 1), "+00:00"])) if {
-	is_string(t)
-	upper(substring(t, count(t) - 1, 1)) == "Z"
-} else := time.parse_rfc3339_ns(t) if {
-	is_string(t)
-}
+	endswith(upper(t), "Z")
+} else := time.parse_rfc3339_ns(t)
 
-non_empty_string(s) if {
-	is_string(s)
-	trim_space(s) != ""
-}
+now_ns := ts_ns(ctx_now)
 
-now_ns := ts_ns(input.context.now)
-
-capture_ns := ts_ns(input.context.capture_time)
+capture_ns := ts_ns(ctx_capture_time)
 
 req_galleries contains g if {
 	probe_rpc
-	some g in input.galleries
+	some g in in_galleries
 	is_string(g)
 }
 
 # ---- well-formedness ------------------------------------------------------------------
+
+probe_modes := {"ALERT", "INVESTIGATION", "VERIFY"}
+
+probe_kinds := {"face", "plate"}
 
 malformed contains "input" if not is_object(input)
 
@@ -100,24 +140,24 @@ malformed contains "caller" if {
 	not valid_caller
 }
 
+valid_caller if {
+	is_string(caller_org)
+	caller_org != ""
+	kind_roles != {}
+	is_array(caller_role_list)
+	every role in caller_role_list {
+		is_string(role)
+	}
+}
+
 malformed contains "rpc" if {
 	is_object(input)
-	not non_empty_string(input.rpc)
+	rpc == ""
 }
 
 malformed contains "purpose" if {
-	present(input.purpose)
-	not is_string(input.purpose)
-}
-
-valid_caller if {
-	is_object(input.caller)
-	non_empty_string(input.caller.org)
-	cfg.roles[caller_kind]
-	is_array(input.caller.roles)
-	every role in input.caller.roles {
-		is_string(role)
-	}
+	in_purpose != null
+	not is_string(in_purpose)
 }
 
 malformed contains "galleries" if {
@@ -126,83 +166,109 @@ malformed contains "galleries" if {
 }
 
 valid_galleries if {
-	is_array(input.galleries)
-	count(input.galleries) > 0
-	every g in input.galleries {
+	is_array(in_galleries)
+	count(in_galleries) > 0
+	every g in in_galleries {
 		is_string(g)
 	}
 }
 
 malformed contains "mode" if {
 	probe_rpc
-	not input.mode in {"ALERT", "INVESTIGATION", "VERIFY"}
+	not in_mode in probe_modes
 }
 
 malformed contains "probe" if {
 	probe_rpc
-	not is_object(input.probe)
+	not is_object(in_probe)
 }
 
 malformed contains "probe.kind" if {
 	probe_rpc
-	is_object(input.probe)
-	not input.probe.kind in {"face", "plate"}
+	is_object(in_probe)
+	not probe_kind in probe_kinds
 }
 
 # MatchFace carries a face, MatchPlate a plate; StreamMatch either.
 malformed contains "probe.kind" if {
 	probe_rpc
-	expected := cfg.rpcs[rpc].probe_kind
-	expected != ""
-	input.probe.kind in {"face", "plate"}
-	input.probe.kind != expected
+	rpc_probe_kind != ""
+	probe_kind in probe_kinds
+	probe_kind != rpc_probe_kind
 }
 
 malformed contains "probe.quality" if {
 	probe_rpc
-	is_object(input.probe)
+	is_object(in_probe)
 	not valid_quality
 }
 
 valid_quality if {
-	is_number(input.probe.quality)
-	input.probe.quality >= 0
-	input.probe.quality <= 1
+	is_number(probe_quality)
+	probe_quality >= 0
+	probe_quality <= 1
 }
 
 malformed contains "probe.model_id" if {
 	probe_rpc
-	is_object(input.probe)
-	not non_empty_string(input.probe.model_id)
+	is_object(in_probe)
+	not valid_model
 }
+
+valid_model if is_string(probe_model)
 
 malformed contains "context" if {
 	probe_rpc
-	not is_object(input.context)
+	not is_object(in_context)
 }
 
 malformed contains "context" if {
-	present(input.context)
-	not is_object(input.context)
+	in_context != null
+	not is_object(in_context)
+}
+
+# A search names the site the probe comes from; a 1:1 verification may come from no site
+# (an officer in the street; absent, null and "" alike), but a site it names must be valid.
+malformed contains "context.site_id" if {
+	family == "search"
+	is_object(in_context)
+	not valid_site_id
 }
 
 malformed contains "context.site_id" if {
-	probe_rpc
-	is_object(input.context)
-	not non_empty_string(input.context.site_id)
+	family == "verify"
+	site := ctx_site_id
+	not blank(site)
+	not valid_site_id
+}
+
+valid_site_id if {
+	is_string(ctx_site_id)
+	ctx_site_id != ""
 }
 
 malformed contains "context.now" if {
 	probe_rpc
-	is_object(input.context)
-	not valid_time(input.context.now)
+	is_object(in_context)
+	not now_ns
 }
 
 malformed contains "context.capture_time" if {
-	probe_rpc
-	is_object(input.context)
-	not valid_time(input.context.capture_time)
+	family == "search"
+	is_object(in_context)
+	not capture_ns
 }
+
+malformed contains "context.capture_time" if {
+	family == "verify"
+	t := ctx_capture_time
+	not blank(t)
+	not capture_ns
+}
+
+blank(x) if x == null
+
+blank(x) if x == ""
 
 malformed contains "rate" if {
 	probe_rpc
@@ -210,41 +276,45 @@ malformed contains "rate" if {
 }
 
 malformed contains "rate" if {
-	present(input.rate)
+	in_rate != null
 	not valid_rate
 }
 
 valid_rate if {
-	is_object(input.rate)
-	is_number(input.rate.caller_per_minute)
-	is_number(input.rate.site_per_minute)
+	is_number(rate_caller)
+	is_number(rate_site)
 }
 
 malformed contains "requested" if {
-	present(input.requested)
-	not is_object(input.requested)
+	in_requested != null
+	not is_object(in_requested)
 }
 
 malformed contains "requested.max_results" if {
 	probe_rpc
-	present(input.requested.max_results)
+	req_max_results != null
 	not valid_max_results
 }
 
 valid_max_results if {
-	is_number(input.requested.max_results)
-	input.requested.max_results >= 1
-	floor(input.requested.max_results) == input.requested.max_results
+	is_number(req_max_results)
+	req_max_results >= 1
+	floor(req_max_results) == req_max_results
 }
 
 malformed contains "requested.min_score" if {
 	probe_rpc
-	present(input.requested.min_score)
+	req_min_score != null
 	not valid_min_score
 }
 
 valid_min_score if {
-	is_number(input.requested.min_score)
-	input.requested.min_score >= 0
-	input.requested.min_score <= 1
+	is_number(req_min_score)
+	req_min_score >= 0
+	req_min_score <= 1
+}
+
+non_empty_string(s) if {
+	is_string(s)
+	trim_space(s) != ""
 }

@@ -154,6 +154,13 @@ cases.r4_deny_verify_in_investigation_mode := {
 
 test_r4_deny_verify_in_investigation_mode if check("r4_deny_verify_in_investigation_mode")
 
+cases.r4_allow_verification_without_site := {
+	"input": object.union(officer_verify, {"context": {"now": "2026-03-01T10:00:02Z", "site_id": ""}}),
+	"expect": expect_allow,
+}
+
+test_r4_allow_verification_without_site if check("r4_allow_verification_without_site")
+
 # ---- R5 jurisdiction ---------------------------------------------------------------------
 
 cases.r5_allow_own_site := {"input": muni_face, "expect": expect_allow}
@@ -394,6 +401,22 @@ cases.r13_deny_plate_probe_against_face_gallery := {
 }
 
 test_r13_deny_plate_probe_against_face_gallery if check("r13_deny_plate_probe_against_face_gallery")
+
+cases.r13_allow_model_reported_by_server := {
+	"input": patch(muni_face, "probe", {"model_id": "w600k_r50:00aa11bb22cc33dd"}),
+	"dynamic": object.union(dynamic, {"models": {"pnp_watchlist": "w600k_r50:00aa11bb22cc33dd"}}),
+	"expect": expect_allow,
+}
+
+test_r13_allow_model_reported_by_server if check("r13_allow_model_reported_by_server")
+
+cases.r13_deny_model_other_than_reported := {
+	"input": muni_face,
+	"dynamic": object.union(dynamic, {"models": {"pnp_watchlist": "w600k_r50:00aa11bb22cc33dd"}}),
+	"expect": {"allow": false, "reasons": ["R13"]},
+}
+
+test_r13_deny_model_other_than_reported if check("r13_deny_model_other_than_reported")
 
 # ---- R14 volume --------------------------------------------------------------------------
 

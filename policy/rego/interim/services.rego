@@ -14,69 +14,69 @@ package centinela
 
 deny contains "R9" if {
 	rpc == "ConfirmAlert"
-	not non_empty_string(input.caller.operator_id)
+	not non_empty_string(caller_operator)
 }
 
 # ---- R10: alert visibility by jurisdiction -------------------------------------------------
 
-alert_scope := {"level": "own_sites", "municipality": input.caller.org} if {
+visibility := cfg.alert_visibility[caller_kind]
+
+alert_scope := {"level": "own_sites", "municipality": caller_org} if {
 	family == "alert"
-	cfg.alert_visibility[caller_kind] == "own_sites"
-	non_empty_string(input.caller.org)
+	visibility == "own_sites"
+	non_empty_string(caller_org)
 } else := {"level": "national"} if {
 	family == "alert"
-	cfg.alert_visibility[caller_kind] == "region"
-	input.caller.org in cfg.alert_visibility.national_orgs
+	visibility == "region"
+	caller_org in cfg.alert_visibility.national_orgs
 } else := {"level": "region", "region": region} if {
 	family == "alert"
-	cfg.alert_visibility[caller_kind] == "region"
-	region := cfg.alert_visibility.org_regions[input.caller.org]
+	visibility == "region"
+	region := cfg.alert_visibility.org_regions[caller_org]
 	non_empty_string(region)
 } else := null
 
 deny contains "R10" if {
 	family == "alert"
-	count(grants) > 0
+	granted
 	alert_scope == null
 }
 
 # ---- R14: volume ------------------------------------------------------------------------
 
+ceiling_spec := cfg.rate_ceilings[caller_kind]
+
 rate_ceiling := {
-	"caller_per_minute": ceiling.caller_per_minute,
-	"site_per_minute": ceiling.site_per_minute,
+	"caller_per_minute": ceiling_spec.caller_per_minute,
+	"site_per_minute": ceiling_spec.site_per_minute,
 } if {
-	ceiling := cfg.rate_ceilings[caller_kind]
-	is_number(ceiling.caller_per_minute)
-	is_number(ceiling.site_per_minute)
+	is_number(ceiling_spec.caller_per_minute)
+	is_number(ceiling_spec.site_per_minute)
 } else := {"caller_per_minute": 0, "site_per_minute": 0}
 
 deny contains "R14" if {
-	rpc_known
-	count(grants) > 0
-	rate_ceiling.caller_per_minute < 1
+	granted
+	not rate_ceiling.caller_per_minute >= 1
 }
 
 deny contains "R14" if {
-	is_number(input.rate.caller_per_minute)
-	input.rate.caller_per_minute > rate_ceiling.caller_per_minute
+	rate_caller > rate_ceiling.caller_per_minute
 }
 
 deny contains "R14" if {
-	is_number(input.rate.site_per_minute)
-	input.rate.site_per_minute > rate_ceiling.site_per_minute
+	rate_site > rate_ceiling.site_per_minute
 }
 
 # ---- R15: administration ------------------------------------------------------------------
 
 admin_write if {
 	family == "admin"
-	cfg.rpcs[rpc].write == true
+	rpc_write
 }
 
-reference_cited if non_empty_string(input.context.reference)
+reference_cited if non_empty_string(ctx_reference)
 
-reference_cited if non_empty_string(input.context.warrant_id)
+reference_cited if non_empty_string(ctx_warrant_id)
 
 deny contains "R15" if {
 	admin_write
