@@ -19,6 +19,9 @@ from centinela import __version__
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "audit": ("centinela.audit.cli", "main", "audit log: export, verify, and compliance tools"),
     "policy": ("centinela.policy.cli", "main", "policy bundles: test, eval, digest"),
+    "edge": ("centinela.clients.edge_cli", "main", "edge agent: match faces and plates, portico"),
+    "admin": ("centinela.clients.admin_cli", "main", "PNP admin: requisitorias, vehicles, sites"),
+    "registry": ("centinela.clients.registry_cli", "main", "Reniec registry: import, objections"),
 }
 
 

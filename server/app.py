@@ -17,7 +17,7 @@ import dataclasses
 import ipaddress
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -108,8 +108,10 @@ class CentinelaServer:
         *,
         identity: Callable[[grpc.aio.ServicerContext[Any, Any]], Caller] | None = None,
         on_stop: Callable[[], Any] | None = None,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
         self.settings = settings
+        self._extra_handlers = tuple(extra_handlers)
         self.servicers = servicers or Servicers()
         self.interceptor = CentinelaInterceptor(
             identity or caller_from_tls, max_concurrent=settings.max_concurrent_rpcs
@@ -151,6 +153,8 @@ class CentinelaServer:
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(s.registry, server)
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(s.audit, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self._extra_handlers:
+            server.add_generic_rpc_handlers(self._extra_handlers)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )

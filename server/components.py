@@ -88,6 +88,8 @@ class Components:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def refresh_policy_data(self) -> None:
-        """Push sites and authorisations to the policy engines, and refresh the view."""
-        self.policy.set_dynamic_data(self.records.policy_data())
+        """Push sites, authorisations and gallery models to the policy engines; refresh."""
+        models = {"pnp_watchlist": self.face_model_id, "reniec_registry": self.face_model_id}
+        self.policy.set_dynamic_data(self.records.policy_data() | {"models": models})
+        self.pipeline.cache.clear()
         self.view.refresh()

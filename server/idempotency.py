@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from centinela.errors import StorageError
+from centinela.errors import FailedPrecondition, StorageError
 from centinela.storage import Migration, migrate
 
 T = TypeVar("T")
@@ -31,6 +32,7 @@ idempotency = sa.Table(
     sa.Column("caller", sa.String(128), primary_key=True),
     sa.Column("client_request_id", sa.String(128), primary_key=True),
     sa.Column("rpc", sa.String(64), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("response", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
@@ -54,21 +56,26 @@ class IdempotencyStore:
         migrate(engine, "idempotency", MIGRATIONS)
         self._inflight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
 
-    def _get(self, caller: str, rid: str, rpc: str) -> bytes | None:
+    def _get(self, caller: str, rid: str, rpc: str, fingerprint: str) -> bytes | None:
         try:
             with self.engine.connect() as conn:
                 row = conn.execute(
-                    sa.select(idempotency.c.response, idempotency.c.rpc).where(
-                        idempotency.c.caller == caller, idempotency.c.client_request_id == rid
-                    )
+                    sa.select(
+                        idempotency.c.response, idempotency.c.rpc, idempotency.c.fingerprint
+                    ).where(idempotency.c.caller == caller, idempotency.c.client_request_id == rid)
                 ).first()
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"idempotency lookup failed: {exc.__class__.__name__}") from exc
-        if row is None or row.rpc != rpc:
+        if row is None:
             return None
+        if row.rpc != rpc or row.fingerprint != fingerprint:
+            raise FailedPrecondition(
+                "was already used for a different request; use a new id for a new request",
+                field="context.client_request_id",
+            )
         return bytes(row.response)
 
-    def _put(self, caller: str, rid: str, rpc: str, response: bytes) -> None:
+    def _put(self, caller: str, rid: str, rpc: str, fingerprint: str, response: bytes) -> None:
         now = dt.datetime.now(dt.UTC).timestamp()
         try:
             with self.engine.begin() as conn:
@@ -83,6 +90,7 @@ class IdempotencyStore:
                             caller=caller,
                             client_request_id=rid,
                             rpc=rpc,
+                            fingerprint=fingerprint,
                             response=response,
                             created_at=now,
                         )
@@ -104,10 +112,16 @@ class IdempotencyStore:
         client_request_id: str,
         rpc: str,
         compute: Callable[[], Awaitable[bytes]],
+        request: bytes = b"",
     ) -> tuple[bytes, bool]:
         """The stored answer, or ``compute()``'s, stored; returns (answer, was_replayed).
 
-        Without a client request id the computation simply runs.
+        ``request`` (the serialised request) is fingerprinted: the same id with another
+        request is refused rather than answered with the first one's result. Without a
+        client request id the computation simply runs.
+
+        Raises:
+            FailedPrecondition: the id was used for a different request.
         """
         if not client_request_id:
             return await compute(), False
@@ -115,14 +129,15 @@ class IdempotencyStore:
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending), True
-        stored = await asyncio.to_thread(self._get, caller, client_request_id, rpc)
+        fingerprint = hashlib.sha256(request).hexdigest()
+        stored = await asyncio.to_thread(self._get, caller, client_request_id, rpc, fingerprint)
         if stored is not None:
             return stored, True
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
             answer = await compute()
-            await asyncio.to_thread(self._put, caller, client_request_id, rpc, answer)
+            await asyncio.to_thread(self._put, caller, client_request_id, rpc, fingerprint, answer)
             fut.set_result(answer)
             return answer, False
         except BaseException as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -135,11 +136,14 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             err = CentinelaError(
                 "internal error; see the server log for request " + state.request_id
             )
+            tb = traceback.extract_tb(exc.__traceback__)
             log.error(
                 "rpc.internal_error",
                 method=state.method,
                 request_id=state.request_id,
                 error_type=type(exc).__name__,
+                # Where, never what: the message may carry request data.
+                where=[f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}:{f.name}" for f in tb[-4:]],
             )
         code = status_code(err)
         self._log_call(state, code, started)

@@ -115,13 +115,19 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         return await loop.run_in_executor(self.c.executor, lambda: fn(*args, **kw))
 
     async def _idempotent(
-        self, caller: Caller, ctx: common_pb2.RequestContext, rpc: str, compute: Any, cls: Any
+        self, caller: Caller, request: Any, rpc: str, compute: Any, cls: Any
     ) -> Any:
         async def run() -> bytes:
             msg = await compute()
             return bytes(msg.SerializeToString())
 
-        data, _replayed = await self.c.idempotency.run(caller.name, ctx.client_request_id, rpc, run)
+        data, _replayed = await self.c.idempotency.run(
+            caller.name,
+            request.context.client_request_id,
+            rpc,
+            run,
+            request=request.SerializeToString(deterministic=True),
+        )
         return cls.FromString(data)
 
     def _info(self, outcome: Outcome) -> common_pb2.DecisionInfo:
@@ -133,7 +139,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         return await self._idempotent(
             caller,
-            request.context,
+            request,
             "MatchFace",
             lambda: self._match_face(request, caller, call),
             pb.MatchFaceResponse,
@@ -294,7 +300,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         return await self._idempotent(
             caller,
-            request.context,
+            request,
             "MatchPlate",
             lambda: self._match_plate(request, caller, call),
             pb.MatchPlateResponse,
@@ -418,7 +424,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 if which == "face":
                     face = await self._idempotent(
                         caller,
-                        msg.face.context,
+                        msg.face,
                         "MatchFace",
                         lambda m=msg, s=sub: self._match_face(m.face, caller, s),
                         pb.MatchFaceResponse,
@@ -427,7 +433,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 elif which == "plate":
                     plate = await self._idempotent(
                         caller,
-                        msg.plate.context,
+                        msg.plate,
                         "MatchPlate",
                         lambda m=msg, s=sub: self._match_plate(m.plate, caller, s),
                         pb.MatchPlateResponse,
@@ -455,7 +461,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         return await self._idempotent(
             caller,
-            request.context,
+            request,
             "VerifyFace",
             lambda: self._verify(request, caller, call),
             pb.VerifyFaceResponse,
@@ -530,7 +536,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         return await self._idempotent(
             caller,
-            request.context,
+            request,
             "ConfirmAlert",
             lambda: self._confirm(request, caller, call),
             pb.ConfirmAlertResponse,

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
+import math
 import secrets
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 from centinela.audit.entry import AuditEvent, Digester, EventType
@@ -34,6 +37,7 @@ from centinela.errors import (
 from centinela.logs import get_logger
 from centinela.policy import Decision, PolicyService
 from centinela.server.context import CallState
+from centinela.server.decision_cache import DecisionCache
 from centinela.server.identity import Caller
 from centinela.server.ratelimit import RateCounters
 from centinela.v1 import common_pb2
@@ -44,6 +48,20 @@ log = get_logger("server.pipeline")
 def artifact(digest: str) -> str:
     """A bundle digest in the audit's ``sha256:<hex>`` form."""
     return digest if digest.startswith("sha256:") else "sha256:" + digest
+
+
+def _to_second(stamp: str) -> str:
+    """An RFC 3339 time floored to the whole second (policy inputs repeat, see cache)."""
+    when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return when.replace(microsecond=0).astimezone(dt.UTC).isoformat()
+
+
+def _over_ceiling(rate: Mapping[str, int], decision: Decision) -> bool:
+    ceiling = decision.obligations.rate_ceiling
+    return (
+        int(rate.get("caller_per_minute", 0)) > ceiling.caller_per_minute
+        or int(rate.get("site_per_minute", 0)) > ceiling.site_per_minute > 0
+    )
 
 
 def new_decision_id() -> str:
@@ -121,12 +139,15 @@ class Pipeline:
         *,
         bundle_name: str,
         rates: RateCounters | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.policy = policy
         self.audit = audit
         self.digester = digester
         self.bundle_name = bundle_name
         self.rates = rates or RateCounters()
+        self.cache = DecisionCache(policy)
+        self.executor = executor
 
     # ---- policy ------------------------------------------------------------------------
 
@@ -139,6 +160,13 @@ class Pipeline:
     ) -> dict[str, Any]:
         """The policy input document for one request."""
         ctx = dict(context)
+        for key in ("now", "capture_time"):
+            if ctx.get(key):
+                ctx[key] = _to_second(str(ctx[key]))
+        probe = extra.get("probe")
+        if isinstance(probe, dict) and "quality" in probe:
+            # Rounded down: never more permissive than the real value (R13).
+            extra["probe"] = {**probe, "quality": math.floor(probe["quality"] * 20) / 20}
         doc: dict[str, Any] = {
             "caller": caller.to_policy(str(ctx.get("operator_id", ""))),
             "rpc": rpc,
@@ -149,9 +177,13 @@ class Pipeline:
         doc.update({k: v for k, v in extra.items() if v is not None})
         return doc
 
-    def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Decision | None]:
-        """Active decision (fails closed) and the shadow bundle's, if one is configured."""
-        result = self.policy.decide(policy_input)
+    async def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Decision | None]:
+        """Active decision (fails closed) and the shadow bundle's, if one is configured.
+
+        The engine blocks for milliseconds: it runs in the executor, never on the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self.cache.decide, policy_input)
         return result.active, result.shadow
 
     # ---- audit ---------------------------------------------------------------------------
@@ -231,8 +263,14 @@ class Pipeline:
         """
         decision_id = new_decision_id()
         call.decision_id = decision_id
+        rate = extra.pop("rate", None)
         doc = self.policy_input(rpc, caller, context, **extra)
-        active, shadow = self.decide(doc)
+        active, shadow = await self.decide(doc)
+        if active.allow and rate is not None and _over_ceiling(rate, active):
+            # R14 as an obligation: the policy sets the ceiling, the server counts.
+            active = dataclasses.replace(
+                active, allow=False, reasons=("R14",), obligations=type(active.obligations)()
+            )
         events: list[AuditEvent] = []
         if shadow is not None and (shadow.allow != active.allow):
             events.append(

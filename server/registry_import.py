@@ -83,7 +83,8 @@ def check_batch(
                 raise InvalidArgument("is required", field="model_id")
             if rec.model_id != model_id:
                 raise ModelMismatch(
-                    "is not the registry gallery's model (R13); re-encode with that model",
+                    f"is not the registry gallery's model {model_id} (R13); "
+                    "re-encode with that model",
                     field="model_id",
                 )
             vec = check_vector(rec.vector, dimension=dimension, field="vector")

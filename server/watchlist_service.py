@@ -182,7 +182,11 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             return bytes(response.SerializeToString())
 
         data, _ = await self.c.idempotency.run(
-            caller.name, request.context.client_request_id, rpc, compute
+            caller.name,
+            request.context.client_request_id,
+            rpc,
+            compute,
+            request=request.SerializeToString(deterministic=True),
         )
         return cls.FromString(data)
 

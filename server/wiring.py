@@ -52,6 +52,7 @@ class Application:
     def reload(self) -> None:
         """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""
         results = self.components.policy.reload()
+        self.components.pipeline.cache.clear()
         for r in results:
             log.info(
                 "policy.reload", role=r.role, ok=r.ok, digest=r.digest_after, message=r.message
@@ -120,9 +121,10 @@ def build_components(settings: Settings) -> Components:
         else None
     )
     policy = PolicyService(active, shadow)
-    policy.set_dynamic_data(records.policy_data())
-
     face_model_id = settings.effective_face_model_id
+    models = {"pnp_watchlist": face_model_id, "reniec_registry": face_model_id}
+    policy.set_dynamic_data(records.policy_data() | {"models": models})
+
     store = TemplateStore(engine, FileKeyProvider(keys_dir))
     snapshot_dir = settings.effective_snapshot_dir
     snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -136,7 +138,8 @@ def build_components(settings: Settings) -> Components:
     )
     matcher.run_in_background()
 
-    pipeline = Pipeline(policy, audit, digester, bundle_name=active_bundle.name)
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="centinela")
+    pipeline = Pipeline(policy, audit, digester, bundle_name=active_bundle.name, executor=executor)
     view = WatchlistView(records)
     view.refresh()
     components = Components(
@@ -151,7 +154,7 @@ def build_components(settings: Settings) -> Components:
         matcher=matcher,
         pipeline=pipeline,
         view=view,
-        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="centinela"),
+        executor=executor,
         face_model_id=face_model_id,
         bundle_name=active_bundle.name,
         shadow_name=settings.shadow_bundle,
@@ -172,7 +175,15 @@ def build_components(settings: Settings) -> Components:
 
 def build_servicers(components: Components) -> Servicers:
     """The four services over the components."""
-    return Servicers(match=MatchServicer(components), watchlist=WatchlistServicer(components))
+    from centinela.server.audit_service import AuditServicer
+    from centinela.server.registry_service import RegistryServicer
+
+    return Servicers(
+        match=MatchServicer(components),
+        watchlist=WatchlistServicer(components),
+        registry=RegistryServicer(components),
+        audit=AuditServicer(components),
+    )
 
 
 async def build_application(settings: Settings) -> Application:

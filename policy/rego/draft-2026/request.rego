@@ -270,11 +270,9 @@ blank(x) if x == null
 
 blank(x) if x == ""
 
-malformed contains "rate" if {
-	probe_rpc
-	not valid_rate
-}
-
+# The request rate is optional: the server may enforce the ``rate_ceiling`` obligation
+# itself (it does, so that decisions can be cached, see server/decision_cache.py); when a
+# rate is given it must be well-formed and is enforced here too (R14).
 malformed contains "rate" if {
 	in_rate != null
 	not valid_rate

@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x65ntinela/v1/common.proto\x12\x0c\x63\x65ntinela.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n\x0eRequestContext\x12&\n\x07purpose\x18\x01 \x01(\x0e\x32\x15.centinela.v1.Purpose\x12\x13\n\x0blegal_basis\x18\x02 \x01(\t\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0boperator_id\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x11\n\treference\x18\x08 \x01(\t\">\n\tFaceProbe\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\x0f\n\x07quality\x18\x03 \x01(\x02\"U\n\tPlateRead\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfidences\x18\x02 \x03(\x02\x12\x14\n\x0c\x61lternatives\x18\x03 \x03(\t\x12\x0f\n\x07quality\x18\x04 \x01(\x02\"0\n\x0c\x46\x61\x63\x65Template\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\x7f\n\x0c\x44\x65\x63isionInfo\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x15\n\rpolicy_bundle\x18\x02 \x01(\t\x12\x1c\n\x14policy_bundle_digest\x18\x03 \x01(\t\x12\x10\n\x08rule_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x61udit_index\x18\x05 \x01(\x04\"b\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08rule_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t*\xbc\x01\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x19\n\x15PURPOSE_WANTED_PERSON\x10\x01\x12\x1a\n\x16PURPOSE_STOLEN_VEHICLE\x10\x02\x12\x1a\n\x16PURPOSE_MISSING_PERSON\x10\x03\x12\"\n\x1ePURPOSE_JUDICIAL_INVESTIGATION\x10\x04\x12!\n\x1dPURPOSE_IDENTITY_VERIFICATION\x10\x05*w\n\x07Gallery\x12\x17\n\x13GALLERY_UNSPECIFIED\x10\x00\x12\x19\n\x15GALLERY_PNP_WATCHLIST\x10\x01\x12\x1b\n\x17GALLERY_RENIEC_REGISTRY\x10\x02\x12\x1b\n\x17GALLERY_STOLEN_VEHICLES\x10\x03*_\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_ALERT\x10\x01\x12\x1d\n\x19SEARCH_MODE_INVESTIGATION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x65ntinela/v1/common.proto\x12\x0c\x63\x65ntinela.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\x0eRequestContext\x12&\n\x07purpose\x18\x01 \x01(\x0e\x32\x15.centinela.v1.Purpose\x12\x13\n\x0blegal_basis\x18\x02 \x01(\t\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0boperator_id\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x11\n\treference\x18\x08 \x01(\t\x12\x18\n\x10offence_category\x18\t \x01(\t\">\n\tFaceProbe\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\x0f\n\x07quality\x18\x03 \x01(\x02\"U\n\tPlateRead\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfidences\x18\x02 \x03(\x02\x12\x14\n\x0c\x61lternatives\x18\x03 \x03(\t\x12\x0f\n\x07quality\x18\x04 \x01(\x02\"0\n\x0c\x46\x61\x63\x65Template\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\x7f\n\x0c\x44\x65\x63isionInfo\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x15\n\rpolicy_bundle\x18\x02 \x01(\t\x12\x1c\n\x14policy_bundle_digest\x18\x03 \x01(\t\x12\x10\n\x08rule_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x61udit_index\x18\x05 \x01(\x04\"b\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08rule_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t*\xbc\x01\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x19\n\x15PURPOSE_WANTED_PERSON\x10\x01\x12\x1a\n\x16PURPOSE_STOLEN_VEHICLE\x10\x02\x12\x1a\n\x16PURPOSE_MISSING_PERSON\x10\x03\x12\"\n\x1ePURPOSE_JUDICIAL_INVESTIGATION\x10\x04\x12!\n\x1dPURPOSE_IDENTITY_VERIFICATION\x10\x05*w\n\x07Gallery\x12\x17\n\x13GALLERY_UNSPECIFIED\x10\x00\x12\x19\n\x15GALLERY_PNP_WATCHLIST\x10\x01\x12\x1b\n\x17GALLERY_RENIEC_REGISTRY\x10\x02\x12\x1b\n\x17GALLERY_STOLEN_VEHICLES\x10\x03*_\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_ALERT\x10\x01\x12\x1d\n\x19SEARCH_MODE_INVESTIGATION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'centinela.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PURPOSE']._serialized_start=747
-  _globals['_PURPOSE']._serialized_end=935
-  _globals['_GALLERY']._serialized_start=937
-  _globals['_GALLERY']._serialized_end=1056
-  _globals['_SEARCHMODE']._serialized_start=1058
-  _globals['_SEARCHMODE']._serialized_end=1153
+  _globals['_PURPOSE']._serialized_start=773
+  _globals['_PURPOSE']._serialized_end=961
+  _globals['_GALLERY']._serialized_start=963
+  _globals['_GALLERY']._serialized_end=1082
+  _globals['_SEARCHMODE']._serialized_start=1084
+  _globals['_SEARCHMODE']._serialized_end=1179
   _globals['_REQUESTCONTEXT']._serialized_start=77
-  _globals['_REQUESTCONTEXT']._serialized_end=314
-  _globals['_FACEPROBE']._serialized_start=316
-  _globals['_FACEPROBE']._serialized_end=378
-  _globals['_PLATEREAD']._serialized_start=380
-  _globals['_PLATEREAD']._serialized_end=465
-  _globals['_FACETEMPLATE']._serialized_start=467
-  _globals['_FACETEMPLATE']._serialized_end=515
-  _globals['_DECISIONINFO']._serialized_start=517
-  _globals['_DECISIONINFO']._serialized_end=644
-  _globals['_ERRORSTATUS']._serialized_start=646
-  _globals['_ERRORSTATUS']._serialized_end=744
+  _globals['_REQUESTCONTEXT']._serialized_end=340
+  _globals['_FACEPROBE']._serialized_start=342
+  _globals['_FACEPROBE']._serialized_end=404
+  _globals['_PLATEREAD']._serialized_start=406
+  _globals['_PLATEREAD']._serialized_end=491
+  _globals['_FACETEMPLATE']._serialized_start=493
+  _globals['_FACETEMPLATE']._serialized_end=541
+  _globals['_DECISIONINFO']._serialized_start=543
+  _globals['_DECISIONINFO']._serialized_end=670
+  _globals['_ERRORSTATUS']._serialized_start=672
+  _globals['_ERRORSTATUS']._serialized_end=770
 # @@protoc_insertion_point(module_scope)

@@ -137,6 +137,7 @@ class RequestContext(_message.Message):
     OPERATOR_ID_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    OFFENCE_CATEGORY_FIELD_NUMBER: _builtins.int
     purpose: Global___Purpose.ValueType
     """The declared purpose (R1). Required on match RPCs."""
     legal_basis: _builtins.str
@@ -162,6 +163,10 @@ class RequestContext(_message.Message):
     """Reference that an administrative change cites: a warrant, police report or Reniec
     resolution id (R15). Required on WatchlistService and RegistryService changes.
     """
+    offence_category: _builtins.str
+    """Offence category a judicial investigation concerns (e.g. "ROBO_AGRAVADO"); must be
+    covered by the judicial authorisation's scope (R3). Upper-case letters, digits and _.
+    """
     @_builtins.property
     def capture_time(self) -> _timestamp_pb2.Timestamp:
         """When the probe was captured, UTC. Must not lie in the future beyond a few seconds of skew."""
@@ -177,10 +182,11 @@ class RequestContext(_message.Message):
         operator_id: _builtins.str = ...,
         client_request_id: _builtins.str = ...,
         reference: _builtins.str = ...,
+        offence_category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture_time", b"capture_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "capture_time", b"capture_time", "client_request_id", b"client_request_id", "legal_basis", b"legal_basis", "operator_id", b"operator_id", "purpose", b"purpose", "reference", b"reference", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "capture_time", b"capture_time", "client_request_id", b"client_request_id", "legal_basis", b"legal_basis", "offence_category", b"offence_category", "operator_id", b"operator_id", "purpose", b"purpose", "reference", b"reference", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

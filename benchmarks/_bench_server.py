@@ -1,0 +1,114 @@
+"""A Centinela server for benchmarks: the real service plus a bare echo RPC, in a subprocess.
+
+    python benchmarks/_bench_server.py --data-dir DIR --templates N [--port-file F]
+
+Populates the watchlist with ``N`` synthetic templates (the realistic generator of
+``centinela.matcher.synth``) the first time, then serves the real MatchService over mutual
+TLS and, on the same server and port, ``/bench.Echo/Echo``, which returns its request bytes
+unchanged: the ceiling of a Python gRPC server on this machine (TLS, HTTP/2, the
+interceptor, no work). Writes the bound port to ``--port-file`` when ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from centinela import logs
+from centinela.config import Settings
+from centinela.matcher import synth
+from centinela.matcher.store import TemplateRecord
+from centinela.server.app import CentinelaServer
+from centinela.server.demo import MIRA_SITE
+from centinela.server.records import RequisitionRecord, SiteRecord
+from centinela.server.wiring import build_application
+
+
+def echo_handler() -> grpc.GenericRpcHandler:
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})
+
+
+def populate(app: Any, n: int, batch: int = 5000) -> None:
+    c = app.components
+    store, records = c.matcher.store, c.records
+    if c.records.list_sites():
+        return
+    records.add_site(SiteRecord(MIRA_SITE, "muni-miraflores", "lima", 2, "bench", True))
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
+    vecs = synth.identities(n, seed=5)
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        part = vecs[start : start + batch]
+        dnis = [f"{40000000 + start + i:08d}" for i in range(len(part))]
+        res = store.add_templates(
+            "pnp",
+            "pnp_watchlist",
+            c.face_model_id,
+            [
+                TemplateRecord(vector=v, dni=d, expires_at=expires)
+                for v, d in zip(part, dnis, strict=True)
+            ],
+        )
+        for i, (tid, sref) in enumerate(zip(res.template_ids, res.subject_refs, strict=True)):
+            records.add_requisition(
+                RequisitionRecord(
+                    f"req_b{start + i:012d}",
+                    sref,
+                    f"W-B-{start + i:09d}",
+                    "bench court",
+                    "ROBO_AGRAVADO",
+                    expires - dt.timedelta(days=400),
+                    expires,
+                    None,
+                    "",
+                    False,
+                    (tid,),
+                )
+            )
+        print(
+            f"stored {start + len(part)}/{n} ({time.perf_counter() - t0:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    c.matcher.catch_up()
+    c.matcher.save_snapshots()
+    c.refresh_policy_data()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--templates", type=int, default=10_000)
+    parser.add_argument("--port-file", type=Path, required=True)
+    args = parser.parse_args()
+    logs.configure("warning")
+    settings = Settings(data_dir=args.data_dir, listen="127.0.0.1:0", max_concurrent_rpcs=4096)
+    app = await build_application(settings)
+    await asyncio.to_thread(populate, app, args.templates)
+    server = CentinelaServer(
+        settings, app.servicers, on_stop=app.close, extra_handlers=[echo_handler()]
+    )
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(1.0)))
+    args.port_file.write_text(str(port))
+    await server.wait()
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    asyncio.run(main())

@@ -1,0 +1,358 @@
+"""Reading the audit log for compliance officers: filters, paging cursors, statistics, lookup.
+
+Invariants (DESIGN.md §6, LEGAL_RULES R16):
+
+* Read-only: nothing here writes to the log or its tables; the SQL is plain SELECTs.
+* A filter is decided on the canonical JSON entry itself (the bytes that were hashed), never
+  on a side table, so what an officer sees is exactly what the Merkle tree commits to. A cheap
+  byte test on the canonical form (``"org":"x"``) skips most non-matching entries before any
+  JSON is parsed; the parsed entry then decides.
+* The cost of one page is bounded: a page scans at most ``scan_budget`` entries and then
+  returns with a cursor, even with fewer events than asked (an empty page with a token means
+  "keep going"). A time filter starts the scan by binary search on entry times, with a
+  safety margin of :data:`TIME_MARGIN`, because entries get their time just before they are
+  queued to the single writer and so appear in time order up to the queue latency. A
+  wall-clock step backwards larger than the margin could hide older-stamped entries from a
+  *time-filtered* list; unfiltered lists, exports and verification see every entry.
+* The page token is an opaque cursor over leaf indexes (``ev1.<base64>``); a token that does
+  not decode, or points beyond the log, is refused as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import dataclasses
+import datetime as dt
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from centinela.audit.log import AuditLog
+from centinela.errors import InvalidArgument, NotFound
+from centinela.storage import is_sqlite
+
+#: Entries are in time order up to this slack (see the module docstring).
+TIME_MARGIN = dt.timedelta(minutes=5)
+#: Entries one ListEvents page may scan before it returns with a cursor.
+DEFAULT_SCAN_BUDGET = 50_000
+_TOKEN_PREFIX = "ev1."  # noqa: S105 (a cursor prefix, not a secret)
+_TIME_RE = re.compile(rb'"time":"([0-9T:.Z-]+)"')
+_CHUNK = 2_000
+
+
+def encode_cursor(index: int) -> str:
+    """An opaque page token for leaf ``index``."""
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(str(index).encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, size: int) -> int:
+    """The leaf index of a page token ("" is 0).
+
+    Raises:
+        InvalidArgument: not a token from a previous answer, or beyond the log.
+    """
+    if not token:
+        return 0
+    try:
+        if not token.startswith(_TOKEN_PREFIX):
+            raise ValueError
+        body = token[len(_TOKEN_PREFIX) :]
+        index = int(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("ascii"))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("is not a token from a previous answer", field="page_token") from None
+    if not 0 <= index <= size:
+        raise InvalidArgument("points beyond the log", field="page_token")
+    return index
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An entry's RFC 3339 ``time`` as an aware datetime."""
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def entry_time(entry: bytes) -> dt.datetime | None:
+    """The ``time`` of an entry, read without parsing the whole JSON."""
+    m = _TIME_RE.search(entry)
+    return parse_time(m.group(1).decode()) if m else None
+
+
+def _needle(key: str, value: str) -> bytes:
+    # Canonical JSON: no spaces, keys and values escaped the json.dumps way.
+    return (json.dumps(key) + ":" + json.dumps(value)).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class EventFilter:
+    """What ListEvents asks for; empty fields do not filter."""
+
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    caller_org: str = ""
+    site_id: str = ""
+    purpose: str = ""
+    outcome: str = ""
+    rule_id: str = ""
+    event_type: str = ""
+
+    def _needles(self) -> list[bytes]:
+        out = []
+        if self.caller_org:
+            out.append(_needle("org", self.caller_org))
+        if self.site_id:
+            out.append(_needle("site_id", self.site_id))
+        if self.purpose:
+            out.append(_needle("purpose", self.purpose))
+        if self.outcome:
+            out.append(_needle("outcome", self.outcome))
+        if self.event_type:
+            out.append(_needle("type", self.event_type))
+        if self.rule_id:
+            out.append(json.dumps(self.rule_id).encode())
+        return out
+
+    def matcher(self) -> Callable[[bytes], bool]:
+        """A predicate on entry bytes (a byte pre-test, then the parsed entry decides)."""
+        needles = self._needles()
+
+        def match(entry: bytes) -> bool:
+            if any(n not in entry for n in needles):
+                return False
+            try:
+                doc = json.loads(entry)
+            except ValueError:
+                return False
+            return self.accepts(doc)
+
+        return match
+
+    def accepts(self, doc: dict[str, Any]) -> bool:
+        """Whether a parsed entry passes every filter."""
+        caller = doc.get("caller") or {}
+        checks = (
+            (self.caller_org, caller.get("org")),
+            (self.site_id, doc.get("site_id")),
+            (self.purpose, doc.get("purpose")),
+            (self.outcome, doc.get("outcome")),
+            (self.event_type, doc.get("type")),
+        )
+        if any(want and got != want for want, got in checks):
+            return False
+        if self.rule_id and self.rule_id not in (doc.get("rule_ids") or ()):
+            return False
+        if self.since is not None or self.until is not None:
+            try:
+                when = parse_time(str(doc.get("time", "")))
+            except ValueError:
+                return False
+            if self.since is not None and when < self.since:
+                return False
+            if self.until is not None and when >= self.until:
+                return False
+        return True
+
+
+@dataclasses.dataclass
+class Page:
+    """One page: (index, entry) pairs, the cursor to continue from (None: last page), and the
+    half-open range of indexes that was scanned."""
+
+    items: list[tuple[int, bytes]]
+    next_index: int | None
+    scanned_from: int
+    scanned_to: int
+
+
+def _iter(log: AuditLog, start: int, end: int) -> Iterator[bytes]:
+    pos = start
+    while pos < end:
+        stop = min(end, pos + _CHUNK)
+        yield from log.store.entries(pos, stop)
+        pos = stop
+
+
+def first_index_at(log: AuditLog, when: dt.datetime, size: int) -> int:
+    """The first index whose entry may be at or after ``when`` (binary search, with margin)."""
+    target = when - TIME_MARGIN
+
+    def time_at(i: int) -> dt.datetime:
+        t = entry_time(log.store.entries(i, i + 1)[0])
+        return t if t is not None else target
+
+    class _Times:
+        def __len__(self) -> int:
+            return size
+
+        def __getitem__(self, i: int) -> dt.datetime:
+            return time_at(i)
+
+    return bisect.bisect_left(_Times(), target)
+
+
+def list_page(
+    log: AuditLog,
+    flt: EventFilter,
+    start: int,
+    page_size: int,
+    *,
+    scan_budget: int = DEFAULT_SCAN_BUDGET,
+) -> Page:
+    """Scan from ``start`` for up to ``page_size`` matching entries (blocking).
+
+    The scan stops at the log's size when the call began, after ``scan_budget`` entries, or
+    once entries are later than ``until`` plus the margin.
+    """
+    size = log.size
+    if flt.since is not None and start == 0:
+        start = first_index_at(log, flt.since, size)
+    match = flt.matcher()
+    stop_after = flt.until + TIME_MARGIN if flt.until is not None else None
+    items: list[tuple[int, bytes]] = []
+    end = min(size, start + scan_budget)
+    pos = start
+    finished = False
+    for entry in _iter(log, start, end):
+        if stop_after is not None:
+            when = entry_time(entry)
+            if when is not None and when > stop_after:
+                finished = True
+                break
+        if match(entry):
+            items.append((pos, entry))
+        pos += 1
+        if len(items) >= page_size:
+            break
+    nxt = None if finished or pos >= size else pos
+    return Page(items, nxt, start, pos)
+
+
+def find_decision(log: AuditLog, decision_id: str) -> int:
+    """The index of a decision's entry: its last entry that is not a shadow disagreement.
+
+    The search runs in the database (one pass over the leaf table, no row leaves it unless it
+    holds the decision id); the hits are then confirmed on the parsed entries.
+
+    Raises:
+        NotFound: no entry carries that decision id.
+    """
+    needle = _needle("decision_id", decision_id)
+    engine = log.store.engine
+    if is_sqlite(engine):
+        sql = "SELECT idx, entry FROM audit_leaves WHERE instr(entry, ?) > 0 ORDER BY idx"
+    else:
+        sql = "SELECT idx, entry FROM audit_leaves WHERE position(%s IN entry) > 0 ORDER BY idx"
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(sql, (needle,)).fetchall()
+    best: int | None = None
+    fallback: int | None = None
+    size = log.size
+    for idx, raw in rows:
+        if int(idx) >= size:
+            continue  # not yet in the tree this process holds
+        doc = json.loads(bytes(raw))
+        if doc.get("decision_id") != decision_id:
+            continue
+        fallback = int(idx)
+        if doc.get("type") != "SHADOW_DISAGREEMENT":
+            best = int(idx)
+    found = best if best is not None else fallback
+    if found is None:
+        raise NotFound("no audit entry carries that decision id", field="decision_id")
+    return found
+
+
+# ---- statistics ------------------------------------------------------------------------
+
+_MATCH_TYPES = frozenset({"MATCH_DECISION"})
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counts over a range of entries (see ``GetStatsResponse``)."""
+
+    by_municipality: Counter[str] = dataclasses.field(default_factory=Counter)
+    by_site: Counter[str] = dataclasses.field(default_factory=Counter)
+    by_purpose: Counter[str] = dataclasses.field(default_factory=Counter)
+    by_outcome: Counter[str] = dataclasses.field(default_factory=Counter)
+    denials_by_rule: Counter[str] = dataclasses.field(default_factory=Counter)
+    shadow_by_rule: Counter[str] = dataclasses.field(default_factory=Counter)
+    alerts_confirmed: int = 0
+    alerts_rejected: int = 0
+    total: int = 0
+
+    def add(self, doc: dict[str, Any]) -> None:
+        """Count one parsed entry.
+
+        A *match request* is a MATCH_DECISION, or a DENIAL that carries a purpose (match RPCs
+        declare one, administrative and audit RPCs do not).
+        """
+        self.total += 1
+        kind = doc.get("type", "")
+        outcome = doc.get("outcome")
+        if outcome:
+            self.by_outcome[outcome] += 1
+        is_match = kind in _MATCH_TYPES or (kind == "DENIAL" and doc.get("purpose"))
+        if is_match:
+            org = (doc.get("caller") or {}).get("org")
+            if org:
+                self.by_municipality[org] += 1
+            if doc.get("site_id"):
+                self.by_site[doc["site_id"]] += 1
+            if doc.get("purpose"):
+                self.by_purpose[doc["purpose"]] += 1
+        if kind == "DENIAL":
+            for rule in doc.get("rule_ids") or ("-",):
+                self.denials_by_rule[rule] += 1
+        elif kind == "SHADOW_DISAGREEMENT":
+            for rule in doc.get("rule_ids") or ("-",):
+                self.shadow_by_rule[rule] += 1
+        elif kind == "ALERT_CONFIRMATION":
+            if outcome == "CONFIRMED":
+                self.alerts_confirmed += 1
+            elif outcome == "REJECTED":
+                self.alerts_rejected += 1
+
+    def copy(self) -> Stats:
+        return Stats(
+            Counter(self.by_municipality),
+            Counter(self.by_site),
+            Counter(self.by_purpose),
+            Counter(self.by_outcome),
+            Counter(self.denials_by_rule),
+            Counter(self.shadow_by_rule),
+            self.alerts_confirmed,
+            self.alerts_rejected,
+            self.total,
+        )
+
+
+class StatsCache:
+    """Whole-log statistics kept incrementally: each call scans only entries added since the
+    last one. Statistics since a time scan from a binary-searched start instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = Stats()
+        self._upto = 0
+
+    def compute(self, log: AuditLog, since: dt.datetime | None) -> Stats:
+        """Statistics over the whole log, or over entries at or after ``since`` (blocking)."""
+        size = log.size
+        if since is not None:
+            out = Stats()
+            for entry in _iter(log, first_index_at(log, since, size), size):
+                doc = json.loads(entry)
+                if parse_time(str(doc.get("time", ""))) >= since:
+                    out.add(doc)
+            return out
+        with self._lock:
+            if self._upto > size:  # a new log under the same process: start again
+                self._stats, self._upto = Stats(), 0
+            for entry in _iter(log, self._upto, size):
+                self._stats.add(json.loads(entry))
+            self._upto = size
+            return self._stats.copy()
