@@ -1,5 +1,9 @@
 """``centinela audit export`` and ``centinela audit verify``: argument parsing and exit codes.
 
+``main`` also routes the compliance officers' online commands (``checkpoint``, ``events``,
+``tail``, ``prove``, ``stats``, ``witness``, ``evidence``, and ``export`` with ``--server``,
+``--identity`` or ``--cert``) to ``centinela.clients.compliance_cli``, imported lazily.
+
 Exit codes: 0 done and verified; 1 tampering found or a check failed (what and where is
 printed); 2 usage or I/O error. Output never includes entry contents.
 """
@@ -219,11 +223,34 @@ def _say(as_json: bool, payload: dict[str, object], text: str) -> None:
         print(text, file=sys.stdout if payload.get("verified") else sys.stderr)
 
 
+#: Sub-commands that talk to a running server (``centinela.clients.compliance_cli``).
+ONLINE = frozenset({"checkpoint", "events", "tail", "prove", "stats", "witness", "evidence"})
+#: Options that make ``export`` go through the AuditService instead of the data directory.
+_ONLINE_EXPORT = ("--server", "--identity", "--cert")
+
+
+def _online_export(argv: Sequence[str]) -> bool:
+    return any(a == o or a.startswith(o + "=") for a in argv for o in _ONLINE_EXPORT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``centinela audit {export,verify} ...`` (for the lead's top-level CLI to delegate to)."""
+    """``centinela audit <command> ...`` (the top-level CLI delegates here).
+
+    ``verify`` and ``export`` without a server work offline on files; ``export`` with
+    ``--server``/``--identity``/``--cert`` and the compliance commands go through the
+    AuditService (imported lazily: the offline verifier needs no gRPC stack).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and (argv[0] in ONLINE or (argv[0] == "export" and _online_export(argv[1:]))):
+        from centinela.clients.compliance_cli import main as online_main
+
+        return online_main(argv)
     if not argv or argv[0] not in {"export", "verify"}:
-        print("usage: centinela audit {export,verify} [--help]", file=sys.stderr)
+        print(
+            "usage: centinela audit {verify,export,checkpoint,events,tail,prove,stats,witness,"
+            "evidence} [--help]",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return export_main(argv[1:]) if argv[0] == "export" else verify_main(argv[1:])
 

@@ -47,7 +47,7 @@ from centinela.audit.checkpoint import (
 from centinela.audit.entry import AuditEvent, validate_entry_bytes
 from centinela.audit.keys import load_or_create_hmac_key, load_or_create_signing_key
 from centinela.audit.merkle import MerkleTree, verify_consistency
-from centinela.audit.store import LeafStore
+from centinela.audit.store import Companion, LeafStore
 from centinela.errors import (
     AppendOnlyViolation,
     AuditUnavailable,
@@ -78,8 +78,9 @@ class AppendReceipt:
     leaf_hash: str
 
 
-# A pending append: (entry bytes, leaf hash, waiter, loop or None for a thread waiter).
-_Item = tuple[bytes, bytes, Any, asyncio.AbstractEventLoop | None]
+# A pending append: (entry bytes, leaf hash, waiter, loop or None for a thread waiter,
+# companion writes or None).
+_Item = tuple[bytes, bytes, Any, asyncio.AbstractEventLoop | None, Companion | None]
 
 
 def _resolve_many(results: list[tuple[Any, object]]) -> None:
@@ -219,8 +220,14 @@ class AuditLog:
         validate_entry_bytes(data)
         return data, hashlib.sha256(_LEAF_PREFIX + data).digest()
 
-    async def append(self, entry: bytes | AuditEvent) -> AppendReceipt:
+    async def append(
+        self, entry: bytes | AuditEvent, *, companion: Companion | None = None
+    ) -> AppendReceipt:
         """Append an entry; return once it is durable.
+
+        ``companion(conn, index)`` runs in the same database transaction as the entry, so
+        its rows are durable exactly when the entry is (see ``LeafStore.append_batch``).
+        It must not fail but for a database error, which fails the whole batch closed.
 
         Raises:
             AuditUnavailable: the log is closed, faulted, or the database failed.
@@ -229,7 +236,7 @@ class AuditLog:
         data, leaf = self._prepare(entry)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[AppendReceipt] = loop.create_future()
-        self._queue.put((data, leaf, fut, loop))
+        self._queue.put((data, leaf, fut, loop, companion))
         return await fut
 
     def append_blocking(
@@ -243,7 +250,7 @@ class AuditLog:
         """
         data, leaf = self._prepare(entry)
         fut: concurrent.futures.Future[AppendReceipt] = concurrent.futures.Future()
-        self._queue.put((data, leaf, fut, None))
+        self._queue.put((data, leaf, fut, None, None))
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -299,7 +306,9 @@ class AuditLog:
             if self._conn is None:
                 self._conn = self.store.engine.connect()
             first = self._tree.size
-            self.store.append_batch(self._conn, first, [(b[0], b[1]) for b in batch])
+            self.store.append_batch(
+                self._conn, first, [(b[0], b[1]) for b in batch], [b[4] for b in batch]
+            )
         except Exception as exc:  # fail closed whatever broke
             self._needs_reload = True
             self._drop_conn()

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import AppendOnlyViolation, StorageError
 from centinela.storage import Migration, is_sqlite, migrate
+
+#: Writes that share an entry's transaction: ``(connection, leaf index) -> None``.
+Companion = Callable[[Connection, int], None]
 
 COMPONENT = "audit"
 
@@ -183,9 +186,17 @@ class LeafStore:
     # --- writes --------------------------------------------------------------------------
 
     def append_batch(
-        self, conn: Connection, first_index: int, rows: Sequence[tuple[bytes, bytes]]
+        self,
+        conn: Connection,
+        first_index: int,
+        rows: Sequence[tuple[bytes, bytes]],
+        companions: Sequence[Companion | None] = (),
     ) -> None:
         """Insert ``(entry, leaf_hash)`` rows at ``first_index``… in one durable transaction.
+
+        ``companions[i]``, when given, runs inside the same transaction with the connection
+        and the index of row ``i``: rows that must exist if and only if the entry does
+        (an alert raised by the decision, the stored answer of an idempotent request).
 
         Raises:
             AppendOnlyViolation: the database refused an index (someone else appended).
@@ -198,6 +209,9 @@ class LeafStore:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 conn.exec_driver_sql(self._insert_leaf, params)
+                for i, companion in enumerate(companions):
+                    if companion is not None:
+                        companion(conn, first_index + i)
         except sa.exc.SQLAlchemyError as exc:
             if _is_append_only_refusal(exc):
                 raise AppendOnlyViolation("the store refused the next leaf index") from exc

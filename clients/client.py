@@ -68,6 +68,8 @@ class CentinelaClient:
     retries included; ``retry`` bounds the retries of UNAVAILABLE; ``operator_id`` fills
     ``RequestContext.operator_id`` where a request leaves it empty. ``interceptors`` are
     client interceptors put in front of the channel (tests use one to see what is sent).
+    A client may be shared between threads (gRPC channels are thread-safe and the client
+    keeps no per-call state).
 
     Raises:
         ConfigError: TLS material is missing or unreadable.
@@ -98,14 +100,23 @@ class CentinelaClient:
             tls = TlsMaterial.from_files(cert, key, ca)
         self.server = server
         self.tls = tls
-        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+        policy = retry or RetryPolicy()
+        # gRPC fails calls fast while the channel waits to reconnect; keep that wait in step
+        # with our retry backoff, or retries would all land inside one reconnect pause.
+        reconnect_ms = max(1, int(policy.initial_backoff * 1000))
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+            ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+            ("grpc.max_reconnect_backoff_ms", max(reconnect_ms, int(policy.max_backoff * 1000))),
+        ]
         opts += list(options)
         channel: grpc.Channel = grpc.secure_channel(server, tls.credentials(), options=opts)
         self._raw_channel = channel
         if interceptors:
             channel = grpc.intercept_channel(channel, *interceptors)
         self.channel = channel
-        self._core = CallCore(channel, timeout=timeout, retry=retry, operator_id=operator_id)
+        self._core = CallCore(channel, timeout=timeout, retry=policy, operator_id=operator_id)
         self._match = mpb_grpc.MatchServiceStub(channel)
         self._watchlist = wpb_grpc.WatchlistServiceStub(channel)
         self._registry = rpb_grpc.RegistryServiceStub(channel)
@@ -128,6 +139,11 @@ class CentinelaClient:
     def timeout(self) -> float | None:
         """The default overall deadline of a unary call, seconds."""
         return self._core.timeout
+
+    @property
+    def operator_id(self) -> str:
+        """The operator id filled into requests that leave it empty."""
+        return self._core.operator_id
 
     @property
     def retry(self) -> RetryPolicy:

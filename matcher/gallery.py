@@ -164,7 +164,10 @@ class FaceGallery:
         with self._rw.read():
             index = int(self._index.index_file_size())
             meta = self._flags.nbytes + self._expires.nbytes
-            ids = sum(49 + len(t) for t in self._tid[:1]) * len(self._tid) * 2
+            # Python strings of template and subject ids (~49 bytes of header each), and the
+            # two dictionaries that map them to labels (~100 bytes an entry).
+            per_id = 49 + len(self._tid[0]) if self._tid else 0
+            ids = 2 * per_id * len(self._tid)
             maps = 100 * len(self._label_of)
             return index + meta + ids + maps
 

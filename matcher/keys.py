@@ -24,6 +24,7 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -116,11 +117,12 @@ def _check_private(path: Path, *, directory: bool) -> None:
 class FileKeyProvider:
     """Embedded key provider: one file per KEK under ``keys_dir`` (mode 0600, dir 0700).
 
-    File names are ``<owner>.v<version>.<random>.kek``; the KEK id is the name without the
-    suffix. The highest version is current. Thread-safe.
+    The first run creates the directory and a KEK for each of ``owners``. File names are
+    ``<owner>.v<version>.<random>.kek``; the KEK id is the name without the suffix. The
+    highest version is current. Thread-safe.
     """
 
-    def __init__(self, keys_dir: Path) -> None:
+    def __init__(self, keys_dir: Path, *, owners: Sequence[str] = OWNERS) -> None:
         self.keys_dir = Path(keys_dir)
         self._lock = threading.Lock()
         if not self.keys_dir.exists():
@@ -129,6 +131,8 @@ class FileKeyProvider:
         _check_private(self.keys_dir, directory=True)
         for path in self.keys_dir.glob("*.kek"):
             _check_private(path, directory=False)
+        for owner in owners:  # first run: every owner gets its KEK at once
+            self.current_kek_id(owner)
 
     # ---- files ------------------------------------------------------------------------
 

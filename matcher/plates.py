@@ -210,7 +210,9 @@ class PlateIndex:
                     self._index.resize_index(int(self._index.max_elements * 1.5) + 16)
                 label = self._next
                 self._next += 1
-                self._index.add_items(plate_vector(norm)[None, :], [label], replace_deleted=True)
+                self._index.add_items(
+                    plate_vector(norm)[None, :], [label], num_threads=1, replace_deleted=True
+                )
                 self._deleted = max(0, self._deleted - 1)
                 self._plate_of[ref] = norm
                 self._label_of[ref] = label

@@ -120,6 +120,7 @@ class Matcher:
         self.plates_seq = 0
         self.rejected_rows = 0
         self._galleries: dict[str, FaceGallery] = {}
+        self._tuned_size: dict[str, int] = {}
         self._catch_lock = threading.RLock()
         self._started = False
         self._wake = threading.Event()
@@ -177,8 +178,10 @@ class Matcher:
             phase = "rebuild" if name in rebuilt else "replay"
             total = self.store.count_changes_since(g.applied_seq, gallery=name)
             self._catch_up_gallery(g, _progress(report, phase, name, total))
-            if name in rebuilt and self.hnsw.tune_ef and len(g) >= self.hnsw.tune_min_size:
-                g.tune_ef()
+            if name in rebuilt:
+                self._maybe_tune(g)
+            else:
+                self._tuned_size[name] = len(g)  # the snapshot carries its tuned ef
         self._catch_up_plates()
         self._started = True
         for name, g in self._galleries.items():
@@ -238,7 +241,18 @@ class Matcher:
         for g in list(self._galleries.values()):
             if g.needs_compaction():
                 g.compact()
+            self._maybe_tune(g)
         return applied
+
+    def _maybe_tune(self, g: FaceGallery) -> None:
+        """Re-tune ``ef`` on a sample whenever a gallery has doubled since the last tuning."""
+        size = len(g)
+        if not self.hnsw.tune_ef or size < self.hnsw.tune_min_size:
+            return
+        if size >= 2 * self._tuned_size.get(g.name, 0):
+            ef = g.tune_ef()
+            self._tuned_size[g.name] = size
+            log.info("matcher.ef_tuned", gallery=g.name, entries=size, ef=ef)
 
     def _catch_up_gallery(self, g: FaceGallery, progress: Callable[[int], None] | None) -> int:
         done = 0

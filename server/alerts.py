@@ -21,8 +21,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from centinela.audit.store import Companion
 from centinela.errors import FailedPrecondition, NotFound, StorageError
-from centinela.storage import Migration, migrate, write_transaction
+from centinela.storage import Migration, migrate
 
 metadata = sa.MetaData()
 alerts = sa.Table(
@@ -134,6 +135,17 @@ class AlertStore:
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"alert store failed: {exc.__class__.__name__}") from exc
 
+    @staticmethod
+    def companion(items: list[dict[str, Any]]) -> Companion | None:
+        """Alert rows written in the transaction of the decision's audit entry."""
+        if not items:
+            return None
+
+        def write(conn: Connection, index: int) -> None:
+            conn.execute(alerts.insert(), [dict(row, audit_index=index) for row in items])
+
+        return write
+
     def get(self, alert_id: str) -> Alert:
         """One alert with its confirmation count.
 
@@ -151,53 +163,73 @@ class AlertStore:
             ).scalar_one()
         return _alert(row, int(count))
 
-    def confirm(self, alert_id: str, person: str, verdict: str, when: dt.datetime) -> Alert:
-        """Record one person's verdict; return the alert's new state.
+    def confirm_in(
+        self, conn: Connection, alert_id: str, person: str, verdict: str, when: dt.datetime
+    ) -> Alert:
+        """Record one person's verdict inside ``conn``'s transaction; return the new state.
 
         Raises:
             NotFound: no such alert.
             FailedPrecondition: the alert was already rejected, or this person already gave
                 a different verdict.
         """
-        with write_transaction(self.engine) as conn:
-            row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).first()
-            if row is None:
-                raise NotFound("no such alert", field="alert_id")
-            if row.state == REJECTED:
-                raise FailedPrecondition("the alert was already rejected", field="alert_id")
+        row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).first()
+        if row is None:
+            raise NotFound("no such alert", field="alert_id")
+        if row.state == REJECTED:
+            raise FailedPrecondition("the alert was already rejected", field="alert_id")
+        prior = conn.execute(
+            sa.select(confirmations.c.verdict).where(
+                confirmations.c.alert_id == alert_id, confirmations.c.person == person
+            )
+        ).first()
+        if prior is not None and prior.verdict != verdict:
+            raise FailedPrecondition(
+                "this person already gave another verdict on the alert", field="verdict"
+            )
+        if prior is None:
+            conn.execute(
+                confirmations.insert().values(
+                    alert_id=alert_id, person=person, verdict=verdict, at=when.timestamp()
+                )
+            )
+        count = int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(confirmations)
+                .where(confirmations.c.alert_id == alert_id, confirmations.c.verdict == CONFIRMED)
+            ).scalar_one()
+        )
+        if verdict == REJECTED:
+            state = REJECTED
+        elif count >= int(row.confirmations_required):
+            state = CONFIRMED
+        else:
+            state = PARTIAL
+        conn.execute(alerts.update().where(alerts.c.alert_id == alert_id).values(state=state))
+        row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).one()
+        return _alert(row, count)
+
+    def check_confirmable(self, alert_id: str, person: str, verdict: str) -> Alert:
+        """Fail early, outside the audit transaction, on a verdict that cannot apply.
+
+        Raises:
+            NotFound, FailedPrecondition: as :meth:`confirm_in`.
+        """
+        alert = self.get(alert_id)
+        if alert.state == REJECTED:
+            raise FailedPrecondition("the alert was already rejected", field="alert_id")
+        with self.engine.connect() as conn:
             prior = conn.execute(
                 sa.select(confirmations.c.verdict).where(
                     confirmations.c.alert_id == alert_id, confirmations.c.person == person
                 )
             ).first()
-            if prior is not None and prior.verdict != verdict:
-                raise FailedPrecondition(
-                    "this person already gave another verdict on the alert", field="verdict"
-                )
-            if prior is None:
-                conn.execute(
-                    confirmations.insert().values(
-                        alert_id=alert_id, person=person, verdict=verdict, at=when.timestamp()
-                    )
-                )
-            count = int(
-                conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(confirmations)
-                    .where(
-                        confirmations.c.alert_id == alert_id, confirmations.c.verdict == CONFIRMED
-                    )
-                ).scalar_one()
+        if prior is not None and prior.verdict != verdict:
+            raise FailedPrecondition(
+                "this person already gave another verdict on the alert", field="verdict"
             )
-            if verdict == REJECTED:
-                state = REJECTED
-            elif count >= int(row.confirmations_required):
-                state = CONFIRMED
-            else:
-                state = PARTIAL
-            conn.execute(alerts.update().where(alerts.c.alert_id == alert_id).values(state=state))
-            row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).one()
-        return _alert(row, count)
+        return alert
 
     def since(self, seq: int, limit: int = 1000) -> list[Alert]:
         """Alerts after ``seq``, in order."""

@@ -12,6 +12,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from centinela.audit.store import Companion
 from centinela.errors import FailedPrecondition, StorageError
 from centinela.storage import Migration, migrate
 
@@ -46,6 +49,26 @@ MIGRATIONS = [Migration(1, "idempotency records", _v1)]
 
 #: Records older than this are pruned; a retry after a day is a new request.
 RETENTION = dt.timedelta(hours=24)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """The idempotency key of the request being computed."""
+
+    caller: str
+    client_request_id: str
+    rpc: str
+    fingerprint: str
+
+
+_current: contextvars.ContextVar[Key | None] = contextvars.ContextVar(
+    "centinela_idempotency", default=None
+)
+
+
+def current_key() -> Key | None:
+    """The key of the idempotent request being computed in this task, if any."""
+    return _current.get()
 
 
 class IdempotencyStore:
@@ -75,28 +98,28 @@ class IdempotencyStore:
             )
         return bytes(row.response)
 
-    def _put(self, caller: str, rid: str, rpc: str, fingerprint: str, response: bytes) -> None:
-        now = dt.datetime.now(dt.UTC).timestamp()
-        try:
-            with self.engine.begin() as conn:
-                exists = conn.execute(
-                    sa.select(idempotency.c.caller).where(
-                        idempotency.c.caller == caller, idempotency.c.client_request_id == rid
-                    )
-                ).first()
-                if exists is None:
-                    conn.execute(
-                        idempotency.insert().values(
-                            caller=caller,
-                            client_request_id=rid,
-                            rpc=rpc,
-                            fingerprint=fingerprint,
-                            response=response,
-                            created_at=now,
-                        )
-                    )
-        except sa.exc.SQLAlchemyError as exc:
-            raise StorageError(f"idempotency store failed: {exc.__class__.__name__}") from exc
+    @staticmethod
+    def companion(key: Key, answer: Callable[[int], bytes]) -> Companion:
+        """Rows written in the audit entry's transaction: the stored answer of ``key``.
+
+        ``answer(index)`` serialises the response for the entry's leaf index, so the stored
+        answer is exactly the one the caller receives.
+        """
+
+        def write(conn: Connection, index: int) -> None:
+            now = dt.datetime.now(dt.UTC).timestamp()
+            conn.execute(
+                idempotency.insert().values(
+                    caller=key.caller,
+                    client_request_id=key.client_request_id,
+                    rpc=key.rpc,
+                    fingerprint=key.fingerprint,
+                    response=answer(index),
+                    created_at=now,
+                )
+            )
+
+        return write
 
     def prune(self, now: dt.datetime | None = None) -> int:
         """Delete records past the retention period; return how many."""
@@ -135,9 +158,9 @@ class IdempotencyStore:
             return stored, True
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        token = _current.set(Key(caller, client_request_id, rpc, fingerprint))
         try:
             answer = await compute()
-            await asyncio.to_thread(self._put, caller, client_request_id, rpc, fingerprint, answer)
             fut.set_result(answer)
             return answer, False
         except BaseException as exc:
@@ -145,4 +168,5 @@ class IdempotencyStore:
             fut.exception()  # mark retrieved: a waiter may not exist
             raise
         finally:
+            _current.reset(token)
             del self._inflight[key]

@@ -22,16 +22,19 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from centinela import __version__
 from centinela.audit.entry import EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.matcher.plates import PlateRead
-from centinela.server.alerts import CONFIRMED, PARTIAL, PENDING, REJECTED, score_band
+from centinela.policy import Decision
+from centinela.server.alerts import CONFIRMED, PARTIAL, PENDING, REJECTED, Alert, score_band
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
 from centinela.server.interceptors import status_code
-from centinela.server.pipeline import Outcome
+from centinela.server.pipeline import decision_info
 from centinela.server.unimplemented import UnimplementedMatch
 from centinela.server.validation import (
     GALLERIES,
@@ -130,8 +133,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         )
         return cls.FromString(data)
 
-    def _info(self, outcome: Outcome) -> common_pb2.DecisionInfo:
-        return outcome.info(self.c.bundle_name)
+    def _info(self, decision: Decision, decision_id: str, index: int) -> common_pb2.DecisionInfo:
+        return decision_info(decision, decision_id, index, self.c.bundle_name)
 
     # ---- MatchFace ---------------------------------------------------------------------
 
@@ -275,19 +278,19 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 "top_score": round(found[0][1].score, 6) if found else 0.0,
             },
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        outcome = Outcome(decision, decision_id, receipt)
-        if alert_rows:
-            for row in alert_rows:
-                row["audit_index"] = receipt.index
-            await self._in_executor(self.c.alerts.add, alert_rows)
-        return pb.MatchFaceResponse(
-            decision=self._info(outcome),
-            alert=bool(candidates) and mode == "ALERT",
-            candidates=candidates,
-            requires_human_review=bool(candidates),
-            confirmations_required=(2 if ob.two_person_confirmation else 1) if candidates else 0,
-        )
+
+        def respond(index: int) -> pb.MatchFaceResponse:
+            return pb.MatchFaceResponse(
+                decision=self._info(decision, decision_id, index),
+                alert=bool(candidates) and mode == "ALERT",
+                candidates=candidates,
+                requires_human_review=bool(candidates),
+                confirmations_required=(
+                    (2 if ob.two_person_confirmation else 1) if candidates else 0
+                ),
+            )
+
+        return await self.c.pipeline.commit(event, respond, alerts=alert_rows)
 
     def _dimension(self) -> int:
         return int(self.c.matcher.specs["pnp_watchlist"].dim)
@@ -398,16 +401,15 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             digests=digests,
             metrics={"candidates": len(candidates)},
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        if alert_rows:
-            for row in alert_rows:
-                row["audit_index"] = receipt.index
-            await self._in_executor(self.c.alerts.add, alert_rows)
-        return pb.MatchPlateResponse(
-            decision=self._info(Outcome(decision, decision_id, receipt)),
-            alert=bool(candidates),
-            candidates=candidates,
-        )
+
+        def respond(index: int) -> pb.MatchPlateResponse:
+            return pb.MatchPlateResponse(
+                decision=self._info(decision, decision_id, index),
+                alert=bool(candidates),
+                candidates=candidates,
+            )
+
+        return await self.c.pipeline.commit(event, respond, alerts=alert_rows)
 
     # ---- StreamMatch -------------------------------------------------------------------
 
@@ -521,12 +523,13 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             digests=digests,
             metrics={"score": round(score, 6), "threshold": threshold},
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        return pb.VerifyFaceResponse(
-            decision=self._info(Outcome(decision, decision_id, receipt)),
-            match=match,
-            score=score,
-        )
+
+        def respond(index: int) -> pb.VerifyFaceResponse:
+            return pb.VerifyFaceResponse(
+                decision=self._info(decision, decision_id, index), match=match, score=score
+            )
+
+        return await self.c.pipeline.commit(event, respond)
 
     # ---- ConfirmAlert ------------------------------------------------------------------
 
@@ -557,8 +560,10 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         verdicts = {pb.ALERT_VERDICT_CONFIRMED: CONFIRMED, pb.ALERT_VERDICT_REJECTED: REJECTED}
         if request.verdict not in verdicts:
             raise InvalidArgument("must be CONFIRMED or REJECTED", field="verdict")
-        alert = await self._in_executor(self.c.alerts.get, alert_id)
-        ctx.setdefault("site_id", alert.site_id)
+        person = f"{caller.name}/{ctx['operator_id']}"
+        alert = await self._in_executor(
+            self.c.alerts.check_confirmable, alert_id, person, verdicts[request.verdict]
+        )
         ctx["site_id"] = ctx["site_id"] or alert.site_id
         decision, decision_id = await self.c.pipeline.authorise(
             "ConfirmAlert",
@@ -575,10 +580,9 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             },
         )
         _check_alert_scope(decision.obligations.alert_scope, alert)
-        person = f"{caller.name}/{ctx['operator_id']}"
-        updated = await self._in_executor(
-            self.c.alerts.confirm, alert_id, person, verdicts[request.verdict], now
-        )
+        verdict = verdicts[request.verdict]
+        # The entry records this person's verdict; the alert's state follows from the
+        # sequence of verdicts and is updated in the entry's own transaction.
         event = self.c.pipeline.event(
             EventType.ALERT_CONFIRMATION,
             call=call,
@@ -586,18 +590,25 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             context=ctx,
             decision=decision,
             decision_id=decision_id,
-            outcome=updated.state,
+            outcome=verdict,
             refs={"alert": alert_id},
-            metrics={"confirmations": updated.confirmations},
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        return pb.ConfirmAlertResponse(
-            decision=self._info(Outcome(decision, decision_id, receipt)),
-            state=STATE_ENUM[updated.state],
-            confirmations=updated.confirmations,
-            confirmations_required=updated.confirmations_required,
-            actionable=updated.state == CONFIRMED,
-        )
+        updated: list[Alert] = []
+
+        def apply(conn: Connection, index: int) -> None:
+            updated.append(self.c.alerts.confirm_in(conn, alert_id, person, verdict, now))
+
+        def respond(index: int) -> pb.ConfirmAlertResponse:
+            a = updated[0]
+            return pb.ConfirmAlertResponse(
+                decision=self._info(decision, decision_id, index),
+                state=STATE_ENUM[a.state],
+                confirmations=a.confirmations,
+                confirmations_required=a.confirmations_required,
+                actionable=a.state == CONFIRMED,
+            )
+
+        return await self.c.pipeline.commit(event, respond, extra=apply)
 
     # ---- GetServerInfo -----------------------------------------------------------------
 

@@ -19,13 +19,17 @@ import dataclasses
 import datetime as dt
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message as _ProtoMessage
+from sqlalchemy.engine import Connection
 
 from centinela.audit.entry import AuditEvent, Digester, EventType
 from centinela.audit.entry import Caller as AuditCaller
 from centinela.audit.log import AppendReceipt, AuditLog
+from centinela.audit.store import Companion
 from centinela.errors import (
     AuditUnavailable,
     CentinelaError,
@@ -36,13 +40,17 @@ from centinela.errors import (
 )
 from centinela.logs import get_logger
 from centinela.policy import Decision, PolicyService
+from centinela.server.alerts import AlertStore
 from centinela.server.context import CallState
 from centinela.server.decision_cache import DecisionCache
+from centinela.server.idempotency import IdempotencyStore, current_key
 from centinela.server.identity import Caller
 from centinela.server.ratelimit import RateCounters
 from centinela.v1 import common_pb2
 
 log = get_logger("server.pipeline")
+
+Message = TypeVar("Message", bound=_ProtoMessage)
 
 
 def artifact(digest: str) -> str:
@@ -104,7 +112,7 @@ def error_for_denial(decision: Decision, decision_id: str) -> CentinelaError:
 
 
 def decision_info(
-    decision: Decision, decision_id: str, receipt: AppendReceipt, bundle: str
+    decision: Decision, decision_id: str, audit_index: int, bundle: str
 ) -> common_pb2.DecisionInfo:
     """The DecisionInfo a caller may cite."""
     return common_pb2.DecisionInfo(
@@ -112,7 +120,7 @@ def decision_info(
         policy_bundle=bundle,
         policy_bundle_digest=decision.bundle_digest.removeprefix("sha256:"),
         rule_ids=list(decision.reasons),
-        audit_index=receipt.index,
+        audit_index=audit_index,
     )
 
 
@@ -125,7 +133,7 @@ class Outcome:
     receipt: AppendReceipt
 
     def info(self, bundle: str) -> common_pb2.DecisionInfo:
-        return decision_info(self.decision, self.decision_id, self.receipt, bundle)
+        return decision_info(self.decision, self.decision_id, self.receipt.index, bundle)
 
 
 class Pipeline:
@@ -193,14 +201,26 @@ class Pipeline:
         operator = str(context.get("operator_id") or "") or None
         return AuditCaller(org=caller.org, kind=caller.kind, operator_id=operator)
 
-    async def append(self, *events: AuditEvent) -> list[AppendReceipt]:
+    async def append(
+        self, *events: AuditEvent, companion: Companion | None = None
+    ) -> list[AppendReceipt]:
         """Append events durably (group commit); fail closed.
+
+        ``companion`` rides with the last event's transaction (see :meth:`commit`).
 
         Raises:
             AuditUnavailable: any event could not be made durable.
         """
+        last = len(events) - 1
         try:
-            return list(await asyncio.gather(*(self.audit.append(e) for e in events)))
+            return list(
+                await asyncio.gather(
+                    *(
+                        self.audit.append(e, companion=companion if i == last else None)
+                        for i, e in enumerate(events)
+                    )
+                )
+            )
         except AuditUnavailable:
             raise
         except CentinelaError as exc:
@@ -209,6 +229,39 @@ class Pipeline:
                 # say so in the log by field, and fail closed.
                 log.error("audit.entry_refused", field=exc.field)
             raise AuditUnavailable("the audit log could not record this decision") from exc
+
+    async def commit(
+        self,
+        event: AuditEvent,
+        respond: Callable[[int], Message],
+        *,
+        alerts: list[dict[str, Any]] | None = None,
+        extra: Companion | None = None,
+    ) -> Message:
+        """Append the decision's entry durably, with its companions, and build the answer.
+
+        In the entry's own transaction go the alerts it raised and, for an idempotent
+        request, the stored answer: after a crash either all of them exist or none does.
+
+        Raises:
+            AuditUnavailable: the entry could not be made durable (no answer is given).
+        """
+        parts: list[Companion] = []
+        alert_rows = AlertStore.companion(alerts or [])
+        if alert_rows is not None:
+            parts.append(alert_rows)
+        if extra is not None:
+            parts.append(extra)
+        key = current_key()
+        if key is not None:
+            parts.append(IdempotencyStore.companion(key, lambda i: respond(i).SerializeToString()))
+
+        def companion(conn: Connection, index: int) -> None:
+            for part in parts:
+                part(conn, index)
+
+        (receipt,) = await self.append(event, companion=companion if parts else None)
+        return respond(receipt.index)
 
     def event(
         self,

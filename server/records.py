@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import AlreadyExists, InvalidArgument, NotFound, StorageError
-from centinela.storage import Migration, migrate
+from centinela.storage import Migration, migrate, write_transaction
 
 metadata = sa.MetaData()
 
@@ -235,7 +235,9 @@ class Records:
 
     def _run(self, fn: Any) -> Any:
         try:
-            with self.engine.begin() as conn:
+            # Take the write lock up front: a deferred transaction that reads then writes
+            # fails at once with SQLITE_BUSY when another writer holds the lock.
+            with write_transaction(self.engine) as conn:
                 return fn(conn)
         except sa.exc.IntegrityError as exc:
             raise AlreadyExists("a record with that id already exists") from exc

@@ -34,7 +34,7 @@ from centinela.policy import Decision
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
-from centinela.server.pipeline import Outcome
+from centinela.server.pipeline import decision_info
 from centinela.server.registry_import import CheckedBatch, ImportTally, check_batch
 from centinela.server.unimplemented import UnimplementedRegistry
 from centinela.server.validation import MAX_CLOCK_SKEW, check_context, check_dni, timestamp
@@ -98,17 +98,29 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
     async def _idempotent(
         self,
         caller: Caller,
-        ctx: common_pb2.RequestContext,
+        request: Any,
         rpc: str,
         compute: Callable[[], Awaitable[Any]],
         cls: Any,
     ) -> Any:
+        """Answer a retry (same client request id, same request) with the stored answer; the
+        answer is stored in the audit entry's transaction (``Pipeline.commit``)."""
+
         async def run() -> bytes:
             msg = await compute()
             return bytes(msg.SerializeToString())
 
-        data, _replayed = await self.c.idempotency.run(caller.name, ctx.client_request_id, rpc, run)
+        data, _replayed = await self.c.idempotency.run(
+            caller.name,
+            request.context.client_request_id,
+            rpc,
+            run,
+            request=request.SerializeToString(deterministic=True),
+        )
         return cls.FromString(data)
+
+    def _info(self, decision: Decision, decision_id: str, index: int) -> common_pb2.DecisionInfo:
+        return decision_info(decision, decision_id, index, self.c.bundle_name)
 
     def _dimension(self) -> int:
         return int(self.c.matcher.specs[REGISTRY].dim)
@@ -157,7 +169,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         outcome = "ABORTED" if cancelled else "IMPORTED"
         receipt = await self._audit_import(state, refs, outcome)
         answer = state.tally.to_proto()
-        answer.decision.CopyFrom(Outcome(decision, decision_id, receipt).info(self.c.bundle_name))
+        answer.decision.CopyFrom(self._info(decision, decision_id, receipt.index))
         return answer
 
     async def _ingest(
@@ -248,7 +260,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         answer: pb.RemoveSubjectResponse = await self._idempotent(
             caller,
-            request.context,
+            request,
             "RemoveSubject",
             lambda: self._remove(request, caller, call),
             pb.RemoveSubjectResponse,
@@ -286,11 +298,13 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
             digests=digests,
             metrics=known_metrics({"entries": removed, "removed": removed}),
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        return pb.RemoveSubjectResponse(
-            templates_removed=removed,
-            decision=Outcome(decision, decision_id, receipt).info(self.c.bundle_name),
+        answer: pb.RemoveSubjectResponse = await self.c.pipeline.commit(
+            event,
+            lambda index: pb.RemoveSubjectResponse(
+                templates_removed=removed, decision=self._info(decision, decision_id, index)
+            ),
         )
+        return answer
 
     def _remove_now(self, dni: str) -> tuple[str, int]:
         store = self.c.matcher.store
@@ -312,7 +326,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         answer: pb.RecordObjectionResponse = await self._idempotent(
             caller,
-            request.context,
+            request,
             "RecordObjection",
             lambda: self._objection(request, caller, call, objector=True),
             pb.RecordObjectionResponse,
@@ -325,7 +339,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         caller, call = current_caller(), current_call()
         answer: pb.WithdrawObjectionResponse = await self._idempotent(
             caller,
-            request.context,
+            request,
             "WithdrawObjection",
             lambda: self._objection(request, caller, call, objector=False),
             pb.WithdrawObjectionResponse,
@@ -375,11 +389,13 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
             digests=digests,
             metrics=known_metrics({"entries": changed}),
         )
-        (receipt,) = await self.c.pipeline.append(event)
-        info = Outcome(decision, decision_id, receipt).info(self.c.bundle_name)
-        if objector:
-            return pb.RecordObjectionResponse(subject_ref=subject_ref, decision=info)
-        return pb.WithdrawObjectionResponse(subject_ref=subject_ref, decision=info)
+        cls = pb.RecordObjectionResponse if objector else pb.WithdrawObjectionResponse
+        return await self.c.pipeline.commit(
+            event,
+            lambda index: cls(
+                subject_ref=subject_ref, decision=self._info(decision, decision_id, index)
+            ),
+        )
 
     def _set_objector(self, dni: str, objector: bool) -> tuple[str, int]:
         """Durable flag on the Reniec subject, then the live index; returns (ref, templates).

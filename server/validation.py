@@ -146,9 +146,7 @@ def check_context(
     out["operator_id"] = ctx.operator_id
     out["reference"] = check_id(ctx.reference, f"{field}.reference", required=reference_required)
     if ctx.offence_category:
-        out["offence_category"] = check_category(
-            ctx.offence_category, f"{field}.offence_category"
-        )
+        out["offence_category"] = check_category(ctx.offence_category, f"{field}.offence_category")
     if ctx.client_request_id and not _REQUEST_ID_RE.match(ctx.client_request_id):
         raise InvalidArgument(
             "must be 8-128 characters of [A-Za-z0-9._:-]", field=f"{field}.client_request_id"

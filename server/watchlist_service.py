@@ -27,7 +27,7 @@ from centinela.matcher.store import TemplateRecord
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
-from centinela.server.pipeline import Outcome
+from centinela.server.pipeline import decision_info
 from centinela.server.records import (
     AuthorisationRecord,
     RequisitionRecord,
@@ -174,12 +174,16 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
                 digests={**(digests or {}), **(extra_digests or {})},
                 metrics=metrics,
             )
-            (receipt,) = await self.c.pipeline.append(event)
-            if "decision" in response.DESCRIPTOR.fields_by_name:
-                response.decision.CopyFrom(
-                    Outcome(decision, decision_id, receipt).info(self.c.bundle_name)
-                )
-            return bytes(response.SerializeToString())
+
+            def respond(index: int) -> Any:
+                if "decision" in response.DESCRIPTOR.fields_by_name:
+                    response.decision.CopyFrom(
+                        decision_info(decision, decision_id, index, self.c.bundle_name)
+                    )
+                return response
+
+            answer = await self.c.pipeline.commit(event, respond)
+            return bytes(answer.SerializeToString())
 
         data, _ = await self.c.idempotency.run(
             caller.name,

@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from centinela.errors import InvalidArgument, ModelMismatch
 from centinela.matcher import synth
@@ -77,10 +79,10 @@ def test_hit_recall_against_exact_search(
 ) -> None:
     """Hit recall >= 0.999 of what exact search returns above the threshold."""
     templates, probes = population
+    genuine = np.einsum("ij,ij->i", templates, probes)
     exact_hits = returned = 0
     for i in range(N):
-        scores = templates @ probes[i]
-        if scores[i] < 0.4:
+        if genuine[i] < 0.4:
             continue
         exact_hits += 1
         hits = gallery.search(probes[i], k=10, min_score=0.4, now=NOW)
@@ -310,3 +312,42 @@ def test_tune_ef_picks_a_value_from_the_candidates(
 def test_unknown_metric_is_refused() -> None:
     with pytest.raises(InvalidArgument):
         FaceGallery("x", "m", 512, metric="l1")
+
+
+_SMALL = synth.identities(40, seed=55)
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from([None, -60, 60]), st.booleans()),
+        min_size=40,
+        max_size=40,
+    ),
+    st.booleans(),
+    st.sets(st.integers(0, 39), max_size=5),
+)
+@settings(max_examples=30, deadline=None)
+def test_search_returns_exactly_the_allowed_entries(
+    states: list[tuple[bool, int | None, bool]], exclude: bool, exempt: set[int]
+) -> None:
+    """Property: whatever the entry states, a search over everything returns exactly the
+    entries that are active, unexpired at ``now`` and (if asked) not objecting or exempted."""
+    g = FaceGallery("reniec_registry", "model-a", 512)
+    g.add_batch([f"t{i}" for i in range(40)], [f"s{i}" for i in range(40)], _SMALL)
+    allowed = set()
+    for i, (active, expiry, objector) in enumerate(states):
+        when = None if expiry is None else NOW + dt.timedelta(seconds=expiry)
+        g.set_state(f"t{i}", active=active, expires_at=when)
+        g.set_template_objector(f"t{i}", objector)
+        unexpired = when is None or when > NOW
+        if active and unexpired and not (exclude and objector and i not in exempt):
+            allowed.add(f"t{i}")
+    hits = g.search(
+        _SMALL[0],
+        k=40,
+        min_score=-1.0,
+        now=NOW,
+        exclude_objectors=exclude,
+        exempt_subjects=frozenset(f"s{i}" for i in exempt),
+    )
+    assert {h.template_id for h in hits} == allowed

@@ -20,12 +20,12 @@ def _mode(path: Path) -> int:
 
 def test_key_files_are_created_private(tmp_path: Path) -> None:
     kp = FileKeyProvider(tmp_path / "keys")
-    kek_id = kp.current_kek_id("pnp")
     assert _mode(tmp_path / "keys") == 0o700
-    files = list((tmp_path / "keys").iterdir())
-    assert [f.name for f in files] == [f"{kek_id}.kek"]
-    assert _mode(files[0]) == 0o600
-    assert kp.current_kek_id("pnp") == kek_id  # created once
+    files = sorted((tmp_path / "keys").iterdir())
+    ids = [kp.current_kek_id("pnp"), kp.current_kek_id("reniec")]
+    assert [f.name for f in files] == [f"{i}.kek" for i in ids]
+    assert all(_mode(f) == 0o600 for f in files)
+    assert FileKeyProvider(tmp_path / "keys").current_kek_id("pnp") == ids[0]  # created once
 
 
 def test_provider_satisfies_protocol(keys: FileKeyProvider) -> None:

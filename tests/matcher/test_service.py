@@ -329,3 +329,18 @@ def test_background_catch_up_with_concurrent_searches(
     assert errors == []
     assert m.index_lag() == 0
     assert _top(m, REGISTRY, p[599]) == [ids[599]]
+
+
+def test_ef_is_tuned_as_the_gallery_grows(
+    store: TemplateStore, pop: tuple[np.ndarray, np.ndarray]
+) -> None:
+    m = Matcher(
+        store,
+        galleries=default_galleries(MODEL),
+        hnsw=HnswSettings(ef_construction=64, ef=500, tune_min_size=200),
+    )
+    m.start()
+    assert m.gallery(REGISTRY).ef == 500
+    _registry(store, pop, 0, 300)
+    m.catch_up()
+    assert m.gallery(REGISTRY).ef < 500  # tuned on a sample once the gallery was big enough

@@ -28,8 +28,8 @@ def test_realistic_manifold_has_low_intrinsic_dimension() -> None:
         s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
         return int(np.searchsorted(np.cumsum(s) / s.sum(), 0.9)) + 1
 
-    real = dims_for_90pct(synth.identities(3000, seed=3))
-    iso = dims_for_90pct(synth.isotropic(3000, seed=3))
+    real = dims_for_90pct(synth.identities(1500, seed=3))
+    iso = dims_for_90pct(synth.isotropic(1500, seed=3))
     assert real < iso * 0.75
 
 

@@ -577,7 +577,7 @@ def test_objection_excluded_under_the_draft_2026_decision(draft: ServerThread) -
             requested={"max_results": 10, "min_score": 0.0},
             probe={"kind": "face", "quality": 0.9, "model_id": c.face_model_id},
         )
-        active, _ = c.pipeline.decide(doc)
+        active = c.policy.decide(doc).active
         assert active.allow, active.reasons
         assert "R7" in active.reasons
         return active.obligations
