@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import re
 import sys
 import time
 from collections import deque
@@ -31,72 +30,30 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from centinela.audit.checkpoint import SignedCheckpoint, Verifier, open_checkpoint
 from centinela.audit.merkle import root_from_inclusion_proof, verify_consistency, verify_inclusion
-from centinela.audit.verify import UsageError, load_trusted_keys, verify_export
 from centinela.clients import cli_common as cc
-from centinela.clients.audit_package import (
-    ExportWriter,
-    ensure_empty,
-    left_siblings,
-    write_evidence_note,
-    write_inclusion,
-)
 from centinela.clients.builders import new_request_id, purpose_value, timestamp
-from centinela.clients.client import CentinelaClient
+from centinela.clients.compliance_common import (
+    EXIT_FAILED,
+    client,
+    context,
+    open_signed,
+    trusted,
+    when,
+)
+from centinela.clients.compliance_export import evidence_command, export_command
 from centinela.clients.witness import witness
 from centinela.errors import CentinelaError, InvalidArgument, VerificationError
 from centinela.v1 import audit_service_pb2 as apb
-from centinela.v1 import common_pb2
 
 PROG = "centinela audit"
-DEFAULT_IDENTITY = "compliance"
-EXIT_FAILED = 1
 COMMANDS = ("checkpoint", "events", "tail", "prove", "export", "stats", "witness", "evidence")
-_REL = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 COLUMNS = ["index", "time", "type", "org", "site", "purpose", "outcome", "rules", "decision"]
 #: Column widths of ``tail`` (rows are printed as they come, so they cannot be measured).
 TAIL_WIDTHS = [6, 20, 19, 17, 16, 22, 9, 16, 0]
 
 
 # ---- small helpers ------------------------------------------------------------------------
-
-
-def _when(text: str) -> dt.datetime:
-    """ISO 8601 (naive is UTC) or a relative age such as ``30m``, ``24h``, ``7d``."""
-    m = _REL.match(text.strip())
-    if m:
-        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(m[1]) * _UNITS[m[2]])
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "must be ISO 8601 (2026-11-21T18:00:00Z) or an age like 30m, 24h, 7d"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
-def _client(args: argparse.Namespace) -> CentinelaClient:
-    return cc.client_from_args(args, default_identity=DEFAULT_IDENTITY)
-
-
-def _ctx(reference: str = "", request_id: str = "") -> common_pb2.RequestContext:
-    return common_pb2.RequestContext(reference=reference, client_request_id=request_id)
-
-
-def _trusted(args: argparse.Namespace, served_key: str) -> tuple[list[Verifier], str]:
-    """The keys to verify with, and where they came from (said in the output)."""
-    if getattr(args, "trusted_key", None):
-        try:
-            return load_trusted_keys(args.trusted_key), f"trusted key {args.trusted_key}"
-        except UsageError as exc:
-            raise InvalidArgument(str(exc), field="--trusted-key") from None
-    return [Verifier(served_key)], "the key the server sent (pin one with --trusted-key)"
-
-
-def _open(note: str, keys: list[Verifier]) -> SignedCheckpoint:
-    return open_checkpoint(note, keys, origin=keys[0].name)
 
 
 def _summary(index: int, entry: bytes) -> dict[str, str]:
@@ -159,10 +116,10 @@ def _list_request(args: argparse.Namespace) -> apb.ListEventsRequest:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        resp = client.get_checkpoint(apb.GetCheckpointRequest())
-    keys, source = _trusted(args, resp.verifier_key)
-    cp = _open(resp.signed_note, keys)
+    with client(args) as conn:
+        resp = conn.get_checkpoint(apb.GetCheckpointRequest())
+    keys, source = trusted(args, resp.verifier_key)
+    cp = open_signed(resp.signed_note, keys)
     if args.json:
         print(
             json.dumps(
@@ -189,11 +146,11 @@ def _events(args: argparse.Namespace) -> int:
     rows: list[dict[str, str]] = []
     if args.csv:
         print(_csv_row(COLUMNS))
-    with _client(args) as client:
+    with client(args) as conn:
         token = args.page_token
         while True:
             req.page_token = token
-            page = client.list_events(req)
+            page = conn.list_events(req)
             for ev in page.events:
                 if args.limit and printed >= args.limit:
                     break
@@ -226,15 +183,15 @@ def _tail(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.duration if args.duration else None
     if not args.json:
         print(_fixed([c.upper() for c in COLUMNS]))
-    with _client(args) as client:
+    with client(args) as conn:
         while True:
             req.since.CopyFrom(timestamp(since))
             req.page_token = ""
             while True:
                 rid = new_request_id()
                 own.append(rid)
-                req.context.CopyFrom(_ctx(request_id=rid))
-                page = client.list_events(req)
+                req.context.CopyFrom(context(request_id=rid))
+                page = conn.list_events(req)
                 for ev in page.events:
                     if ev.index <= last_index:
                         continue
@@ -259,13 +216,13 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _prove(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        inc = client.get_inclusion_proof(
+    with client(args) as conn:
+        inc = conn.get_inclusion_proof(
             apb.GetInclusionProofRequest(index=args.index, tree_size=args.size or 0)
         )
-        cp_resp = client.get_checkpoint(apb.GetCheckpointRequest())
-        keys, source = _trusted(args, cp_resp.verifier_key)
-        cp = _open(cp_resp.signed_note, keys)
+        cp_resp = conn.get_checkpoint(apb.GetCheckpointRequest())
+        keys, source = trusted(args, cp_resp.verifier_key)
+        cp = open_signed(cp_resp.signed_note, keys)
         size = int(inc.tree_size)
         leaf = hashlib.sha256(b"\x00" + inc.entry).digest()
         if leaf != inc.leaf_hash:
@@ -275,7 +232,7 @@ def _prove(args: argparse.Namespace) -> int:
         if size == cp.size:
             verify_inclusion(args.index, size, leaf, list(inc.hashes), cp.root_hash)
         elif size < cp.size:
-            cons = client.get_consistency_proof(
+            cons = conn.get_consistency_proof(
                 apb.GetConsistencyProofRequest(first_size=size, second_size=cp.size)
             )
             verify_consistency(size, cp.size, root_s, cp.root_hash, list(cons.hashes))
@@ -307,77 +264,12 @@ def _prove(args: argparse.Namespace) -> int:
     return cc.EXIT_OK
 
 
-def _self_check(out: Path, keys: list[Verifier]) -> str:
-    try:
-        report = verify_export(out, keys, origin=keys[0].name)
-    except UsageError as exc:
-        raise InvalidArgument(str(exc), field="--out") from None
-    return (
-        f"verified offline: {report.entries} entries [{report.start}, {report.end}) against "
-        f"tree size {report.tree_size}, root {report.root_hash}"
-    )
-
-
-def _export(args: argparse.Namespace) -> int:
-    out: Path = args.out
-    writer = ExportWriter(out, args.start)
-    note = vkey = ""
-    with _client(args) as client:
-        try:
-            for chunk in client.export_entries(
-                apb.ExportEntriesRequest(start=args.start, end=args.end or 0)
-            ):
-                for ev in chunk.events:
-                    writer.add(ev.index, ev.entry, ev.leaf_hash)
-                if chunk.signed_note:
-                    note, vkey = chunk.signed_note, chunk.verifier_key
-        except BaseException:
-            writer.abort()
-            raise
-        if not note:
-            writer.abort()
-            raise VerificationError("the export stream ended without a signed checkpoint")
-        keys, source = _trusted(args, vkey)
-        n = _open(note, keys).size
-        end = writer.next_index
-        prefix: list[bytes] = []
-        if args.start > 0:
-            inc = client.get_inclusion_proof(
-                apb.GetInclusionProofRequest(index=args.start, tree_size=n)
-            )
-            prefix = left_siblings(args.start, n, list(inc.hashes))
-        consistency: list[bytes] = []
-        if 0 < end < n:
-            consistency = list(
-                client.get_consistency_proof(
-                    apb.GetConsistencyProofRequest(first_size=end, second_size=n)
-                ).hashes
-            )
-        since = {
-            t: list(
-                client.get_consistency_proof(
-                    apb.GetConsistencyProofRequest(first_size=t, second_size=n)
-                ).hashes
-            )
-            for t in sorted(set(args.since))
-            if 0 < t < n
-        }
-    writer.finish(note, vkey, n, prefix=prefix, consistency=consistency, since=since)
-    check = _self_check(out, keys)
-    if args.json:
-        print(json.dumps({"out": str(out), "from": args.start, "to": end, "tree_size": n}))
-    else:
-        print(f"exported entries [{args.start}, {end}) of tree size {n} to {out}\n{check}")
-        print(f"signature checked with {source}")
-    return cc.EXIT_OK
-
-
 def _stats(args: argparse.Namespace) -> int:
     req = apb.GetStatsRequest()
     if args.since is not None:
         req.since.CopyFrom(timestamp(args.since))
-    with _client(args) as client:
-        s = client.get_stats(req)
+    with client(args) as conn:
+        s = conn.get_stats(req)
     sections: list[tuple[str, str, Any]] = [
         ("by_municipality", "match requests by municipality", s.by_municipality),
         ("by_site", "match requests by site", s.by_site),
@@ -414,9 +306,9 @@ def _stats(args: argparse.Namespace) -> int:
 def _witness(args: argparse.Namespace) -> int:
     keys = None
     if args.trusted_key:
-        keys, _ = _trusted(args, "")
-    with _client(args) as client:
-        res = witness(client, args.state, keys)
+        keys, _ = trusted(args, "")
+    with client(args) as conn:
+        res = witness(conn, args.state, keys)
     if args.json:
         print(json.dumps({"ok": True, **res.__dict__}))
         return cc.EXIT_OK
@@ -430,46 +322,6 @@ def _witness(args: argparse.Namespace) -> int:
         print(
             f"OK: size {res.previous_size} -> {res.size}, consistent (RFC 9162 proof verified); "
             f"root {res.root_hash}"
-        )
-    return cc.EXIT_OK
-
-
-def _evidence(args: argparse.Namespace) -> int:
-    out: Path = args.out
-    ensure_empty(out)
-    with _client(args) as client:
-        ev = client.create_evidence(
-            apb.CreateEvidenceRequest(context=_ctx(args.reference), decision_id=args.decision)
-        )
-        keys, source = _trusted(args, ev.verifier_key)
-        cp = _open(ev.signed_note, keys)
-        i, n = int(ev.event.index), int(ev.tree_size)
-        if cp.size != n:
-            raise VerificationError("the evidence's tree size is not its checkpoint's")
-        leaf = hashlib.sha256(b"\x00" + ev.event.entry).digest()
-        verify_inclusion(i, n, leaf, list(ev.inclusion_proof), cp.root_hash)
-        consistency: list[bytes] = []
-        if i + 1 < n:
-            consistency = list(
-                client.get_consistency_proof(
-                    apb.GetConsistencyProofRequest(first_size=i + 1, second_size=n)
-                ).hashes
-            )
-    writer = ExportWriter(out, i)
-    writer.add(i, ev.event.entry, leaf)
-    prefix = left_siblings(i, n, list(ev.inclusion_proof))
-    writer.finish(ev.signed_note, ev.verifier_key, n, prefix=prefix, consistency=consistency)
-    write_inclusion(out, i, n, leaf, list(ev.inclusion_proof))
-    write_evidence_note(out, args.decision, i, args.reference)
-    check = _self_check(out, keys)
-    if args.json:
-        print(json.dumps({"out": str(out), "index": i, "tree_size": n, "verified": True}))
-    else:
-        print(
-            f"evidence for decision {args.decision} (audit entry {i}) written to {out}\n"
-            f"inclusion proof verified against the checkpoint of size {n} "
-            f"(root {cp.root_hash.hex()})\n{check}\nsignature checked with {source}\n"
-            f"the package's creation is itself in the audit log (EVIDENCE_EXPORT)"
         )
     return cc.EXIT_OK
 
@@ -491,8 +343,8 @@ def _common(p: argparse.ArgumentParser, *, trusted: bool = False) -> None:
 
 def _filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (all optional; combined with AND)")
-    g.add_argument("--since", type=_when, help="at or after (ISO 8601 or age: 30m, 24h, 7d)")
-    g.add_argument("--until", type=_when, help="before (ISO 8601 or age)")
+    g.add_argument("--since", type=when, help="at or after (ISO 8601 or age: 30m, 24h, 7d)")
+    g.add_argument("--until", type=when, help="before (ISO 8601 or age)")
     g.add_argument("--org", default="", help="caller organisation, e.g. muni-miraflores")
     g.add_argument("--site", default="", help="site id")
     g.add_argument("--purpose", default="", help="e.g. wanted-person, stolen-vehicle")
@@ -541,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="end", type=int, default=0, help="end index (checkpoint size)")
     p.add_argument("--since", type=int, action="append", default=[], metavar="SIZE")
     _common(p, trusted=True)
-    p.set_defaults(func=_export)
+    p.set_defaults(func=export_command)
     p = sub.add_parser("stats", help="counts by municipality, site, purpose, outcome, rule")
-    p.add_argument("--since", type=_when, help="at or after (ISO 8601 or age: 24h, 7d)")
+    p.add_argument("--since", type=when, help="at or after (ISO 8601 or age: 24h, 7d)")
     _common(p)
     p.set_defaults(func=_stats)
     p = sub.add_parser("witness", help="check the latest checkpoint against the kept one")
@@ -555,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--reference", required=True, help="case or court request id (audited)")
     _common(p, trusted=True)
-    p.set_defaults(func=_evidence)
+    p.set_defaults(func=evidence_command)
     return parser
 
 

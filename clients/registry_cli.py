@@ -8,7 +8,7 @@ vector: rejects name the file line, field and reason only.
 
 An import is sent as a sequence of streams of ``--batches-per-stream`` messages of
 ``--batch-size`` records; each stream is acknowledged once its templates are durable, so the
-progress line counts durable templates, and a failed import says from which batch to resume
+progress line counts acknowledged rows, and a failed import says from which batch to resume
 (``--resume-from-batch N``; re-sending batches already stored changes nothing).
 """
 
@@ -109,7 +109,7 @@ class ImportSummary:
 
 
 class Progress:
-    """One progress line on stderr: durable rows, rate and ETA (redrawn on a terminal)."""
+    """One progress line on stderr: acknowledged rows, rate and ETA (redrawn on a terminal)."""
 
     def __init__(self, total: int | None, stream: TextIO, *, enabled: bool) -> None:
         self.total = total
@@ -131,7 +131,7 @@ class Progress:
         self.last, self.shown = now, done
         elapsed = max(now - self.start, 1e-9)
         rate = done / elapsed
-        text = f"durable {done:,}"
+        text = f"rows {done:,}"
         if self.total:
             text += f"/{self.total:,} ({100.0 * done / self.total:.0f}%)"
         text += f"  {rate:,.0f}/s"

@@ -66,6 +66,9 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         self.c = components
         self._stats = StatsCache()
         self._scan_budget = scan_budget
+        # Whole-log statistics are kept incrementally; the first pass over a large log takes a
+        # while (about 40 s per million entries here), so it starts now, off the event loop.
+        components.executor.submit(self._stats.compute, components.audit, None)
 
     # ---- helpers -----------------------------------------------------------------------
 

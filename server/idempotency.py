@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from centinela.audit.store import Companion
 from centinela.errors import FailedPrecondition, StorageError
-from centinela.storage import Migration, migrate
+from centinela.storage import Migration, migrate, read_connection
 
 T = TypeVar("T")
 
@@ -39,6 +39,10 @@ idempotency = sa.Table(
     sa.Column("response", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+
+#: One compiled statement for the hot path (``insert().values(...)`` would recompile).
+_INSERT = idempotency.insert()
 
 
 def _v1(conn: Connection) -> None:
@@ -81,7 +85,7 @@ class IdempotencyStore:
 
     def _get(self, caller: str, rid: str, rpc: str, fingerprint: str) -> bytes | None:
         try:
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 row = conn.execute(
                     sa.select(
                         idempotency.c.response, idempotency.c.rpc, idempotency.c.fingerprint
@@ -109,14 +113,15 @@ class IdempotencyStore:
         def write(conn: Connection, index: int) -> None:
             now = dt.datetime.now(dt.UTC).timestamp()
             conn.execute(
-                idempotency.insert().values(
-                    caller=key.caller,
-                    client_request_id=key.client_request_id,
-                    rpc=key.rpc,
-                    fingerprint=key.fingerprint,
-                    response=answer(index),
-                    created_at=now,
-                )
+                _INSERT,
+                {
+                    "caller": key.caller,
+                    "client_request_id": key.client_request_id,
+                    "rpc": key.rpc,
+                    "fingerprint": key.fingerprint,
+                    "response": answer(index),
+                    "created_at": now,
+                },
             )
 
         return write

@@ -122,6 +122,22 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
     def _info(self, decision: Decision, decision_id: str, index: int) -> common_pb2.DecisionInfo:
         return decision_info(decision, decision_id, index, self.c.bundle_name)
 
+    def _context(
+        self, raw: common_pb2.RequestContext, caller: Caller, now: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        """The validated context, refused up front if the audit could not record its caller
+        (a change must never be made that its entry then fails to record)."""
+        ctx = check_context(raw, purpose_required=False, now=now)
+        try:
+            self.c.pipeline.audit_caller(caller, ctx).to_json()
+        except InvalidArgument:
+            raise InvalidArgument(
+                "must be an opaque id of 6-128 characters from [A-Za-z0-9_.:@=+-], "
+                "not shaped like a DNI or plate",
+                field="context.operator_id",
+            ) from None
+        return ctx
+
     def _dimension(self) -> int:
         return int(self.c.matcher.specs[REGISTRY].dim)
 
@@ -152,7 +168,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
             first = await iterator.__anext__()
         except StopAsyncIteration:
             raise InvalidArgument("the import stream carried no message", field="context") from None
-        ctx = check_context(first.context, purpose_required=False)
+        ctx = self._context(first.context, caller)
         refs = {**self._gallery_refs(), **reference_ref(ctx["reference"])}
         decision, decision_id = await self.c.pipeline.authorise(
             "ImportTemplates", call=call, caller=caller, context=ctx, refs=refs, mode="ADMIN"
@@ -270,7 +286,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
     async def _remove(
         self, request: pb.RemoveSubjectRequest, caller: Caller, call: CallState
     ) -> pb.RemoveSubjectResponse:
-        ctx = check_context(request.context, purpose_required=False)
+        ctx = self._context(request.context, caller)
         dni = check_dni(request.dni)
         digests = {"dni": self.c.digester.digest("dni", dni)}
         refs = {**self._gallery_refs(), **reference_ref(ctx["reference"])}
@@ -356,7 +372,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
     ) -> Any:
         now = dt.datetime.now(dt.UTC)
         rpc = "RecordObjection" if objector else "WithdrawObjection"
-        ctx = check_context(request.context, purpose_required=False, now=now)
+        ctx = self._context(request.context, caller, now=now)
         dni = check_dni(request.dni)
         if isinstance(request, pb.RecordObjectionRequest) and request.HasField("filed_at"):
             filed_at = timestamp(request.filed_at)
@@ -434,7 +450,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         million templates an exact live count would read every ciphertext's pages.
         """
         caller, call = current_caller(), current_call()
-        ctx = check_context(request.context, purpose_required=False)
+        ctx = self._context(request.context, caller)
         decision, decision_id = await self.c.pipeline.authorise(
             "GetImportStatus",
             call=call,

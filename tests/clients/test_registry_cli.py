@@ -133,7 +133,7 @@ def test_import_csv_with_rejects_and_summary(
     assert "line 2502 (batch 2): dni: must be exactly 8 digits" in out
     assert "line 2503 (batch 2): vector: is not a JSON list of numbers" in out
     assert "line 2504 (batch 2): model_id:" in out
-    assert "durable 2,503/2,503 (100%)" in err  # the final progress line
+    assert "rows 2,503/2,503 (100%)" in err  # the final progress line
     for d in ("4000250", "40002501", "40002502", ids[0]):
         assert d not in out + err  # never a DNI in the output
 

@@ -63,12 +63,13 @@ def bundle_with_status(name: str, directory: Path) -> str:
     return str(dst)
 
 
-def start_server(tmp: Path, bundle: str = "interim") -> ServerThread:
+def start_server(tmp: Path, bundle: str = "interim", database_url: str = "") -> ServerThread:
     policy_dir = tmp / "policy"
     policy_dir.mkdir(exist_ok=True)
     path = bundle_with_status(bundle, policy_dir)
     settings = Settings(
         data_dir=tmp / "data",
+        database_url=database_url,
         listen="127.0.0.1:0",
         shutdown_grace_s=1.0,
         policy_bundle=path,
@@ -304,6 +305,33 @@ def test_empty_stream_is_invalid(srv: ServerThread) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.postgres
+def test_import_resend_and_objection_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """The same service on PostgreSQL: durable import, idempotent re-send, objection."""
+    server = start_server(tmp_path, database_url=pg_url)
+    try:
+        ids, vecs = dnis(20, 23_000_000), identities(20, seed=13)
+        sent = make_batches(ids, vecs, model_of(server), 10)
+        first = registry(server).ImportTemplates(iter(sent))
+        again = registry(server).ImportTemplates(iter(sent))
+        assert (first.accepted, again.accepted, again.unchanged) == (20, 0, 20)
+        registry(server).RecordObjection(
+            pb.RecordObjectionRequest(context=ctx("OBJ-PG-1"), dni=ids[0])
+        )
+        wait_until(caught_up(server))
+        hits = server.app.components.matcher.search_faces(
+            REGISTRY,
+            vecs[0],
+            model_id=model_of(server),
+            k=1,
+            min_score=0.9,
+            exclude_objectors=True,
+        )
+        assert hits == []
+    finally:
+        server.stop()
+
+
 # ---- remove, objections, status ----------------------------------------------------------
 
 
@@ -382,6 +410,22 @@ def test_objection_before_import_applies_from_the_start(srv: ServerThread) -> No
         REGISTRY, vecs[0], model_id=model_of(srv), k=1, min_score=0.9, exclude_objectors=True
     )
     assert hits == []
+
+
+def test_operator_id_the_audit_cannot_record_is_refused_before_any_change(
+    srv: ServerThread,
+) -> None:
+    ids, vecs = dnis(1, 24_000_000), identities(1, seed=14)
+    registry(srv).ImportTemplates(iter(make_batches(ids, vecs, model_of(srv), 1)))
+    seq = srv.app.components.matcher.store.max_seq()
+    c = ctx()
+    c.operator_id = "op1"  # valid as a context id, too short for an audit id
+    err = failure(
+        lambda: registry(srv).RemoveSubject(pb.RemoveSubjectRequest(context=c, dni=ids[0]))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context.operator_id" in (err.details() or "")
+    assert srv.app.components.matcher.store.max_seq() == seq
 
 
 def test_withdraw_unknown_dni_is_not_found(srv: ServerThread) -> None:
