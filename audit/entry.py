@@ -54,6 +54,8 @@ class EventType(StrEnum):
     SERVICE_START = "SERVICE_START"
     SERVICE_STOP = "SERVICE_STOP"
     EVIDENCE_EXPORT = "EVIDENCE_EXPORT"
+    ALERT_SUBSCRIPTION = "ALERT_SUBSCRIPTION"
+    SIGHTING_READ = "SIGHTING_READ"
 
 
 #: Kinds of personal value the Digester accepts; each is its own HMAC domain.

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from typing import Any
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from centinela.audit.store import Companion
 from centinela.errors import FailedPrecondition, NotFound, StorageError
-from centinela.storage import Migration, migrate
+from centinela.storage import Migration, migrate, read_connection, write_transaction
 
 metadata = sa.MetaData()
 alerts = sa.Table(
@@ -56,11 +57,31 @@ confirmations = sa.Table(
 )
 
 
+#: The durable outbox of control centers: one row per alert raised and per change of its
+#: confirmation state, written in the audit entry's transaction; cursors are its ``seq``.
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("alert_id", sa.String(64), nullable=False, index=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("confirmations", sa.Integer, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+
 def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[alerts, confirmations])
 
 
-MIGRATIONS = [Migration(1, "alerts and confirmations", _v1)]
+def _v2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[alert_events])
+
+
+MIGRATIONS = [
+    Migration(1, "alerts and confirmations", _v1),
+    Migration(2, "alert events outbox", _v2),
+]
 
 PENDING = "PENDING"
 PARTIAL = "PARTIALLY_CONFIRMED"
@@ -143,6 +164,18 @@ class AlertStore:
 
         def write(conn: Connection, index: int) -> None:
             conn.execute(alerts.insert(), [dict(row, audit_index=index) for row in items])
+            conn.execute(
+                alert_events.insert(),
+                [
+                    {
+                        "alert_id": r["alert_id"],
+                        "state": r["state"],
+                        "confirmations": 0,
+                        "at": r["created_at"],
+                    }
+                    for r in items
+                ],
+            )
 
         return write
 
@@ -207,6 +240,10 @@ class AlertStore:
         else:
             state = PARTIAL
         conn.execute(alerts.update().where(alerts.c.alert_id == alert_id).values(state=state))
+        conn.execute(
+            alert_events.insert(),
+            {"alert_id": alert_id, "state": state, "confirmations": count, "at": when.timestamp()},
+        )
         row = conn.execute(alerts.select().where(alerts.c.alert_id == alert_id)).one()
         return _alert(row, count)
 
@@ -231,6 +268,62 @@ class AlertStore:
             )
         return alert
 
+    def last_event_seq(self) -> int:
+        """The newest outbox position (a subscription without a cursor starts after it)."""
+        with read_connection(self.engine) as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(alert_events.c.seq), 0))
+                ).scalar_one()
+            )
+
+    def events_since(self, seq: int, limit: int = 500) -> list[tuple[int, Alert]]:
+        """Outbox rows after ``seq`` with their alert (state and count as of that event)."""
+        ev = alert_events
+        with read_connection(self.engine) as conn:
+            rows = conn.execute(
+                sa.select(
+                    ev.c.seq.label("ev_seq"),
+                    ev.c.state.label("ev_state"),
+                    ev.c.confirmations.label("ev_confirmations"),
+                    *alerts.c,
+                )
+                .join(alerts, alerts.c.alert_id == ev.c.alert_id)
+                .where(ev.c.seq > seq)
+                .order_by(ev.c.seq)
+                .limit(limit)
+            ).all()
+        return [
+            (
+                int(r.ev_seq),
+                dataclasses.replace(_alert(r, int(r.ev_confirmations)), state=str(r.ev_state)),
+            )
+            for r in rows
+        ]
+
+    def purge(self, retention_days: dict[str, float], now: dt.datetime) -> int:
+        """Delete alerts (and their confirmations and events) older than their list's
+        retention; return how many alerts went. Sightings are kept only that long."""
+        removed = 0
+        with write_transaction(self.engine) as conn:
+            for gallery, days in retention_days.items():
+                cutoff = (now - dt.timedelta(days=float(days))).timestamp()
+                ids = [
+                    r.alert_id
+                    for r in conn.execute(
+                        sa.select(alerts.c.alert_id).where(
+                            alerts.c.gallery == gallery, alerts.c.capture_time < cutoff
+                        )
+                    )
+                ]
+                for part in range(0, len(ids), 500):
+                    chunk = ids[part : part + 500]
+                    conn.execute(confirmations.delete().where(confirmations.c.alert_id.in_(chunk)))
+                    conn.execute(alert_events.delete().where(alert_events.c.alert_id.in_(chunk)))
+                    conn.execute(alerts.delete().where(alerts.c.alert_id.in_(chunk)))
+                removed += len(ids)
+        return removed
+
     def since(self, seq: int, limit: int = 1000) -> list[Alert]:
         """Alerts after ``seq``, in order."""
         with self.engine.connect() as conn:
@@ -251,3 +344,40 @@ class AlertStore:
                 .order_by(alerts.c.seq.desc())
             ).all()
         return [_alert(r) for r in rows]
+
+
+class AlertBus:
+    """Wakes subscribers of this process when alert events were committed.
+
+    Subscribers also poll the outbox every second, so events committed by another replica
+    arrive too; the bus only makes the local ones immediate.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self) -> None:
+        for ev in list(self._waiters):
+            ev.set()
+
+    async def wait(self, poll_s: float) -> None:
+        ev = asyncio.Event()
+        self._waiters.add(ev)
+        try:
+            await asyncio.wait_for(ev.wait(), poll_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(ev)
+
+
+def in_scope(scope: Any, alert: Any) -> bool:
+    """R10: whether an alert lies in the caller's jurisdiction."""
+    level = (scope or {}).get("level", "")
+    if level == "national":
+        return True
+    if level == "own_sites":
+        return bool(alert.municipality == scope.get("municipality"))
+    if level == "region":
+        return bool(alert.region.lower() == str(scope.get("region", "")).lower())
+    return False

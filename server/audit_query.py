@@ -280,9 +280,19 @@ class Stats:
     by_outcome: Counter[str] = dataclasses.field(default_factory=Counter)
     denials_by_rule: Counter[str] = dataclasses.field(default_factory=Counter)
     shadow_by_rule: Counter[str] = dataclasses.field(default_factory=Counter)
-    alerts_confirmed: int = 0
-    alerts_rejected: int = 0
+    #: Alerts (by alert ref) whose confirmations reached CONFIRMED / REJECTED: an alert that
+    #: needs two operators is counted once, not once per confirmation.
+    confirmed: set[str] = dataclasses.field(default_factory=set)
+    rejected: set[str] = dataclasses.field(default_factory=set)
     total: int = 0
+
+    @property
+    def alerts_confirmed(self) -> int:
+        return len(self.confirmed)
+
+    @property
+    def alerts_rejected(self) -> int:
+        return len(self.rejected)
 
     def add(self, doc: dict[str, Any]) -> None:
         """Count one parsed entry.
@@ -311,10 +321,11 @@ class Stats:
             for rule in doc.get("rule_ids") or ("-",):
                 self.shadow_by_rule[rule] += 1
         elif kind == "ALERT_CONFIRMATION":
+            alert = (doc.get("refs") or {}).get("alert") or f"#{self.total}"
             if outcome == "CONFIRMED":
-                self.alerts_confirmed += 1
+                self.confirmed.add(alert)
             elif outcome == "REJECTED":
-                self.alerts_rejected += 1
+                self.rejected.add(alert)
 
     def copy(self) -> Stats:
         return Stats(
@@ -324,8 +335,8 @@ class Stats:
             Counter(self.by_outcome),
             Counter(self.denials_by_rule),
             Counter(self.shadow_by_rule),
-            self.alerts_confirmed,
-            self.alerts_rejected,
+            set(self.confirmed),
+            set(self.rejected),
             self.total,
         )
 

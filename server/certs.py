@@ -59,7 +59,7 @@ DEV_IDENTITIES: tuple[DevIdentity, ...] = (
     DevIdentity("pnp-admin", "pnp", "pnp", ("admin",), "", "PNP requisition administrators"),
     DevIdentity(
         "pnp-investigator",
-        "pnp",
+        "pnp-dirincri",
         "pnp",
         ("investigator", "officer"),
         "lima",
@@ -67,7 +67,7 @@ DEV_IDENTITIES: tuple[DevIdentity, ...] = (
     ),
     DevIdentity(
         "pnp-officer",
-        "pnp",
+        "pnp-lima",
         "pnp",
         ("officer",),
         "lima",
@@ -75,7 +75,7 @@ DEV_IDENTITIES: tuple[DevIdentity, ...] = (
     ),
     DevIdentity(
         "pnp-center-lima",
-        "pnp",
+        "pnp-lima",
         "pnp",
         ("control_center", "officer"),
         "lima",
@@ -83,7 +83,7 @@ DEV_IDENTITIES: tuple[DevIdentity, ...] = (
     ),
     DevIdentity(
         "pnp-national",
-        "pnp",
+        "pnp-national",
         "pnp",
         ("control_center", "officer"),
         "*",

@@ -21,7 +21,7 @@ from centinela.audit.log import AuditLog
 from centinela.config import Settings
 from centinela.matcher.service import Matcher
 from centinela.policy import PolicyService
-from centinela.server.alerts import AlertStore
+from centinela.server.alerts import AlertBus, AlertStore
 from centinela.server.idempotency import IdempotencyStore
 from centinela.server.pipeline import Pipeline
 from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
@@ -85,6 +85,7 @@ class Components:
     face_model_id: str
     bundle_name: str
     shadow_name: str = ""
+    bus: AlertBus = dataclasses.field(default_factory=AlertBus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def refresh_policy_data(self) -> None:

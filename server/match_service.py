@@ -29,7 +29,15 @@ from centinela.audit.entry import EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.matcher.plates import PlateRead
 from centinela.policy import Decision
-from centinela.server.alerts import CONFIRMED, PARTIAL, PENDING, REJECTED, Alert, score_band
+from centinela.server.alerts import (
+    CONFIRMED,
+    PARTIAL,
+    PENDING,
+    REJECTED,
+    Alert,
+    in_scope,
+    score_band,
+)
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
@@ -89,20 +97,31 @@ def _requested(max_results: int, min_score: float) -> dict[str, Any]:
     return out
 
 
+def _parse_cursor(cursor: str) -> int | None:
+    """A subscription cursor (``ev-<n>``) as an outbox position; empty means "from now"."""
+    if not cursor:
+        return None
+    if not cursor.startswith("ev-") or not cursor[3:].isdigit():
+        raise InvalidArgument("is not a cursor from a previous alert", field="cursor")
+    return int(cursor[3:])
+
+
+def _timestamp(when: dt.datetime) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    t = Timestamp()
+    t.FromDatetime(when)
+    return t
+
+
 def _check_alert_scope(scope: Any, alert: Any) -> None:
     """R10: a caller sees and confirms only the alerts of its jurisdiction.
 
     Raises:
         NotFound: the alert lies outside the caller's scope (as if it did not exist).
     """
-    level = (scope or {}).get("level", "")
-    if level == "national":
-        return
-    if level == "own_sites" and alert.municipality == scope.get("municipality"):
-        return
-    if level == "region" and alert.region.lower() == str(scope.get("region", "")).lower():
-        return
-    raise NotFound("no such alert", field="alert_id")
+    if not in_scope(scope, alert):
+        raise NotFound("no such alert", field="alert_id")
 
 
 class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
@@ -290,7 +309,10 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 ),
             )
 
-        return await self.c.pipeline.commit(event, respond, alerts=alert_rows)
+        answer = await self.c.pipeline.commit(event, respond, alerts=alert_rows)
+        if alert_rows:
+            self.c.bus.notify()
+        return answer
 
     def _dimension(self) -> int:
         return int(self.c.matcher.specs["pnp_watchlist"].dim)
@@ -409,7 +431,10 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 candidates=candidates,
             )
 
-        return await self.c.pipeline.commit(event, respond, alerts=alert_rows)
+        answer = await self.c.pipeline.commit(event, respond, alerts=alert_rows)
+        if alert_rows:
+            self.c.bus.notify()
+        return answer
 
     # ---- StreamMatch -------------------------------------------------------------------
 
@@ -608,7 +633,57 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 actionable=a.state == CONFIRMED,
             )
 
-        return await self.c.pipeline.commit(event, respond, extra=apply)
+        answer = await self.c.pipeline.commit(event, respond, extra=apply)
+        self.c.bus.notify()
+        return answer
+
+    # ---- SubscribeAlerts -----------------------------------------------------------------
+
+    async def SubscribeAlerts(
+        self, request: pb.SubscribeAlertsRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeAlertsResponse]:
+        caller, call = current_caller(), current_call()
+        ctx = check_context(request.context, purpose_required=False)
+        sites = {check_id(s, f"site_ids[{i}]") for i, s in enumerate(request.site_ids)}
+        cursor = _parse_cursor(request.cursor)
+        decision, decision_id = await self.c.pipeline.authorise(
+            "SubscribeAlerts", call=call, caller=caller, context=ctx, mode="READ"
+        )
+        scope = decision.obligations.alert_scope
+        await self.c.pipeline.append(
+            self.c.pipeline.event(
+                EventType.ALERT_SUBSCRIPTION,
+                call=call,
+                caller=caller,
+                context=ctx,
+                decision=decision,
+                decision_id=decision_id,
+                outcome="SUBSCRIBED",
+            )
+        )
+        if cursor is None:
+            cursor = await self._in_executor(self.c.alerts.last_event_seq)
+        while True:
+            events = await self._in_executor(self.c.alerts.events_since, cursor)
+            for seq, alert in events:
+                cursor = seq
+                if not in_scope(scope, alert) or (sites and alert.site_id not in sites):
+                    continue
+                yield pb.SubscribeAlertsResponse(
+                    cursor=f"ev-{seq}",
+                    alert_id=alert.alert_id,
+                    decision_id=alert.decision_id,
+                    site_id=alert.site_id,
+                    capture_time=_timestamp(alert.capture_time),
+                    gallery=GALLERY_ENUM.get(alert.gallery, 0),
+                    reference=alert.reference,
+                    category=alert.category,
+                    score_band=alert.score_band,
+                    state=STATE_ENUM.get(alert.state, pb.ALERT_STATE_UNSPECIFIED),
+                    confirmations=alert.confirmations,
+                )
+            if not events:
+                await self.c.bus.wait(1.0)
 
     # ---- GetServerInfo -----------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from centinela.audit.entry import EventType
 from centinela.errors import FailedPrecondition, InvalidArgument, NotFound
 from centinela.matcher.plates import normalise_plate
 from centinela.matcher.store import TemplateRecord
+from centinela.server.alerts import in_scope
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
@@ -647,3 +648,76 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             "ListSites", request, pb.ListSitesResponse, work, reference_required=False
         )
         return result
+
+    # ---- sightings (rastreo) ------------------------------------------------------------
+
+    async def ListSightings(
+        self, request: pb.ListSightingsRequest, context: Any
+    ) -> pb.ListSightingsResponse:
+        caller, call = current_caller(), current_call()
+        ctx = check_context(request.context, purpose_required=False)
+        reference = check_id(request.reference, "reference")
+        now = dt.datetime.now(dt.UTC)
+        if reference.startswith("req_"):
+            rec = await self._run(self.c.records.get_requisition, reference)
+            gallery, active = WATCHLIST, rec.state(now) == "ACTIVE"
+        elif reference.startswith("veh_"):
+            vehicle = self.c.view.stolen_vehicle(reference)
+            gallery, active = "stolen_vehicles", vehicle is not None
+        else:
+            raise InvalidArgument(
+                "must be a requisition_id (req_…) or vehicle_id (veh_…)", field="reference"
+            )
+        if not active:
+            raise FailedPrecondition(
+                "sightings are kept for active requisitorias and stolen vehicles only",
+                field="reference",
+            )
+        decision, decision_id = await self.c.pipeline.authorise(
+            "ListSightings",
+            call=call,
+            caller=caller,
+            context=ctx,
+            mode="READ",
+            refs={"requisition": reference} if gallery == WATCHLIST else {"report": reference},
+        )
+        days = float(retention_days(self.c).get(gallery, 0))
+        items = await self._run(
+            self.c.alerts.by_reference, reference, not_before=now - dt.timedelta(days=days)
+        )
+        scope = decision.obligations.alert_scope
+        visible = [a for a in items if in_scope(scope, a)]
+        chunk, nxt = page(visible, request.page_token, request.page_size)
+        event = self.c.pipeline.event(
+            EventType.SIGHTING_READ,
+            call=call,
+            caller=caller,
+            context=ctx,
+            decision=decision,
+            decision_id=decision_id,
+            outcome="READ",
+            refs={"requisition": reference} if gallery == WATCHLIST else {"report": reference},
+            metrics={"results": len(chunk)},
+        )
+        await self.c.pipeline.append(event)
+        return pb.ListSightingsResponse(
+            sightings=[
+                pb.Sighting(
+                    alert_id=a.alert_id,
+                    decision_id=a.decision_id,
+                    site_id=a.site_id,
+                    capture_time=_ts(a.capture_time),
+                    confirmation_state=a.state,
+                )
+                for a in chunk
+            ],
+            next_page_token=nxt,
+        )
+
+
+def retention_days(c: Components) -> dict[str, float]:
+    """Sighting retention per list, from the active bundle's data (days)."""
+    bundle = getattr(c.policy.active, "bundle", None)
+    cfg = getattr(bundle, "config", None) or {}
+    raw = dict(cfg).get("sighting_retention_days", {})
+    return {str(k): float(v) for k, v in dict(raw).items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -68,6 +69,9 @@ class Application:
     async def close(self) -> None:
         """Write SERVICE_STOP, then close components in reverse order of creation."""
         c = self.components
+        task = c.extra.get("purge_task")
+        if task is not None:
+            task.cancel()
         try:
             await c.audit.append(
                 AuditEvent(
@@ -186,9 +190,26 @@ def build_servicers(components: Components) -> Servicers:
     )
 
 
+async def purge_sightings(components: Components, every_s: float = 60.0) -> None:
+    """Enforce the sighting retention of each list (policy data), forever."""
+    from centinela.server.watchlist_service import retention_days
+
+    while True:
+        try:
+            removed = await asyncio.to_thread(
+                components.alerts.purge, retention_days(components), dt.datetime.now(dt.UTC)
+            )
+            if removed:
+                log.info("sightings.purged", alerts=removed)
+        except Exception as exc:  # keep trying: the next round may succeed
+            log.warning("sightings.purge_failed", error=type(exc).__name__)
+        await asyncio.sleep(every_s)
+
+
 async def build_application(settings: Settings) -> Application:
     """Create the data directory and every component; nothing is served yet."""
     components = await asyncio.to_thread(build_components, settings)
+    components.extra["purge_task"] = asyncio.create_task(purge_sightings(components))
     return Application(
         settings=settings,
         engine=components.engine,

@@ -132,3 +132,21 @@ def test_byte_pretest_never_changes_the_answer(
     flt = EventFilter(caller_org=org, rule_id=rule)
     entry = event.encode()
     assert flt.matcher()(entry) == flt.accepts(json.loads(entry))
+
+
+def test_an_alert_is_counted_once_however_many_confirmations(log: AuditLog) -> None:
+    for state, alert in (("PARTIALLY_CONFIRMED", "alt_aaaaaaaa"), ("CONFIRMED", "alt_aaaaaaaa")):
+        log.append_blocking(
+            AuditEvent(EventType.ALERT_CONFIRMATION, outcome=state, refs={"alert": alert})
+        )
+    for _ in range(2):  # a retried confirmation of an already confirmed alert
+        log.append_blocking(
+            AuditEvent(
+                EventType.ALERT_CONFIRMATION, outcome="CONFIRMED", refs={"alert": "alt_aaaaaaaa"}
+            )
+        )
+    log.append_blocking(
+        AuditEvent(EventType.ALERT_CONFIRMATION, outcome="REJECTED", refs={"alert": "alt_bbbbbbbb"})
+    )
+    stats = StatsCache().compute(log, None)
+    assert (stats.alerts_confirmed, stats.alerts_rejected) == (1, 1)
