@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import shutil
-import datetime as dt
 import signal
 import sys
 import time
