@@ -139,6 +139,16 @@ def _opaque_id(field: str, value: str) -> str:
     return value
 
 
+def check_opaque_id(field: str, value: str) -> str:
+    """Validate an identifier as the log will (callers check input before deciding).
+
+    Raises:
+        InvalidArgument: not 6-128 characters of ``[A-Za-z0-9_.:@=+-]``, or shaped like a
+            plate or containing a run of eight digits (a DNI).
+    """
+    return _opaque_id(field, value)
+
+
 def _keyed_digest(field: str, value: str) -> str:
     if not isinstance(value, str) or not _KEYED.fullmatch(value):
         raise InvalidArgument("must be a keyed digest made by the Digester", field=field)

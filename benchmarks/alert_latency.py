@@ -61,7 +61,7 @@ async def run_round(data_dir: Path, port: int, subscribers: int, seconds: float)
     async def subscriber(k: int) -> None:
         nonlocal started
         call = stub.SubscribeAlerts(
-            mpb.SubscribeAlertsRequest(context=c.RequestContext(operator_id=f"op-center-{k:08d}"))
+            mpb.SubscribeAlertsRequest(context=c.RequestContext(operator_id=f"op-center-n{k:03d}x"))
         )
         started += 1
         if started == subscribers:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from centinela.audit.entry import check_opaque_id
 from centinela.errors import InvalidArgument, ModelMismatch
 from centinela.v1 import common_pb2
 
@@ -138,11 +139,14 @@ def check_context(
         ctx.authorisation_id, f"{field}.authorisation_id", required=False
     )
     out["legal_basis"] = check_text(ctx.legal_basis, f"{field}.legal_basis", max_len=256)
-    if ctx.operator_id and not _OPERATOR_RE.match(ctx.operator_id):
-        raise InvalidArgument(
-            "must be a pseudonymous token of 12-128 characters of [A-Za-z0-9_.:@=+-]",
-            field=f"{field}.operator_id",
-        )
+    if ctx.operator_id:
+        if not _OPERATOR_RE.match(ctx.operator_id):
+            raise InvalidArgument(
+                "must be a pseudonymous token of 12-128 characters of [A-Za-z0-9_.:@=+-]",
+                field=f"{field}.operator_id",
+            )
+        # The audit log refuses ids shaped like a plate or holding a DNI-like digit run.
+        check_opaque_id(f"{field}.operator_id", ctx.operator_id)
     out["operator_id"] = ctx.operator_id
     out["reference"] = check_id(ctx.reference, f"{field}.reference", required=reference_required)
     if ctx.offence_category:
