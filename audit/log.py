@@ -349,7 +349,7 @@ class AuditLog:
             self._fault_batch(leftovers, AuditUnavailable("the audit log closed"))
 
     def _fault_batch(self, batch: Sequence[_Item], err: AuditUnavailable) -> None:
-        for _, _, waiter, loop in batch:
+        for _, _, waiter, loop, _companion in batch:
             if loop is None:
                 waiter.set_exception(err)
             else:

@@ -36,7 +36,7 @@ from centinela.server.records import RequisitionRecord, SiteRecord
 from centinela.server.wiring import build_application
 
 
-def echo_handler() -> grpc.GenericRpcHandler:
+def echo_handler() -> Any:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 

@@ -65,7 +65,7 @@ def start_server(data_dir: Path, templates: int) -> tuple[subprocess.Popen[bytes
     return proc, int(port_file.read_text())
 
 
-def channel(data_dir: Path, port: int) -> grpc.aio.Channel:
+def channel(data_dir: Path, port: int) -> Any:
     files = certs.client_files(data_dir / "certs", "muni-miraflores")
     cert, key, ca = files.read()
     creds = grpc.ssl_channel_credentials(
@@ -133,7 +133,7 @@ async def drive(call: Any, payloads: list[Any], concurrency: int, seconds: float
 
 
 async def drive_stream(
-    stub: mgrpc.MatchServiceStub, payloads: list[mpb.MatchFaceRequest], streams: int, seconds: float
+    stub: Any, payloads: list[mpb.MatchFaceRequest], streams: int, seconds: float
 ) -> dict[str, Any]:
     done = 0
     stop = time.perf_counter() + seconds
@@ -156,7 +156,7 @@ async def drive_stream(
 
 async def measure(data_dir: Path, port: int, seconds: float, conc: list[int]) -> dict[str, Any]:
     ch = channel(data_dir, port)
-    stub = mgrpc.MatchServiceStub(ch)
+    stub: Any = mgrpc.MatchServiceStub(ch)
     info = await stub.GetServerInfo(mpb.GetServerInfoRequest())
     model_id = info.galleries[0].model_id
     size = info.galleries[0].size
@@ -209,14 +209,14 @@ def main() -> None:
         f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5}"
     )
     summary: dict[str, Any] = {"per_size": {}}
-    for n, r in results.items():
+    for size_key, r in results.items():
         per: dict[str, Any] = {}
         for k in conc:
             m, e, s = r[f"match_c{k}"], r[f"echo_c{k}"], r[f"stream_c{k}"]
             ratio = m["per_s"] / e["per_s"] if e["per_s"] else 0.0
             gain = s["per_s"] / m["per_s"] if m["per_s"] else 0.0
             print(
-                f"{n:>9} {k:>4} {m['per_s']:>9.0f} {e['per_s']:>9.0f} {ratio:>6.2f} "
+                f"{size_key:>9} {k:>4} {m['per_s']:>9.0f} {e['per_s']:>9.0f} {ratio:>6.2f} "
                 f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f}"
             )
             per[str(k)] = {
@@ -229,7 +229,7 @@ def main() -> None:
                 "stream_gain": round(gain, 3),
                 "errors": m["errors"],
             }
-        summary["per_size"][n] = per
+        summary["per_size"][size_key] = per
     first = str(sizes[0])
     best = max(conc, key=lambda k: summary["per_size"][first][str(k)]["match_face_per_s"])
     head = summary["per_size"][first][str(best)]

@@ -479,6 +479,19 @@ class FaceGallery:
             stored = self._index.get_items(labels, return_type="numpy")
             return float(np.clip(np.max(np.asarray(stored, dtype=np.float64) @ q), -1.0, 1.0))
 
+    def vectors_of(self, subject_ref: str) -> list[npt.NDArray[np.float32]]:
+        """The indexed (decrypted, in-memory) templates of one subject, in label order.
+
+        Used to copy a registry subject's face into a watchlist entry without a photo; the
+        caller audits that link.
+        """
+        with self._rw.read():
+            labels = sorted(self._by_subject.get(subject_ref, ()))
+            if not labels:
+                return []
+            stored = self._index.get_items(labels, return_type="numpy")
+        return [np.asarray(v, dtype=np.float32) for v in stored]
+
     # ---- tuning and compaction ----------------------------------------------------------
 
     def tune_ef(

@@ -161,6 +161,30 @@ class TemplateStore(PlateRecords, KeyRotation):
             ).first()
         return None if row is None else str(row.subject_ref)
 
+    def new_subject(self, owner: str) -> str:
+        """A new pseudonymous subject without a DNI (a wanted person known only by face)."""
+        check_owner(owner)
+        ref = "sub_" + secrets.token_hex(16)
+        with write_transaction(self.engine) as conn:
+            lock_writers(conn)
+            bulk_insert(
+                conn,
+                subjects,
+                [
+                    {
+                        "subject_ref": ref,
+                        "owner": owner,
+                        "dni_mac": None,
+                        "key_id": None,
+                        "nonce": None,
+                        "dni_ct": None,
+                        "objector": False,
+                        "created_at": _now(),
+                    }
+                ],
+            )
+        return ref
+
     def ensure_subject(self, owner: str, dni: str) -> str:
         """The owner's subject for ``dni``, created (DNI encrypted) if new."""
         res = self._resolve_subjects(owner, [dni])

@@ -108,7 +108,7 @@ class CentinelaServer:
         *,
         identity: Callable[[grpc.aio.ServicerContext[Any, Any]], Caller] | None = None,
         on_stop: Callable[[], Any] | None = None,
-        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        extra_handlers: Sequence[Any] = (),
     ) -> None:
         self.settings = settings
         self._extra_handlers = tuple(extra_handlers)

@@ -20,8 +20,9 @@ import asyncio
 import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from centinela import __version__
@@ -63,6 +64,8 @@ INSTRUCTIONS = {
     "reniec_registry": "Investigation lead only: every candidate needs human review (R8, R9).",
     "stolen_vehicles": "Report the sighting to the PNP center; do not stop the vehicle alone.",
 }
+M = TypeVar("M", bound=Message)
+
 STATE_ENUM = {
     PENDING: pb.ALERT_STATE_PENDING,
     PARTIAL: pb.ALERT_STATE_PARTIALLY_CONFIRMED,
@@ -137,8 +140,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         return await loop.run_in_executor(self.c.executor, lambda: fn(*args, **kw))
 
     async def _idempotent(
-        self, caller: Caller, request: Any, rpc: str, compute: Any, cls: Any
-    ) -> Any:
+        self, caller: Caller, request: Any, rpc: str, compute: Any, cls: type[M]
+    ) -> M:
         async def run() -> bytes:
             msg = await compute()
             return bytes(msg.SerializeToString())
@@ -675,7 +678,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     decision_id=alert.decision_id,
                     site_id=alert.site_id,
                     capture_time=_timestamp(alert.capture_time),
-                    gallery=GALLERY_ENUM.get(alert.gallery, 0),
+                    gallery=GALLERY_ENUM.get(alert.gallery, common_pb2.GALLERY_UNSPECIFIED),
                     reference=alert.reference,
                     category=alert.category,
                     score_band=alert.score_band,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -121,10 +121,10 @@ def site_pb(s: SiteRecord) -> pb.Site:
         site_id=s.site_id,
         municipality=s.municipality,
         region=s.region,
-        kind=s.kind,
+        kind=cast(Any, s.kind),
         description=s.description,
         active=s.active,
-    )  # type: ignore[arg-type]
+    )
 
 
 class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]

@@ -18,9 +18,7 @@ import pytest
 
 from centinela.clients import admin_cli
 from centinela.config import Settings
-from centinela.matcher.gallery import FaceGallery
 from centinela.matcher.service import WATCHLIST
-from centinela.matcher.store import TemplateStore
 from centinela.matcher.synth import genuine_probes, identities
 from centinela.policy.bundle import Bundle
 from centinela.server.testing import ServerThread
@@ -315,10 +313,6 @@ def test_requisition_lifecycle_create_match_lift_no_match(
     assert "47000000" not in out
 
 
-@pytest.mark.skipif(
-    not hasattr(FaceGallery, "vectors_of"),
-    reason="CreateRequisition from a DNI needs FaceGallery.vectors_of (matcher, not yet there)",
-)
 def test_requisition_from_registry_dni(
     srv: ServerThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -354,10 +348,6 @@ def test_requisition_from_registry_dni(
     assert doc["requisition"]["from_registry"] is True
 
 
-@pytest.mark.skipif(
-    not hasattr(TemplateStore, "new_subject"),
-    reason="CreateRequisition from templates alone needs TemplateStore.new_subject (matcher)",
-)
 def test_requisition_from_templates_only(
     srv: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

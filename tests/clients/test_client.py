@@ -81,7 +81,7 @@ def test_client_from_data_dir_is_the_named_identity(server: ServerThread) -> Non
     data_dir = server.settings.data_dir
     with CentinelaClient.from_data_dir(data_dir, "pnp-officer", server=server.target) as client:
         info = client.server_info()
-        assert (info.caller_org, info.caller_kind) == ("pnp", "pnp")
+        assert (info.caller_org, info.caller_kind) == ("pnp-lima", "pnp")
         assert list(info.caller_roles) == ["officer"]
         assert client.health()
 

@@ -19,7 +19,7 @@ MODEL = "arcface-test:0001"
 
 def _unit(dim: int = 512, seed: int = 0) -> list[float]:
     x = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
-    return (x / np.linalg.norm(x)).tolist()
+    return [float(v) for v in x / np.linalg.norm(x)]
 
 
 def _probe(**kw: object) -> common_pb2.FaceProbe:
