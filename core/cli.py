@@ -22,6 +22,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "edge": ("centinela.clients.edge_cli", "main", "edge agent: match faces and plates, portico"),
     "admin": ("centinela.clients.admin_cli", "main", "PNP admin: requisitorias, vehicles, sites"),
     "registry": ("centinela.clients.registry_cli", "main", "Reniec registry: import, objections"),
+    "alerts": ("centinela.clients.alerts_cli", "main", "control centers: live alerts, sightings"),
 }
 
 
