@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import InvalidArgument, NotFound
-from centinela.matcher.datakeys import DataKeyring, keyed_digest
+from centinela.matcher.datakeys import DataKeyring
 from centinela.matcher.envelope import Binding
 from centinela.matcher.key_rotation import KeyRotation
 from centinela.matcher.keys import KeyProvider, check_owner
@@ -47,6 +47,7 @@ from centinela.matcher.schema import (
     subjects,
     templates,
 )
+from centinela.matcher.subject_records import SubjectRecords
 from centinela.storage import migrate, write_transaction
 
 
@@ -60,18 +61,6 @@ def _epoch(when: dt.datetime | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
-
-
-def normalise_dni(dni: str) -> str:
-    """A Peruvian DNI: eight digits (spaces ignored).
-
-    Raises:
-        InvalidArgument: not eight digits (the message never repeats the value).
-    """
-    text = "".join(str(dni).split())
-    if len(text) != 8 or not text.isascii() or not text.isdigit():
-        raise InvalidArgument("DNI must be eight digits", field="dni")
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +104,7 @@ class TemplateChange:
     deleted: bool
 
 
-class TemplateStore(PlateRecords, KeyRotation):
+class TemplateStore(SubjectRecords, PlateRecords, KeyRotation):
     """Encrypted subjects, templates and plates in SQL (SQLite or PostgreSQL)."""
 
     def __init__(self, engine: Engine, keys: KeyProvider) -> None:
@@ -134,122 +123,12 @@ class TemplateStore(PlateRecords, KeyRotation):
             conn.execute(meta.insert().values(name="store_id", value=value))
             return value
 
-    # ---- helpers ------------------------------------------------------------------------
-
-    def _mac(self, owner: str, kind: bytes, *parts: bytes) -> bytes:
-        return keyed_digest(self.keyring, owner, kind, *parts)
-
-    def dni_mac(self, owner: str, dni: str) -> bytes:
-        """Keyed digest under which the owner's subject with this DNI is found."""
-        return self._mac(owner, b"dni", normalise_dni(dni).encode())
-
     def max_seq(self) -> int:
         """The store's high-water mark: the largest committed change sequence."""
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(seq.c.value).where(seq.c.id == 1)).scalar_one())
 
-    # ---- subjects -----------------------------------------------------------------------
-
-    def find_subject(self, owner: str, dni: str) -> str | None:
-        """The owner's pseudonymous subject for ``dni``, or None."""
-        mac = self.dni_mac(check_owner(owner), dni)
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(subjects.c.subject_ref).where(
-                    subjects.c.owner == owner, subjects.c.dni_mac == mac
-                )
-            ).first()
-        return None if row is None else str(row.subject_ref)
-
-    def new_subject(self, owner: str) -> str:
-        """A new pseudonymous subject without a DNI (a wanted person known only by face)."""
-        check_owner(owner)
-        ref = "sub_" + secrets.token_hex(16)
-        with write_transaction(self.engine) as conn:
-            lock_writers(conn)
-            bulk_insert(
-                conn,
-                subjects,
-                [
-                    {
-                        "subject_ref": ref,
-                        "owner": owner,
-                        "dni_mac": None,
-                        "key_id": None,
-                        "nonce": None,
-                        "dni_ct": None,
-                        "objector": False,
-                        "created_at": _now(),
-                    }
-                ],
-            )
-        return ref
-
-    def ensure_subject(self, owner: str, dni: str) -> str:
-        """The owner's subject for ``dni``, created (DNI encrypted) if new."""
-        res = self._resolve_subjects(owner, [dni])
-        return res[0]
-
-    def _resolve_subjects(self, owner: str, dnis: Sequence[str]) -> list[str]:
-        # Create the owner's keys (their own transaction) before taking the write lock:
-        # SQLite allows one writer, and this thread would otherwise wait on itself.
-        self.keyring.current(owner, "index")
-        self.keyring.current_sealer(owner)
-        with write_transaction(self.engine) as conn:
-            lock_writers(conn)
-            return self._subjects_in(conn, owner, dnis)
-
-    def _subjects_in(self, conn: Connection, owner: str, dnis: Sequence[str]) -> list[str]:
-        norm = [normalise_dni(d) for d in dnis]
-        macs = [self._mac(owner, b"dni", d.encode()) for d in norm]
-        found: dict[bytes, str] = {}
-        for part in chunks(sorted(set(macs))):
-            rows = conn.execute(
-                sa.select(subjects.c.subject_ref, subjects.c.dni_mac).where(
-                    subjects.c.owner == owner, subjects.c.dni_mac.in_(part)
-                )
-            )
-            found.update({bytes(r.dni_mac): str(r.subject_ref) for r in rows})
-        sealer = self.keyring.current_sealer(owner)
-        new_rows = []
-        for d, mac in zip(norm, macs, strict=True):
-            if mac in found:
-                continue
-            ref = "sub_" + secrets.token_hex(16)
-            found[mac] = ref
-            binding = Binding("dni", ref, ref, "", "", sealer.key_id)
-            nonce, ct = sealer.seal(d.encode(), binding)
-            new_rows.append(
-                {
-                    "subject_ref": ref,
-                    "owner": owner,
-                    "dni_mac": mac,
-                    "key_id": sealer.key_id,
-                    "nonce": nonce,
-                    "dni_ct": ct,
-                    "objector": False,
-                    "created_at": _now(),
-                }
-            )
-        bulk_insert(conn, subjects, new_rows)
-        return [found[m] for m in macs]
-
-    def reveal_dni(self, subject_ref: str) -> str:
-        """Decrypt a subject's DNI (for audited administrative use only).
-
-        Raises:
-            NotFound: no such subject, or its DNI was erased.
-            KeyNotFound, DecryptionError: the key is gone or the row was tampered with.
-        """
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(subjects).where(subjects.c.subject_ref == subject_ref)
-            ).first()
-        if row is None or row.dni_ct is None:
-            raise NotFound("no such subject", field="subject_ref")
-        sealer = self.keyring.sealer(row.owner, row.key_id)
-        binding = Binding("dni", subject_ref, subject_ref, "", "", row.key_id)
-        return sealer.open(bytes(row.nonce), bytes(row.dni_ct), binding).decode()
+    # ---- subjects (see also SubjectRecords) ---------------------------------------------
 
     def set_objector(self, subject_ref: str, objector: bool) -> int:
         """Record or withdraw an objection (R7); re-sequences the subject's templates."""

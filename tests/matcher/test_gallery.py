@@ -351,3 +351,12 @@ def test_search_returns_exactly_the_allowed_entries(
         exempt_subjects=frozenset(f"s{i}" for i in exempt),
     )
     assert {h.template_id for h in hits} == allowed
+
+
+def test_vectors_of_returns_a_subjects_templates(
+    gallery: FaceGallery, population: tuple[np.ndarray, np.ndarray]
+) -> None:
+    templates, _ = population
+    (vec,) = gallery.vectors_of("s9")
+    assert np.allclose(vec, templates[9], atol=1e-6)
+    assert gallery.vectors_of("nobody") == []

@@ -344,3 +344,12 @@ def test_first_subject_of_a_fresh_owner(store: TemplateStore) -> None:
     ref = store.ensure_subject("pnp", "12345678")
     assert store.ensure_subject("pnp", "1234 5678") == ref
     assert store.find_subject("pnp", "12345678") == ref
+
+
+def test_subject_without_dni(store: TemplateStore, vecs: np.ndarray) -> None:
+    """A wanted person known only by face: pseudonymous subject, no DNI to reveal."""
+    ref = store.new_subject("pnp")
+    res = store.add_templates("pnp", "pnp_watchlist", M, [TemplateRecord(vecs[0], subject_ref=ref)])
+    assert res.subject_refs == [ref]
+    with pytest.raises(NotFound):
+        store.reveal_dni(ref)
