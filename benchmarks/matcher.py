@@ -197,8 +197,11 @@ def real_embeddings() -> dict[str, Any] | None:
     import skimage.data
 
     enc = FaceEncoder(threads=1)
-    images = {p.name: cv2.imread(str(p)) for p in sorted(model_dir.glob("*.jpg"))}
-    images["astronaut"] = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    images: dict[str, Any] = {p.name: cv2.imread(str(p)) for p in sorted(model_dir.glob("*.jpg"))}
+    images["astronaut"] = cv2.cvtColor(
+        skimage.data.astronaut(),  # type: ignore[no-untyped-call]
+        cv2.COLOR_RGB2BGR,
+    )
     t0 = time.perf_counter()
     faces, flips, names = [], [], []
     for name, img in images.items():
