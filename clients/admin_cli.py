@@ -203,11 +203,28 @@ def _req_text(verb: str, r: wpb.Requisition, info: common_pb2.DecisionInfo) -> s
     )
 
 
+def _template_from_photo(path: Path) -> common_pb2.FaceTemplate:
+    """Enrol from a photo with the edge encoder, locally: only the embedding is sent.
+
+    Raises:
+        InvalidArgument: the edge extra is missing, or the photo has no face or several.
+    """
+    try:
+        from centinela.clients.encoder import encode_single_face
+    except ImportError as exc:  # the edge extra (onnxruntime, insightface) is optional
+        raise InvalidArgument(
+            "needs the edge extra: pip install 'centinela[edge]'", field="--image"
+        ) from exc
+    vector, model_id = encode_single_face(path)
+    return common_pb2.FaceTemplate(model_id=model_id, vector=[float(x) for x in vector])
+
+
 def _req_add(args: argparse.Namespace) -> int:
     _require(args, "warrant", args.warrant)
-    if not args.dni and not args.templates:
+    if not args.dni and not args.templates and not args.image:
         raise InvalidArgument(
-            "give --dni (templates taken from the registry) or --templates FILE", field="--dni"
+            "give --dni (templates taken from the registry), --templates FILE or --image PHOTO",
+            field="--dni",
         )
     request = wpb.CreateRequisitionRequest(
         context=_context(args, args.warrant),
@@ -220,6 +237,8 @@ def _req_add(args: argparse.Namespace) -> int:
     )
     if args.templates:
         request.templates.templates.extend(_templates_from(Path(args.templates)))
+    for image in args.image:
+        request.templates.templates.append(_template_from_photo(Path(image)))
     with cc.client_from_args(args, default_identity=DEFAULT_IDENTITY) as client:
         answer = client.create_requisition(request)
     return _emit(args, answer, _req_text("created", answer.requisition, answer.decision))
@@ -435,6 +454,14 @@ def _site_list(args: argparse.Namespace) -> int:
     return _list(args, "list_sites", request, "sites", header, _site_row)
 
 
+def _sightings(args: argparse.Namespace) -> int:
+    from centinela.clients.alerts_cli import sightings
+
+    if args.identity is None and not args.cert:
+        args.identity = "pnp-investigator"
+    return sightings(args, sys.stdout)
+
+
 # ---- parser -------------------------------------------------------------------------------
 
 
@@ -468,6 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="action", metavar="COMMAND", required=True)
 
+    p = sub.add_parser(
+        "sightings",
+        help="sighting history (rastreo) of a requisitoria or stolen vehicle, newest first",
+        epilog=cc.EXIT_CODES_HELP,
+    )
+    p.add_argument("reference", metavar="REF", help="requisition id (req_…) or vehicle id (veh_…)")
+    _opts(p, None)
+    p.set_defaults(func=_sightings, verb="")
+
     req = _group(sub, "requisition", "requisitorias (wanted persons)")
     p = req.add_parser("add", help="create a requisitoria from a DNI or supplied templates")
     p.add_argument("--warrant", required=True, help="warrant id (orden de captura)")
@@ -477,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", type=_when, required=True, help="expiry (ISO 8601)")
     p.add_argument("--dni", default="", help="DNI (templates from the registry), or - for stdin")
     p.add_argument("--templates", help="JSON/JSONL file of {model_id, vector} templates")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="photo of the wanted person (repeatable): encoded here with the edge encoder, "
+        "only the embedding is sent",
+    )
     _opts(p, "warrant or order id (default: --warrant)")
     p.set_defaults(func=_req_add)
     p = req.add_parser("update", help="change court, offence category or expiry")
@@ -562,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse: --help is 0, a usage error 2
         return int(exc.code or 0)
-    what = f"{PROG} {args.action} {args.verb}"
+    what = f"{PROG} {args.action} {args.verb}".rstrip()
     if getattr(args, "page_size", 50) not in range(1, 501):
         err = InvalidArgument("must lie in 1..500", field="--page-size")
         return cc.print_error(what, err, as_json=args.json)

@@ -505,3 +505,70 @@ def test_default_identity_is_pnp_admin() -> None:
     assert admin_cli.DEFAULT_IDENTITY == "pnp-admin"
     args = admin_cli.build_parser().parse_args(["site", "list"])
     assert args.identity is None
+
+
+@pytest.mark.edge
+def test_requisition_from_a_photo_is_found_in_a_crowd_and_its_sighting_listed(
+    srv: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`requisition add --image`: the photo is encoded here; only the embedding is sent."""
+    import cv2
+
+    from centinela.clients.encoder import FaceEncoder
+    from centinela.models import packaged_model_dir
+
+    photos = packaged_model_dir()
+    assert photos is not None
+    ensure_site(capsys, srv)
+    code, out, err = run(
+        capsys,
+        srv,
+        [
+            "requisition",
+            "add",
+            "--warrant",
+            "W-PHOTO-000001",
+            "--court",
+            "Juzgado Penal 3",
+            "--offence",
+            "ROBO_AGRAVADO",
+            "--issued",
+            day(-1),
+            "--expires",
+            day(30),
+            "--image",
+            str(photos / "yaoming.jpg"),
+            "--reference",
+            "ORD-PHOTO-000001",
+            "--operator",
+            "op-pnp-admin-0001",
+        ],
+    )
+    assert code == 0, err
+    match = re.search(r"req_[0-9a-f]+", out)
+    assert match is not None
+    req_id = match.group(0)
+    faces = FaceEncoder(threads=1).encode(cv2.imread(str(photos / "players.jpg")))
+    ch = srv.channel("muni-miraflores")
+    stub = match_service_pb2_grpc.MatchServiceStub(ch)
+    now = dt.datetime.now(dt.UTC)
+    hits = []
+    for i, face in enumerate(faces):
+        req = mpb.MatchFaceRequest(
+            context=common_pb2.RequestContext(
+                purpose=common_pb2.PURPOSE_WANTED_PERSON,
+                site_id=SITE,
+                client_request_id=f"photo-test-{i:04d}x",
+            ),
+            probe=common_pb2.FaceProbe(
+                model_id=face.model_id, quality=face.quality, vector=[float(x) for x in face.vector]
+            ),
+        )
+        req.context.capture_time.FromDatetime(now)
+        resp = stub.MatchFace(req, timeout=30)
+        hits += [c.reference for c in resp.candidates]
+    ch.close()
+    assert hits == [req_id]  # Yao Ming, and nobody else in the team photo
+    code, out, err = run(capsys, srv, ["sightings", req_id, "--json"], "pnp-investigator")
+    assert code == 0, err
+    assert [s["site_id"] for s in json.loads(out)["sightings"]] == [SITE]
