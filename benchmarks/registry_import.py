@@ -212,8 +212,12 @@ def sample_recall(srv: ServerThread, n: int, samples: int = 200) -> float:
     rng = np.random.default_rng(7)
     picks = rng.choice(n, size=min(samples, n), replace=False)
     found = 0
+    chunks: dict[int, npt.NDArray[np.float32]] = {}
     for i in picks.tolist():
-        vec = vectors(int(i), 1)[0]
+        chunk, offset = divmod(int(i), CHUNK)
+        if chunk not in chunks:
+            chunks[chunk] = identities(CHUNK, 512, seed=chunk)
+        vec = chunks[chunk][offset]
         hits = matcher.search_faces(REGISTRY, vec, model_id=MODEL, k=1, min_score=0.9)
         dni = f"{DNI_BASE + int(i):08d}"
         if hits and hits[0].subject_ref == store.find_subject("reniec", dni):
