@@ -106,6 +106,8 @@ METRIC_KINDS = frozenset(
         "unchanged",
         "rejected",
         "removed",
+        "replaced",
+        "batches",
     }
 )
 #: Names of non-personal SHA-256 digests (of a policy bundle, a configuration, a model file).

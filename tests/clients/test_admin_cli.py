@@ -548,7 +548,9 @@ def test_requisition_from_a_photo_is_found_in_a_crowd_and_its_sighting_listed(
     match = re.search(r"req_[0-9a-f]+", out)
     assert match is not None
     req_id = match.group(0)
-    faces = FaceEncoder(threads=1).encode(cv2.imread(str(photos / "players.jpg")))
+    image = cv2.imread(str(photos / "players.jpg"))
+    assert image is not None
+    faces = FaceEncoder(threads=1).encode(np.asarray(image, dtype=np.uint8))
     ch = srv.channel("muni-miraflores")
     stub = match_service_pb2_grpc.MatchServiceStub(ch)
     now = dt.datetime.now(dt.UTC)

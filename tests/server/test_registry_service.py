@@ -549,6 +549,7 @@ def _investigate(srv: ServerThread, probe: npt.NDArray[np.float32], auth_id: str
         authorisation_id=auth_id,
         site_id=SITE,
         operator_id="op-investigator-7",
+        offence_category="ROBO_AGRAVADO",
     )
     c.capture_time.FromDatetime(dt.datetime.now(dt.UTC))
     answer = stub.MatchFace(
@@ -571,15 +572,6 @@ def _enrol(srv: ServerThread, start: int, seed: int) -> tuple[list[str], npt.NDA
     return ids, vecs
 
 
-@pytest.mark.xfail(
-    reason=(
-        "R3 needs context.offence_category, which RequestContext does not carry and MatchFace "
-        "does not send: every registry 1:N search is denied (lead: server/match_service.py + "
-        "policy). The exclusion itself is proven by the next test."
-    ),
-    raises=grpc.RpcError,
-    strict=True,
-)
 def test_objector_excluded_from_registry_search_under_draft_2026(draft: ServerThread) -> None:
     ids, vecs = _enrol(draft, 30_000_000, 20)
     _authorise(draft, AUTH)
@@ -591,8 +583,7 @@ def test_objector_excluded_from_registry_search_under_draft_2026(draft: ServerTh
 
 
 def test_objection_excluded_under_the_draft_2026_decision(draft: ServerThread) -> None:
-    """The real draft-2026 decision for a registry search (with the offence category that
-    MatchFace cannot send yet) obliges exclusion; the real matcher applies it; an order that
+    """The real draft-2026 decision for a registry search obliges exclusion; the real matcher applies it; an order that
     names the objector spares them (R7)."""
     ids, vecs = _enrol(draft, 31_000_000, 22)
     _authorise(draft, AUTH + "N", named=[ids[1]])
