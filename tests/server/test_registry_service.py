@@ -583,8 +583,8 @@ def test_objector_excluded_from_registry_search_under_draft_2026(draft: ServerTh
 
 
 def test_objection_excluded_under_the_draft_2026_decision(draft: ServerThread) -> None:
-    """The real draft-2026 decision for a registry search obliges exclusion; the real matcher applies it; an order that
-    names the objector spares them (R7)."""
+    """The real draft-2026 decision for a registry search obliges exclusion; the real
+    matcher applies it; an order that names the objector spares them (R7)."""
     ids, vecs = _enrol(draft, 31_000_000, 22)
     _authorise(draft, AUTH + "N", named=[ids[1]])
     c = draft.app.components
