@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import shutil
 import sys
 import tempfile
 import threading
@@ -48,7 +47,6 @@ from centinela.matcher.keys import FileKeyProvider
 from centinela.matcher.service import REGISTRY, HnswSettings
 from centinela.matcher.store import TemplateRecord, TemplateStore
 from centinela.matcher.synth import identities
-from centinela.policy.bundle import packaged_root
 from centinela.server import certs
 from centinela.server.testing import ServerThread
 from centinela.storage import make_engine
@@ -63,23 +61,6 @@ DNI_BASE = 10_000_000
 
 
 # ---- set-up ------------------------------------------------------------------------------
-
-
-def bundle_with_status(directory: Path) -> str:
-    """The interim bundle, patched to grant GetImportStatus to Reniec while it lacks it."""
-    src = packaged_root() / "interim"
-    data = json.loads((src / "data.json").read_text())
-    cfg = data["centinela_config"]
-    if "GetImportStatus" in cfg["rpcs"]:
-        return "interim"
-    dst = directory / "interim"
-    shutil.copytree(src, dst)
-    cfg["rpcs"]["GetImportStatus"] = {"family": "admin", "write": False, "rule": "R15"}
-    grant = cfg["roles"]["reniec"]["admin"]
-    grant["rpcs"].append("GetImportStatus")
-    grant["modes"] = sorted(set(grant["modes"]) | {"READ"})
-    (dst / "data.json").write_text(json.dumps(data))
-    return str(dst)
 
 
 def vectors(start: int, count: int) -> npt.NDArray[np.float32]:
@@ -153,13 +134,11 @@ def streams(n: int, per_stream: int) -> Iterator[list[Any]]:
 
 def through_server(n: int, per_stream: int, root: Path) -> dict[str, Any]:
     """Import n templates through the real server; time durable and searchable."""
-    policy_dir = root / "policy"
-    policy_dir.mkdir(parents=True)
     settings = Settings(
         data_dir=root / "data",
         listen="127.0.0.1:0",
         shutdown_grace_s=5.0,
-        policy_bundle=bundle_with_status(policy_dir),
+        policy_bundle="interim",
         face_model_id=MODEL,
         log_level="warning",
     )

@@ -1,9 +1,7 @@
 """``centinela registry`` run in-process (its ``main(argv)``) against a real server over mTLS.
 
-Two gaps of other components are bridged in this module only (as in
-``tests/server/test_registry_service.py``): the dev ``reniec`` certificate's role does not
-match the role the bundles grant, so a Reniec certificate with both roles is issued by the dev
-CA; and ``GetImportStatus`` is granted by a patched copy of the bundle while it is missing.
+A Reniec certificate with roles ``admin`` and ``registry`` is issued by the dev CA for these
+tests (as in ``tests/server/test_registry_service.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,33 +23,17 @@ from centinela.clients import registry_cli
 from centinela.config import Settings
 from centinela.matcher.service import REGISTRY
 from centinela.matcher.synth import identities
-from centinela.policy.bundle import Bundle, packaged_root
+from centinela.policy.bundle import Bundle
 from centinela.server import certs
 from centinela.server.testing import ServerThread
 
 RENIEC = "reniec-test-admin"
 
 
-def _bundle(directory: Path) -> str:
-    src = packaged_root() / "interim"
-    data = json.loads((src / "data.json").read_text())
-    cfg = data["centinela_config"]
-    if "GetImportStatus" in cfg["rpcs"]:
-        return "interim"
-    dst = directory / "interim"
-    shutil.copytree(src, dst)
-    cfg["rpcs"]["GetImportStatus"] = {"family": "admin", "write": False, "rule": "R15"}
-    grant = cfg["roles"]["reniec"]["admin"]
-    grant["rpcs"].append("GetImportStatus")
-    grant["modes"] = sorted(set(grant["modes"]) | {"READ"})
-    (dst / "data.json").write_text(json.dumps(data))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     tmp = tmp_path_factory.mktemp("registry-cli")
-    bundle = _bundle(tmp)
+    bundle = "interim"
     settings = Settings(
         data_dir=tmp / "data",
         listen="127.0.0.1:0",

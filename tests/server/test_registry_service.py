@@ -1,19 +1,13 @@
 """RegistryService against a real server over mutual TLS (SQLite, hnswlib, Rego, audit log).
 
-Two gaps of other components are bridged in this module only, until they are closed:
-
-* the development ``reniec`` certificate carries the role ``registry`` while the policy bundles
-  grant RegistryService to the Reniec role ``admin``: the tests issue a Reniec certificate
-  (signed by the same dev CA) carrying both roles;
-* the packaged bundles do not list ``GetImportStatus`` yet: :func:`bundle_with_status` copies
-  the bundle and grants it to the Reniec admin role, only while it is missing.
+The tests issue their own Reniec certificate (signed by the same dev CA, roles ``admin`` and
+``registry``), which also shows that an extra role changes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +21,7 @@ import pytest
 from centinela.config import Settings
 from centinela.matcher.service import REGISTRY
 from centinela.matcher.synth import genuine_probes, identities
-from centinela.policy.bundle import Bundle, packaged_root
+from centinela.policy.bundle import Bundle
 from centinela.server import certs
 from centinela.server.testing import ServerThread, secure_channel
 from centinela.v1 import (
@@ -46,27 +40,8 @@ OUTSIDERS = ("muni-miraflores", "pnp-admin", "pnp-investigator", "compliance")
 # ---- helpers -----------------------------------------------------------------------------
 
 
-def bundle_with_status(name: str, directory: Path) -> str:
-    """The packaged bundle if it grants GetImportStatus to Reniec, else a patched copy."""
-    src = packaged_root() / name
-    data = json.loads((src / "data.json").read_text())
-    cfg = data.get("centinela_config", data)
-    if "GetImportStatus" in cfg["rpcs"]:
-        return name
-    dst = directory / name
-    shutil.copytree(src, dst)
-    cfg["rpcs"]["GetImportStatus"] = {"family": "admin", "write": False, "rule": "R15"}
-    grant = cfg["roles"]["reniec"]["admin"]
-    grant["rpcs"].append("GetImportStatus")
-    grant["modes"] = sorted(set(grant["modes"]) | {"READ"})
-    (dst / "data.json").write_text(json.dumps(data, indent=1))
-    return str(dst)
-
-
 def start_server(tmp: Path, bundle: str = "interim", database_url: str = "") -> ServerThread:
-    policy_dir = tmp / "policy"
-    policy_dir.mkdir(exist_ok=True)
-    path = bundle_with_status(bundle, policy_dir)
+    path = bundle
     settings = Settings(
         data_dir=tmp / "data",
         database_url=database_url,
