@@ -232,7 +232,6 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         candidates: list[pb.FaceCandidate] = []
         alert_rows: list[dict[str, Any]] = []
         refs: dict[str, str] = {}
-        site = self.c.view.site(ctx["site_id"]) if ctx["site_id"] else None
         for g, hit in found:
             reference, category = "", ""
             if g == "pnp_watchlist":
@@ -257,25 +256,18 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             if alert_id:
                 cand.alert_id = alert_id
                 alert_rows.append(
-                    {
-                        "alert_id": alert_id,
-                        "decision_id": decision_id,
-                        "audit_index": -1,
-                        "caller_org": caller.org,
-                        "site_id": ctx["site_id"] or "-",
-                        "municipality": site.municipality if site else caller.org,
-                        "region": site.region if site else caller.region,
-                        "capture_time": dt.datetime.fromisoformat(
-                            ctx.get("capture_time", now.isoformat())
-                        ).timestamp(),
-                        "gallery": g,
-                        "reference": reference or hit.subject_ref,
-                        "category": category or "-",
-                        "score_band": score_band(hit.score, float(ob.min_score.get(g, 0.0))),
-                        "state": PENDING,
-                        "confirmations_required": 2 if ob.two_person_confirmation else 1,
-                        "created_at": now.timestamp(),
-                    }
+                    self._alert_row(
+                        alert_id,
+                        decision_id,
+                        caller,
+                        ctx,
+                        now,
+                        gallery=g,
+                        reference=reference or hit.subject_ref,
+                        category=category or "-",
+                        band=score_band(hit.score, float(ob.min_score.get(g, 0.0))),
+                        confirmations_required=2 if ob.two_person_confirmation else 1,
+                    )
                 )
             candidates.append(cand)
         if candidates:
@@ -316,6 +308,41 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         if alert_rows:
             self.c.bus.notify()
         return answer
+
+    def _alert_row(
+        self,
+        alert_id: str,
+        decision_id: str,
+        caller: Caller,
+        ctx: dict[str, Any],
+        now: dt.datetime,
+        *,
+        gallery: str,
+        reference: str,
+        category: str,
+        band: str,
+        confirmations_required: int,
+    ) -> dict[str, Any]:
+        """An alert row for the outbox; its site decides who sees it (R10)."""
+        return {
+            "alert_id": alert_id,
+            "decision_id": decision_id,
+            "audit_index": -1,
+            "caller_org": caller.org,
+            "site_id": ctx["site_id"] or "-",
+            "municipality": site.municipality if site else caller.org,
+            "region": site.region if site else caller.region,
+            "capture_time": dt.datetime.fromisoformat(
+                ctx.get("capture_time", now.isoformat())
+            ).timestamp(),
+            "gallery": gallery,
+            "reference": reference,
+            "category": category,
+            "score_band": band,
+            "state": PENDING,
+            "confirmations_required": confirmations_required,
+            "created_at": now.timestamp(),
+        }
 
     def _dimension(self) -> int:
         return int(self.c.matcher.specs["pnp_watchlist"].dim)
@@ -372,7 +399,6 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             hits = await self._in_executor(
                 self.c.matcher.search_plates, read, k=max(1, ob.max_results or 1)
             )
-            site = self.c.view.site(ctx["site_id"]) if ctx["site_id"] else None
             for hit in hits:
                 if hit.score < floor:
                     continue
@@ -391,25 +417,18 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     )
                 )
                 alert_rows.append(
-                    {
-                        "alert_id": alert_id,
-                        "decision_id": decision_id,
-                        "audit_index": -1,
-                        "caller_org": caller.org,
-                        "site_id": ctx["site_id"] or "-",
-                        "municipality": site.municipality if site else caller.org,
-                        "region": site.region if site else caller.region,
-                        "capture_time": dt.datetime.fromisoformat(
-                            ctx.get("capture_time", now.isoformat())
-                        ).timestamp(),
-                        "gallery": "stolen_vehicles",
-                        "reference": vehicle.vehicle_id,
-                        "category": vehicle.report_category,
-                        "score_band": score_band(hit.score, floor),
-                        "state": PENDING,
-                        "confirmations_required": 1,
-                        "created_at": now.timestamp(),
-                    }
+                    self._alert_row(
+                        alert_id,
+                        decision_id,
+                        caller,
+                        ctx,
+                        now,
+                        gallery="stolen_vehicles",
+                        reference=vehicle.vehicle_id,
+                        category=vehicle.report_category,
+                        band=score_band(hit.score, floor),
+                        confirmations_required=1,
+                    )
                 )
         refs: dict[str, str] = {}
         if candidates:
