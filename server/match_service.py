@@ -324,6 +324,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         confirmations_required: int,
     ) -> dict[str, Any]:
         """An alert row for the outbox; its site decides who sees it (R10)."""
+        site = self.c.view.site(ctx["site_id"]) if ctx["site_id"] else None
         return {
             "alert_id": alert_id,
             "decision_id": decision_id,
