@@ -381,3 +381,77 @@ def in_scope(scope: Any, alert: Any) -> bool:
     if level == "region":
         return bool(alert.region.lower() == str(scope.get("region", "")).lower())
     return False
+
+
+class AlertFeed:
+    """One reader of the outbox for every subscriber of this process.
+
+    Each new outbox row is read from the database once and handed to all live subscribers
+    from memory; a subscriber that resumes from an older cursor than the buffer holds is
+    served from the database until it catches up. The outbox stays the source of truth: the
+    buffer only saves queries.
+    """
+
+    def __init__(self, store: AlertStore, bus: AlertBus, *, keep: int = 10_000) -> None:
+        self._store = store
+        self._bus = bus
+        self._keep = keep
+        self._events: list[tuple[int, Alert]] = []
+        self._last: int | None = None
+        self._changed: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _ensure_running(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._changed
+
+    async def _run(self) -> None:
+        changed = self._changed
+        assert changed is not None
+        while True:
+            try:
+                if self._last is None:
+                    self._last = await asyncio.to_thread(self._store.last_event_seq)
+                new = await asyncio.to_thread(self._store.events_since, self._last)
+            except Exception:  # the database may be down: try again shortly
+                await asyncio.sleep(1.0)
+                continue
+            if new:
+                self._events.extend(new)
+                del self._events[: max(0, len(self._events) - self._keep)]
+                self._last = new[-1][0]
+                async with changed:
+                    changed.notify_all()
+            else:
+                await self._bus.wait(1.0)
+
+    async def start_position(self) -> int:
+        """The outbox position "now" (where a subscription without a cursor starts)."""
+        return int(await asyncio.to_thread(self._store.last_event_seq))
+
+    async def after(self, cursor: int, wait_s: float = 1.0) -> list[tuple[int, Alert]]:
+        """Events after ``cursor``; waits up to ``wait_s`` for new ones when there are none."""
+        changed = self._ensure_running()
+        last = self._last
+        oldest = self._events[0][0] if self._events else None
+        if last is None or (cursor < last and (oldest is None or cursor < oldest - 1)):
+            # Behind what memory holds (or the feed has not started): read the outbox.
+            rows = await asyncio.to_thread(self._store.events_since, cursor)
+            if rows:
+                return rows
+        newer = [e for e in self._events if e[0] > cursor]
+        if newer:
+            return newer
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait(), wait_s)
+            except TimeoutError:
+                return []
+        return [e for e in self._events if e[0] > cursor]
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

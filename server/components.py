@@ -21,7 +21,7 @@ from centinela.audit.log import AuditLog
 from centinela.config import Settings
 from centinela.matcher.service import Matcher
 from centinela.policy import PolicyService
-from centinela.server.alerts import AlertBus, AlertStore
+from centinela.server.alerts import AlertBus, AlertFeed, AlertStore
 from centinela.server.idempotency import IdempotencyStore
 from centinela.server.pipeline import Pipeline
 from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
@@ -87,6 +87,13 @@ class Components:
     shadow_name: str = ""
     bus: AlertBus = dataclasses.field(default_factory=AlertBus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    feed: AlertFeed | None = None
+
+    def alert_feed(self) -> AlertFeed:
+        """The process's one outbox reader (created on first use, in the server's loop)."""
+        if self.feed is None:
+            self.feed = AlertFeed(self.alerts, self.bus)
+        return self.feed
 
     def refresh_policy_data(self) -> None:
         """Push sites, authorisations and gallery models to the policy engines; refresh."""

@@ -684,10 +684,11 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 outcome="SUBSCRIBED",
             )
         )
+        feed = self.c.alert_feed()
         if cursor is None:
-            cursor = await self._in_executor(self.c.alerts.last_event_seq)
+            cursor = await feed.start_position()
         while True:
-            events = await self._in_executor(self.c.alerts.events_since, cursor)
+            events = await feed.after(cursor)
             for seq, alert in events:
                 cursor = seq
                 if not in_scope(scope, alert) or (sites and alert.site_id not in sites):
@@ -705,8 +706,6 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     state=STATE_ENUM.get(alert.state, pb.ALERT_STATE_UNSPECIFIED),
                     confirmations=alert.confirmations,
                 )
-            if not events:
-                await self.c.bus.wait(1.0)
 
     # ---- GetServerInfo -----------------------------------------------------------------
 

@@ -72,6 +72,8 @@ class Application:
         task = c.extra.get("purge_task")
         if task is not None:
             task.cancel()
+        if c.feed is not None:
+            c.feed.stop()
         try:
             await c.audit.append(
                 AuditEvent(
