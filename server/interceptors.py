@@ -26,7 +26,12 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from centinela.errors import CentinelaError, ResourceExhausted, Unauthenticated
+from centinela.errors import (
+    CentinelaError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from centinela.logs import get_logger
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
@@ -78,6 +83,30 @@ def _trailers(err: CentinelaError, request_id: str) -> tuple[tuple[str, str | by
     status.details.add().Pack(info)
     trailers.append(("grpc-status-details-bin", status.SerializeToString()))
     return tuple(trailers)
+
+
+class MalformedRequest:
+    """Stands for a request whose bytes are not the RPC's protobuf message."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that yields :class:`MalformedRequest` instead of raising, so that
+    undecodable bytes get INVALID_ARGUMENT (gRPC itself would answer INTERNAL)."""
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return MalformedRequest()
+
+    return safe
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument("the request bytes are not a valid message of this RPC")
 
 
 class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -175,6 +204,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 try:
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
+                    _check_decoded(request)
                     interceptor._in_flight += 1
                     try:
                         result = inner_uu(request, context)
@@ -197,7 +227,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
@@ -214,6 +244,8 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 try:
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
+                    if not streaming_request:
+                        _check_decoded(request)
                     interceptor._in_flight += 1
                     try:
                         async for item in inner_s(request, context):
@@ -238,7 +270,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             )
             return factory(
                 streaming,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
@@ -274,6 +306,6 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -42,7 +42,7 @@ from centinela.server.alerts import (
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
-from centinela.server.interceptors import status_code
+from centinela.server.interceptors import MalformedRequest, status_code
 from centinela.server.pipeline import decision_info
 from centinela.server.unimplemented import UnimplementedMatch
 from centinela.server.validation import (
@@ -465,11 +465,15 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.StreamMatchRequest], context: Any
     ) -> AsyncIterator[pb.StreamMatchResponse]:
         caller, call = current_caller(), current_call()
-        async for msg in request_iterator:
+        async for item in request_iterator:
+            msg: Any = item  # a StreamMatchRequest, or MalformedRequest for undecodable bytes
+            seq = int(getattr(msg, "sequence", 0))
             sub = CallState(
-                request_id=f"{call.request_id}.{msg.sequence}", method=call.method, caller=caller
+                request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller
             )
             try:
+                if isinstance(msg, MalformedRequest):
+                    raise InvalidArgument("the message is not a valid StreamMatchRequest")
                 which = msg.WhichOneof("probe")
                 if which == "face":
                     face = await self._idempotent(
@@ -493,7 +497,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     raise InvalidArgument("carries neither a face nor a plate", field="probe")
             except CentinelaError as exc:
                 yield pb.StreamMatchResponse(
-                    sequence=msg.sequence,
+                    sequence=seq,
                     error=common_pb2.ErrorStatus(
                         code=status_code(exc).value[0],
                         message=exc.diagnostics(),
