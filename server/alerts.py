@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.audit.store import Companion
-from centinela.errors import FailedPrecondition, NotFound, StorageError
+from centinela.errors import FailedPrecondition, NotFound
 from centinela.storage import Migration, migrate, read_connection, write_transaction
 
 metadata = sa.MetaData()
@@ -145,16 +145,6 @@ class AlertStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         migrate(engine, "alerts", MIGRATIONS)
-
-    def add(self, items: list[dict[str, Any]]) -> None:
-        """Insert alert rows (dicts with the table's columns but ``seq``)."""
-        if not items:
-            return
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(alerts.insert(), items)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StorageError(f"alert store failed: {exc.__class__.__name__}") from exc
 
     @staticmethod
     def companion(items: list[dict[str, Any]]) -> Companion | None:

@@ -95,6 +95,17 @@ class Components:
             self.feed = AlertFeed(self.alerts, self.bus)
         return self.feed
 
+    def policy_config(self) -> dict[str, Any]:
+        """The active bundle's static data (``data.centinela_config``): thresholds,
+        framework flags, retention periods."""
+        bundle = getattr(self.policy.active, "bundle", None)
+        return dict(getattr(bundle, "config", None) or {})
+
+    def sighting_retention_days(self) -> dict[str, float]:
+        """Sighting retention per list, in days, from the active bundle's data."""
+        raw = dict(self.policy_config().get("sighting_retention_days", {}))
+        return {str(k): float(v) for k, v in raw.items()}
+
     def refresh_policy_data(self) -> None:
         """Push sites, authorisations and gallery models to the policy engines; refresh."""
         models = {"pnp_watchlist": self.face_model_id, "reniec_registry": self.face_model_id}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -140,10 +140,20 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         return await loop.run_in_executor(self.c.executor, lambda: fn(*args, **kw))
 
     async def _idempotent(
-        self, caller: Caller, request: Any, rpc: str, compute: Any, cls: type[M]
+        self,
+        request: Any,
+        rpc: str,
+        compute: Callable[[Any, Caller, CallState], Awaitable[Message]],
+        cls: type[M],
+        *,
+        call: CallState | None = None,
     ) -> M:
+        """Answer ``request`` with ``compute``, once per client request id (stored answer)."""
+        caller = current_caller()
+        state = call or current_call()
+
         async def run() -> bytes:
-            msg = await compute()
+            msg = await compute(request, caller, state)
             return bytes(msg.SerializeToString())
 
         data, _replayed = await self.c.idempotency.run(
@@ -161,14 +171,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     # ---- MatchFace ---------------------------------------------------------------------
 
     async def MatchFace(self, request: pb.MatchFaceRequest, context: Any) -> pb.MatchFaceResponse:
-        caller, call = current_caller(), current_call()
-        return await self._idempotent(
-            caller,
-            request,
-            "MatchFace",
-            lambda: self._match_face(request, caller, call),
-            pb.MatchFaceResponse,
-        )
+        return await self._idempotent(request, "MatchFace", self._match_face, pb.MatchFaceResponse)
 
     async def _match_face(
         self, request: pb.MatchFaceRequest, caller: Caller, call: CallState
@@ -353,13 +356,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     async def MatchPlate(
         self, request: pb.MatchPlateRequest, context: Any
     ) -> pb.MatchPlateResponse:
-        caller, call = current_caller(), current_call()
         return await self._idempotent(
-            caller,
-            request,
-            "MatchPlate",
-            lambda: self._match_plate(request, caller, call),
-            pb.MatchPlateResponse,
+            request, "MatchPlate", self._match_plate, pb.MatchPlateResponse
         )
 
     async def _match_plate(
@@ -477,20 +475,12 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 which = msg.WhichOneof("probe")
                 if which == "face":
                     face = await self._idempotent(
-                        caller,
-                        msg.face,
-                        "MatchFace",
-                        lambda m=msg, s=sub: self._match_face(m.face, caller, s),
-                        pb.MatchFaceResponse,
+                        msg.face, "MatchFace", self._match_face, pb.MatchFaceResponse, call=sub
                     )
                     yield pb.StreamMatchResponse(sequence=msg.sequence, face=face)
                 elif which == "plate":
                     plate = await self._idempotent(
-                        caller,
-                        msg.plate,
-                        "MatchPlate",
-                        lambda m=msg, s=sub: self._match_plate(m.plate, caller, s),
-                        pb.MatchPlateResponse,
+                        msg.plate, "MatchPlate", self._match_plate, pb.MatchPlateResponse, call=sub
                     )
                     yield pb.StreamMatchResponse(sequence=msg.sequence, plate=plate)
                 else:
@@ -512,14 +502,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     async def VerifyFace(
         self, request: pb.VerifyFaceRequest, context: Any
     ) -> pb.VerifyFaceResponse:
-        caller, call = current_caller(), current_call()
-        return await self._idempotent(
-            caller,
-            request,
-            "VerifyFace",
-            lambda: self._verify(request, caller, call),
-            pb.VerifyFaceResponse,
-        )
+        return await self._idempotent(request, "VerifyFace", self._verify, pb.VerifyFaceResponse)
 
     async def _verify(
         self, request: pb.VerifyFaceRequest, caller: Caller, call: CallState
@@ -588,13 +571,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     async def ConfirmAlert(
         self, request: pb.ConfirmAlertRequest, context: Any
     ) -> pb.ConfirmAlertResponse:
-        caller, call = current_caller(), current_call()
         return await self._idempotent(
-            caller,
-            request,
-            "ConfirmAlert",
-            lambda: self._confirm(request, caller, call),
-            pb.ConfirmAlertResponse,
+            request, "ConfirmAlert", self._confirm, pb.ConfirmAlertResponse
         )
 
     async def _confirm(
@@ -751,14 +729,9 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             caller_roles=list(caller.roles),
         )
 
-    def _config(self) -> dict[str, Any]:
-        bundle = getattr(self.c.policy.active, "bundle", None)
-        cfg = getattr(bundle, "config", None) or {}
-        return dict(cfg)
-
     def _framework(self) -> dict[str, Any]:
-        return dict(self._config().get("framework", {}))
+        return dict(self.c.policy_config().get("framework", {}))
 
     def _floor(self, gallery: str) -> float:
-        g = self._config().get("galleries", {}).get(gallery, {})
+        g = self.c.policy_config().get("galleries", {}).get(gallery, {})
         return float(g.get("threshold_floor", 0.0))

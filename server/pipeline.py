@@ -124,18 +124,6 @@ def decision_info(
     )
 
 
-@dataclasses.dataclass
-class Outcome:
-    """A decision that was made and made durable."""
-
-    decision: Decision
-    decision_id: str
-    receipt: AppendReceipt
-
-    def info(self, bundle: str) -> common_pb2.DecisionInfo:
-        return decision_info(self.decision, self.decision_id, self.receipt.index, bundle)
-
-
 class Pipeline:
     """Policy decisions and their audit, shared by every servicer."""
 

@@ -681,7 +681,7 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             mode="READ",
             refs={"requisition": reference} if gallery == WATCHLIST else {"report": reference},
         )
-        days = float(retention_days(self.c).get(gallery, 0))
+        days = self.c.sighting_retention_days().get(gallery, 0.0)
         items = await self._run(
             self.c.alerts.by_reference, reference, not_before=now - dt.timedelta(days=days)
         )
@@ -713,11 +713,3 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             ],
             next_page_token=nxt,
         )
-
-
-def retention_days(c: Components) -> dict[str, float]:
-    """Sighting retention per list, from the active bundle's data (days)."""
-    bundle = getattr(c.policy.active, "bundle", None)
-    cfg = getattr(bundle, "config", None) or {}
-    raw = dict(cfg).get("sighting_retention_days", {})
-    return {str(k): float(v) for k, v in dict(raw).items()}

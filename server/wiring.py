@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -192,40 +191,30 @@ def build_servicers(components: Components) -> Servicers:
     )
 
 
-async def purge_sightings(components: Components, every_s: float = 60.0) -> None:
-    """Enforce the sighting retention of each list (policy data), forever."""
-    from centinela.server.watchlist_service import retention_days
-
+async def purge_expired(components: Components, every_s: float = 60.0) -> None:
+    """Enforce retention, forever: sightings past their list's period (policy data) and
+    idempotency records past theirs."""
     while True:
         try:
+            now = dt.datetime.now(dt.UTC)
             removed = await asyncio.to_thread(
-                components.alerts.purge, retention_days(components), dt.datetime.now(dt.UTC)
+                components.alerts.purge, components.sighting_retention_days(), now
             )
-            if removed:
-                log.info("sightings.purged", alerts=removed)
+            pruned = await asyncio.to_thread(components.idempotency.prune, now)
+            if removed or pruned:
+                log.info("retention.purged", alerts=removed, idempotency_records=pruned)
         except Exception as exc:  # keep trying: the next round may succeed
-            log.warning("sightings.purge_failed", error=type(exc).__name__)
+            log.warning("retention.purge_failed", error=type(exc).__name__)
         await asyncio.sleep(every_s)
 
 
 async def build_application(settings: Settings) -> Application:
     """Create the data directory and every component; nothing is served yet."""
     components = await asyncio.to_thread(build_components, settings)
-    components.extra["purge_task"] = asyncio.create_task(purge_sightings(components))
+    components.extra["purge_task"] = asyncio.create_task(purge_expired(components))
     return Application(
         settings=settings,
         engine=components.engine,
         servicers=build_servicers(components),
         components=components,
     )
-
-
-def describe(app: Application) -> dict[str, Any]:
-    """A short, non-personal description of the running application (for logs)."""
-    c = app.components
-    return {
-        "bundle": c.bundle_name,
-        "digest": c.policy.bundle_digest,
-        "face_model_id": c.face_model_id,
-        "audit_size": c.audit.size,
-    }
