@@ -60,7 +60,21 @@ class EventType(StrEnum):
 
 #: Kinds of personal value the Digester accepts; each is its own HMAC domain.
 DIGEST_KINDS = frozenset(
-    {"probe", "plate", "dni", "template", "name", "face", "person", "vehicle", "subject"}
+    {
+        "probe",
+        "plate",
+        "dni",
+        "template",
+        "name",
+        "face",
+        "person",
+        "vehicle",
+        "subject",
+        # an external identifier (a court's order id, a cited reference) the log cannot
+        # hold verbatim because it is shaped like a DNI or plate; see external_id()
+        "authorization",
+        "reference",
+    }
 )
 #: Names of pseudonymous references an entry may carry.
 REF_KINDS = frozenset(
@@ -108,6 +122,7 @@ METRIC_KINDS = frozenset(
         "removed",
         "replaced",
         "batches",
+        "batch",  # the number of a registry import batch (its stream message)
     }
 )
 #: Names of non-personal SHA-256 digests (of a policy bundle, a configuration, a model file).
@@ -149,6 +164,23 @@ def check_opaque_id(field: str, value: str) -> str:
             plate or containing a run of eight digits (a DNI).
     """
     return _opaque_id(field, value)
+
+
+def external_id(kind: str, value: str, digester: Digester) -> tuple[dict[str, str], dict[str, str]]:
+    """An identifier chosen outside Centinela (a court's order id, a cited warrant) as an
+    entry records it: ``(refs, digests)``.
+
+    Verbatim as a ref when the schema accepts it as an opaque id; otherwise (too short, a
+    ``/``, shaped like a plate or holding an eight-digit run) as a keyed digest of the same
+    kind, so the entry still names it for anyone who can compute the digest, and never
+    refuses the entry (which would fail the call closed for a caller's harmless choice).
+    """
+    if not value:
+        return {}, {}
+    try:
+        return {kind: _opaque_id(kind, value)}, {}
+    except InvalidArgument:
+        return {}, {kind: digester.digest(kind, value)}
 
 
 def _keyed_digest(field: str, value: str) -> str:

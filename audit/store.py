@@ -8,7 +8,8 @@ Invariants (DESIGN.md §6):
   one. On SQLite the contiguity trigger is what stops ``INSERT OR REPLACE``: REPLACE deletes the
   conflicting row without firing DELETE triggers, but the BEFORE INSERT check fires first and
   refuses any index that already exists. PostgreSQL's ``ON CONFLICT DO UPDATE`` hits the UPDATE
-  trigger.
+  trigger. On PostgreSQL nobody, the owner included, holds UPDATE, DELETE or TRUNCATE on the
+  audit tables either, so disabling the triggers is not enough to edit them.
 * ``audit_checkpoints`` holds every signed checkpoint (note text verbatim), also append-only;
   the database refuses a checkpoint smaller than an earlier one, a second checkpoint of the
   same size with another root (a split view), and one beyond the number of leaves.
@@ -131,7 +132,27 @@ def _create_v1(conn: Connection) -> None:
         conn.exec_driver_sql(stmt)
 
 
-MIGRATIONS = [Migration(1, "audit leaves and checkpoints, append-only", _create_v1)]
+# PostgreSQL privileges, the second layer (DESIGN.md §6): nobody, the tables' owner included,
+# holds UPDATE, DELETE or TRUNCATE on the audit tables. A role that owns a table may disable
+# its triggers; with these privileges gone, an UPDATE or DELETE behind disabled triggers is
+# still refused. (An owner can grant them back and a superuser bypasses privileges: deploy
+# the server with a runtime role that does not own the tables; see docs/audit.md.)
+_PG_V2 = [
+    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_leaves, audit_checkpoints FROM PUBLIC",
+    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_leaves, audit_checkpoints FROM CURRENT_USER",
+]
+
+
+def _privileges_v2(conn: Connection) -> None:
+    if not is_sqlite(conn):
+        for stmt in _PG_V2:
+            conn.exec_driver_sql(stmt)
+
+
+MIGRATIONS = [
+    Migration(1, "audit leaves and checkpoints, append-only", _create_v1),
+    Migration(2, "PostgreSQL: no UPDATE, DELETE or TRUNCATE on audit tables", _privileges_v2),
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

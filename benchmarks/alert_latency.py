@@ -3,7 +3,8 @@
     python benchmarks/alert_latency.py [--quick] [--seconds 20]
 
 A real server runs in a subprocess (see ``_bench_server.py``). In this process, 1 and then
-20 control centers subscribe (``SubscribeAlerts`` over mutual TLS) while 8 concurrent
+20 control centers subscribe (``SubscribeAlerts`` over mutual TLS, each on its own
+connection) while 8 concurrent
 clients send MatchFace probes, one in four of a listed person. For every alert the time
 from the MatchFace answer to its arrival at each subscriber is recorded (one clock: both
 ends are in this process). ``lost_alerts`` counts alerts answered but never delivered to
@@ -58,9 +59,13 @@ async def run_round(data_dir: Path, port: int, subscribers: int, seconds: float)
     ready = asyncio.Event()
     started = 0
 
+    # Every control center is its own client with its own connection, as deployed; the
+    # MatchFace load shares one connection (one portico gateway).
+    sub_channels = [channel(data_dir, port) for _ in range(subscribers)]
+
     async def subscriber(k: int) -> None:
         nonlocal started
-        call = stub.SubscribeAlerts(
+        call = mgrpc.MatchServiceStub(sub_channels[k]).SubscribeAlerts(
             mpb.SubscribeAlertsRequest(context=c.RequestContext(operator_id=f"op-center-n{k:03d}x"))
         )
         started += 1
@@ -102,6 +107,8 @@ async def run_round(data_dir: Path, port: int, subscribers: int, seconds: float)
     for t in subs:
         t.cancel()
     await asyncio.gather(*subs, return_exceptions=True)
+    for sc in sub_channels:
+        await sc.close()
     await ch.close()
     lat = [(a[aid] - t) * 1000 for a in arrived for aid, t in answered.items() if aid in a]
     lost = sum(1 for a in arrived for aid in answered if aid not in a)

@@ -6,7 +6,9 @@ For each watchlist size a real server runs in a subprocess (policy, durable audi
 commit, HNSW search, response shaping); this process drives it with grpc.aio at concurrency
 1, 8 and 32, and in the same run drives ``/bench.Echo/Echo`` (the same request bytes
 returned as they are) on the same server: the ceiling of Python gRPC on this machine, client
-included. StreamMatch throughput is measured with as many streams as the unary concurrency.
+included. StreamMatch throughput is measured with as many streams as the unary concurrency,
+each stream keeping up to ``STREAM_WINDOW`` probes unanswered (how a portico streams: it sends
+as it captures); ``pingpong`` is the same streams sending one probe at a time.
 The figures that hold on a noisy 2-core machine are the ratios: ``ratio_vs_echo`` and
 ``stream_gain``. Last line: one JSON object.
 """
@@ -33,6 +35,7 @@ import numpy as np
 from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
+from centinela.server.match_service import STREAM_WINDOW
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -77,7 +80,7 @@ def channel(data_dir: Path, port: int) -> Any:
 def requests(model_id: str, identities: np.ndarray, n: int) -> list[mpb.MatchFaceRequest]:
     """A mix: one probe in ten is a genuine probe of a listed person (an alert)."""
     rng = np.random.default_rng(1)
-    strangers = synth.identities(n, seed=4242)
+    strangers = synth.strangers(n, seed=4242)
     out = []
     for i in range(n):
         if i % 10 == 0:
@@ -133,21 +136,45 @@ async def drive(call: Any, payloads: list[Any], concurrency: int, seconds: float
 
 
 async def drive_stream(
-    stub: Any, payloads: list[mpb.MatchFaceRequest], streams: int, seconds: float
+    stub: Any,
+    payloads: list[mpb.MatchFaceRequest],
+    streams: int,
+    seconds: float,
+    window: int = 1,
 ) -> dict[str, Any]:
+    """``streams`` StreamMatch calls, each keeping up to ``window`` probes unanswered.
+
+    ``window=1`` is ping-pong (send, wait for the answer, send the next); a portico sends
+    probes as it captures them, which is a window larger than one.
+    """
     done = 0
     stop = time.perf_counter() + seconds
 
     async def one(sid: int) -> None:
         nonlocal done
         call = stub.StreamMatch()
-        i = sid
-        while time.perf_counter() < stop:
-            await call.write(mpb.StreamMatchRequest(sequence=i, face=payloads[i % len(payloads)]))
-            await call.read()
-            done += 1
-            i += streams
-        await call.done_writing()
+        room = asyncio.Semaphore(window)
+        sent = 0
+
+        async def write() -> None:
+            nonlocal sent
+            i = sid
+            while time.perf_counter() < stop:
+                await room.acquire()
+                await call.write(
+                    mpb.StreamMatchRequest(sequence=i, face=payloads[i % len(payloads)])
+                )
+                sent += 1
+                i += streams
+            await call.done_writing()
+
+        async def read() -> None:
+            nonlocal done
+            async for _answer in call:
+                done += 1
+                room.release()
+
+        await asyncio.gather(write(), read())
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(s) for s in range(streams)))
@@ -174,7 +201,10 @@ async def measure(data_dir: Path, port: int, seconds: float, conc: list[int]) ->
         out[f"echo_c{k}"] = await drive(echo, raw, k, seconds)
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
-        out[f"stream_c{k}"] = await drive_stream(stub, payloads, k, seconds)
+        out[f"pingpong_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=1)
+        for p in payloads:
+            p.context.client_request_id = uuid.uuid4().hex
+        out[f"stream_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=STREAM_WINDOW)
     await ch.close()
     return out
 
@@ -206,18 +236,20 @@ def main() -> None:
     )
     print(
         f"{'size':>9} {'conc':>4} {'match/s':>9} {'echo/s':>9} {'ratio':>6} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5} {'pingpong/s':>10}"
     )
     summary: dict[str, Any] = {"per_size": {}}
     for size_key, r in results.items():
         per: dict[str, Any] = {}
         for k in conc:
             m, e, s = r[f"match_c{k}"], r[f"echo_c{k}"], r[f"stream_c{k}"]
+            pp = r[f"pingpong_c{k}"]
             ratio = m["per_s"] / e["per_s"] if e["per_s"] else 0.0
             gain = s["per_s"] / m["per_s"] if m["per_s"] else 0.0
             print(
                 f"{size_key:>9} {k:>4} {m['per_s']:>9.0f} {e['per_s']:>9.0f} {ratio:>6.2f} "
-                f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f}"
+                f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f} "
+                f"{pp['per_s']:>10.0f}"
             )
             per[str(k)] = {
                 "match_face_per_s": round(m["per_s"], 1),
@@ -227,6 +259,8 @@ def main() -> None:
                 "p99_ms": round(m["p99_ms"], 3),
                 "stream_per_s": round(s["per_s"], 1),
                 "stream_gain": round(gain, 3),
+                "pingpong_per_s": round(pp["per_s"], 1),
+                "pingpong_gain": round(pp["per_s"] / m["per_s"] if m["per_s"] else 0.0, 3),
                 "errors": m["errors"],
             }
         summary["per_size"][size_key] = per

@@ -73,6 +73,53 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_revoke(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from centinela.config import Settings
+    from centinela.server import certs
+
+    settings = Settings.load(args.config, data_dir=args.data_dir)
+    certs_dir = settings.effective_certs_dir
+    ca = certs.TlsFiles(certs_dir / "ca.crt", certs_dir / "ca.key", certs_dir / "ca.crt")
+    target = Path(args.name)
+    if target.suffix != ".crt":
+        target = certs_dir / f"{args.name}.crt"
+    try:
+        cert = x509.load_pem_x509_certificate(target.read_bytes())
+        crl = settings.effective_crl_file
+        added = certs.revoke(ca, crl, cert, days=args.days)
+    except (OSError, ValueError, certs.CrlError) as exc:
+        print(f"centinela certs revoke: {exc}", file=sys.stderr)
+        return 2
+    state = "revoked" if added else "was already revoked"
+    print(
+        f"{target.stem} (serial {cert.serial_number:x}) {state}; {crl} is valid for "
+        f"{args.days} days (renew it with `centinela certs crl`). A running server refuses "
+        "the certificate from its next call on."
+    )
+    return 0
+
+
+def _certs_crl(args: argparse.Namespace) -> int:
+    from centinela.config import Settings
+    from centinela.server import certs
+
+    settings = Settings.load(args.config, data_dir=args.data_dir)
+    certs_dir = settings.effective_certs_dir
+    ca = certs.TlsFiles(certs_dir / "ca.crt", certs_dir / "ca.key", certs_dir / "ca.crt")
+    try:
+        count = certs.renew_crl(ca, settings.effective_crl_file, days=args.days)
+    except (OSError, ValueError, certs.CrlError) as exc:
+        print(f"centinela certs crl: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{settings.effective_crl_file}: {count} revoked certificate(s), valid for {args.days} "
+        "days. Past that the server refuses every call: renew it before."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="centinela",
@@ -100,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", type=Path, help="TOML settings file")
     init.add_argument("--force", action="store_true", help="re-create everything (new CA)")
     init.set_defaults(func=_certs_init)
+    revoke = certs_sub.add_parser(
+        "revoke", help="add a certificate to the CA's revocation list (crl.pem)"
+    )
+    revoke.add_argument("name", help="identity name (e.g. pnp-officer) or path to a .crt file")
+    revoke.add_argument("--days", type=int, default=30, help="CRL validity (default 30)")
+    revoke.add_argument("--data-dir", type=Path, help="data directory (default .centinela)")
+    revoke.add_argument("--config", type=Path, help="TOML settings file")
+    revoke.set_defaults(func=_certs_revoke)
+    crl = certs_sub.add_parser("crl", help="create or re-sign the revocation list")
+    crl.add_argument("--days", type=int, default=30, help="CRL validity (default 30)")
+    crl.add_argument("--data-dir", type=Path, help="data directory (default .centinela)")
+    crl.add_argument("--config", type=Path, help="TOML settings file")
+    crl.set_defaults(func=_certs_crl)
 
     for name, (_mod, _fn, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)

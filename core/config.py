@@ -47,12 +47,20 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     #: Concurrent RPCs admitted before shedding with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
+    #: Calls waiting for the server's event loop beyond which gRPC refuses new ones (clients
+    #: see CANCELLED); bounds the queueing delay under overload (``centinela.server.admission``).
+    max_pending_rpcs: int = 64
     #: Grace period for in-flight calls on SIGTERM, in seconds.
     shutdown_grace_s: float = 10.0
     #: Directory of the key-encryption keys (embedded key provider); default under data_dir.
     keys_dir: Path | None = None
     #: Directory of TLS material; default ``data_dir/certs``.
     certs_dir: Path | None = None
+    #: Certificate revocation list (PEM, signed by the CA), checked on every call and
+    #: re-read when it changes; default ``certs_dir/crl.pem``, where a missing file means
+    #: nothing is revoked. Set explicitly, the file must exist. An invalid or expired CRL
+    #: refuses every call (fail closed).
+    crl_file: Path | None = None
     #: Embedding model id of the face galleries; empty = the default edge model's id.
     face_model_id: str = ""
     #: Origin line of the audit log's checkpoints (C2SP tlog-checkpoint).
@@ -88,6 +96,12 @@ class Settings:
     @property
     def effective_certs_dir(self) -> Path:
         return self.certs_dir if self.certs_dir is not None else self.data_dir / "certs"
+
+    @property
+    def effective_crl_file(self) -> Path:
+        if self.crl_file is not None:
+            return self.crl_file
+        return self.effective_certs_dir / "crl.pem"
 
     def digest(self) -> str:
         """SHA-256 over the canonical settings, written into service start events."""

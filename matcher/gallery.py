@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,6 +52,8 @@ RESCORE_MARGIN = 4
 #: float32 scoring error tolerated before the exact threshold.
 RESCORE_SLACK = 1e-3
 DEFAULT_CHUNK = 256
+#: Bounds of an adaptive chunk (``add_batch(max_hold_s=...)``).
+MIN_CHUNK, MAX_CHUNK = 16, 4096
 METRICS = ("cosine",)
 
 
@@ -228,11 +233,17 @@ class FaceGallery:
         expires: npt.NDArray[np.float64] | None = None,
         objector: npt.NDArray[np.bool_] | None = None,
         chunk: int = DEFAULT_CHUNK,
+        max_hold_s: float | None = None,
+        inserter: Executor | None = None,
     ) -> int:
         """Columnar :meth:`add` (``expires`` in epoch seconds, +inf for never).
 
         New templates are inserted ``chunk`` at a time with hnswlib's multi-threaded
-        ``add_items``; each chunk becomes visible to searches only once fully inserted.
+        ``add_items``; each chunk becomes visible to searches only once fully inserted. With
+        ``max_hold_s``, the chunk size follows the measured insertion time so that each chunk
+        holds the searches off for about that long (insertion slows as the graph grows). With
+        ``inserter``, hnswlib runs on that executor's thread (its insertion threads inherit
+        that thread's CPU priority) while this one waits without the GIL.
 
         Raises:
             InvalidArgument: a vector has the wrong dimension or a non-finite value.
@@ -261,25 +272,52 @@ class FaceGallery:
                     else:
                         self._flags[label] = VISIBLE | flags[i]
                         self._expires[label] = exp[i]
-            for start in range(0, len(fresh), max(1, chunk)):
-                part = np.asarray(fresh[start : start + chunk], dtype=np.int64)
+            size, start = max(1, chunk), 0
+            while start < len(fresh):
+                part = np.asarray(fresh[start : start + size], dtype=np.int64)
+                start += len(part)
                 with self._rw.write():
+                    began = time.perf_counter()
                     labels = self._reserve(len(part))
                     for i in part.tolist():
                         self._tid.append(template_ids[i])
                         self._sref.append(subject_refs[i])
                     self._flags[labels] = flags[part]  # not VISIBLE yet
                     self._expires[labels] = exp[part]
-                    self._index.add_items(
-                        vecs[part], labels, num_threads=self.num_threads, replace_deleted=True
+                    insert = functools.partial(
+                        self._index.add_items,
+                        vecs[part],
+                        labels,
+                        num_threads=self.num_threads,
+                        replace_deleted=True,
                     )
+                    if inserter is None:
+                        insert()
+                    else:
+                        inserter.submit(insert).result()
                     self._deleted_slots -= min(self._deleted_slots, len(part))
                     self._flags[labels] |= VISIBLE
                     for label, i in zip(labels.tolist(), part.tolist(), strict=True):
                         self._label_of[template_ids[i]] = label
                         self._by_subject.setdefault(subject_refs[i], set()).add(label)
                 added += len(part)
+                if max_hold_s:
+                    per_item = (time.perf_counter() - began) / len(part)
+                    size = int(min(MAX_CHUNK, max(MIN_CHUNK, max_hold_s / max(per_item, 1e-9))))
         return added
+
+    def reserve(self, count: int) -> None:
+        """Make room for ``count`` more entries now (one resize of the index; the searches
+        wait for it once)."""
+        with self._mutation, self._rw.write():
+            need = len(self._tid) + count
+            if need > len(self._flags):
+                grow = need - len(self._flags)
+                self._flags = np.concatenate([self._flags, np.zeros(grow, np.uint8)])
+                self._expires = np.concatenate([self._expires, np.full(grow, math.inf)])
+            slots = int(self._index.element_count) + max(0, count - self._deleted_slots)
+            if slots > int(self._index.max_elements):
+                self._index.resize_index(slots)
 
     def _reserve(self, count: int) -> npt.NDArray[np.int64]:
         """Allocate ``count`` fresh labels and make room in the index (write lock held)."""

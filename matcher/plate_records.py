@@ -8,19 +8,21 @@ form under the owner's index key. Every change (listing, recovery, removal) take
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
-import secrets
+from collections.abc import Callable
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import NotFound
 from centinela.matcher.datakeys import DataKeyring, keyed_digest
 from centinela.matcher.envelope import Binding
 from centinela.matcher.keys import check_owner
 from centinela.matcher.plates import normalise_plate
-from centinela.matcher.schema import allocate, lock_writers, plates
+from centinela.matcher.schema import allocate, lock_writers, new_ref, plates
+from centinela.matcher.writes import Write
 from centinela.storage import write_transaction
 
 PLATE_GALLERY = "stolen_vehicles"
@@ -44,6 +46,15 @@ def _binding(ref: str, key_id: str) -> Binding:
     return Binding("plate", ref, "", PLATE_GALLERY, "", key_id)
 
 
+class PlateWrite(Write):
+    """A plate listing planned by :meth:`PlateRecords.plan_plate`."""
+
+    def __init__(self, plate_ref: str, created: bool, *steps: Callable[[Connection], None]) -> None:
+        super().__init__(*steps)
+        self.plate_ref = plate_ref
+        self.created = created
+
+
 class PlateRecords:
     """Plate methods of :class:`~centinela.matcher.store.TemplateStore`."""
 
@@ -62,41 +73,71 @@ class PlateRecords:
         Raises:
             InvalidArgument: the text is not a plate.
         """
+        self.plate_mac(text, owner=owner)  # validates, and creates the keys beforehand
+        self.keyring.current_sealer(owner)
+        with write_transaction(self.engine) as conn:
+            lock_writers(conn)
+            planned = self.plan_plate(text, owner=owner, active=active, conn=conn)
+            planned(conn)
+            return planned.plate_ref, planned.created
+
+    def plan_plate(
+        self,
+        text: str,
+        *,
+        owner: str = "pnp",
+        active: bool = True,
+        conn: Connection | None = None,
+    ) -> PlateWrite:
+        """Planned :meth:`add_plate`: looked up and encrypted now, written when applied
+        (``created`` False: already listed, and the write changes nothing).
+
+        Raises:
+            InvalidArgument: the text is not a plate.
+        """
         norm = normalise_plate(text)
         mac = self.plate_mac(norm, owner=owner)
         sealer = self.keyring.current_sealer(owner)
-        with write_transaction(self.engine) as conn:
-            lock_writers(conn)
-            row = conn.execute(
+        with contextlib.ExitStack() as stack:
+            c = conn if conn is not None else stack.enter_context(self.engine.connect())
+            row = c.execute(
                 sa.select(plates.c.plate_ref, plates.c.deleted).where(
                     plates.c.owner == owner, plates.c.plate_mac == mac
                 )
             ).first()
-            if row is not None and not row.deleted:
-                return str(row.plate_ref), False
-            ref = str(row.plate_ref) if row is not None else "veh_" + secrets.token_hex(16)
-            nonce, ct = sealer.seal(norm.encode(), _binding(ref, sealer.key_id))
-            values = {
-                "seq": allocate(conn, 1),
-                "key_id": sealer.key_id,
-                "nonce": nonce,
-                "plate_ct": ct,
-                "active": active,
-                "deleted": False,
-            }
-            if row is None:
+        if row is not None and not row.deleted:
+            return PlateWrite(str(row.plate_ref), False)
+        ref = str(row.plate_ref) if row is not None else new_ref("veh")
+        nonce, ct = sealer.seal(norm.encode(), _binding(ref, sealer.key_id))
+        values = {
+            "key_id": sealer.key_id,
+            "nonce": nonce,
+            "plate_ct": ct,
+            "active": active,
+            "deleted": False,
+        }
+        exists = row is not None
+
+        def step(conn: Connection) -> None:
+            lock_writers(conn)
+            number = allocate(conn, 1)
+            if exists:
+                conn.execute(
+                    plates.update().where(plates.c.plate_ref == ref).values(seq=number, **values)
+                )
+            else:
                 conn.execute(
                     plates.insert().values(
                         plate_ref=ref,
                         owner=owner,
                         plate_mac=mac,
                         created_at=dt.datetime.now(dt.UTC).isoformat(),
+                        seq=number,
                         **values,
                     )
                 )
-            else:
-                conn.execute(plates.update().where(plates.c.plate_ref == ref).values(**values))
-            return ref, True
+
+        return PlateWrite(ref, True, step)
 
     def find_plate(self, text: str, *, owner: str = "pnp") -> str | None:
         """Reference of a listed (not removed) plate, or None."""
@@ -117,18 +158,37 @@ class PlateRecords:
         """
         with write_transaction(self.engine) as conn:
             lock_writers(conn)
-            exists = conn.execute(
-                sa.select(plates.c.plate_ref).where(
-                    plates.c.plate_ref == plate_ref, plates.c.deleted.is_(False)
-                )
-            ).first()
-            if exists is None:
+            if not self._plate_listed(conn, plate_ref):
                 raise NotFound("no such plate", field="plate_ref")
+            self.plate_active_write(plate_ref, active)(conn)
+
+    def plate_listed(self, plate_ref: str) -> bool:
+        """Whether ``plate_ref`` is a listed (not removed) plate."""
+        with self.engine.connect() as conn:
+            return self._plate_listed(conn, plate_ref)
+
+    @staticmethod
+    def _plate_listed(conn: Connection, plate_ref: str) -> bool:
+        row = conn.execute(
+            sa.select(plates.c.plate_ref).where(
+                plates.c.plate_ref == plate_ref, plates.c.deleted.is_(False)
+            )
+        ).first()
+        return row is not None
+
+    def plate_active_write(self, plate_ref: str, active: bool) -> Write:
+        """Planned :meth:`set_plate_active` (the caller checked the plate is listed; a plate
+        removed meanwhile is left alone)."""
+
+        def step(conn: Connection) -> None:
+            lock_writers(conn)
             conn.execute(
                 plates.update()
-                .where(plates.c.plate_ref == plate_ref)
+                .where(plates.c.plate_ref == plate_ref, plates.c.deleted.is_(False))
                 .values(active=active, seq=allocate(conn, 1))
             )
+
+        return Write(step)
 
     def remove_plate(self, plate_ref: str) -> bool:
         """Remove a plate for good (ciphertext erased, tombstone kept for replay)."""

@@ -1,9 +1,12 @@
-"""A writer-preferring readers–writer lock.
+"""A phase-fair readers–writer lock.
 
 hnswlib's ``knn_query`` may run concurrently with other queries but not with ``add_items``,
 ``mark_deleted`` or ``resize_index`` (its documentation says so), and it releases the GIL, so
-the galleries let many searches in at once and give writers exclusive access. Writers are
-preferred so that a steady stream of searches cannot starve the index catch-up.
+the galleries let many searches in at once and give writers exclusive access. A waiting
+writer blocks new readers, so a steady stream of searches cannot starve the index catch-up;
+and when a writer releases the lock, the readers already waiting go in before the next
+writer, so a catch-up writing chunk after chunk cannot starve the searches either (each waits
+for at most the chunk being written).
 """
 
 from __future__ import annotations
@@ -14,20 +17,31 @@ from contextlib import contextmanager
 
 
 class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers."""
+    """Many readers or one writer; a waiting writer blocks new readers, and the readers
+    waiting when a writer releases go before the next writer."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
+        self._waiting_readers = 0
+        self._readers_turn = False
 
     @contextmanager
     def read(self) -> Iterator[None]:
         """Hold the lock shared."""
         with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
+            self._waiting_readers += 1
+            try:
+                while self._writer or (self._waiting_writers and not self._readers_turn):
+                    self._cond.wait()
+            finally:
+                self._waiting_readers -= 1
+                if not self._waiting_readers and self._readers_turn:
+                    # Every reader let in by the last writer is in (or gave up): writers next.
+                    self._readers_turn = False
+                    self._cond.notify_all()
             self._readers += 1
         try:
             yield
@@ -43,7 +57,7 @@ class RWLock:
         with self._cond:
             self._waiting_writers += 1
             try:
-                while self._writer or self._readers:
+                while self._writer or self._readers or self._readers_turn:
                     self._cond.wait()
             finally:
                 self._waiting_writers -= 1
@@ -53,4 +67,5 @@ class RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._readers_turn = self._waiting_readers > 0
                 self._cond.notify_all()

@@ -15,6 +15,8 @@ Invariants (DESIGN.md §4):
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -148,3 +150,66 @@ def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]
     if not rows:
         return
     conn.execute(table.insert(), list(rows))
+
+
+def new_ref(prefix: str) -> str:
+    """A new reference such as ``sub_0194f2c3a1b7…``: 12 hex digits of the creation time in
+    milliseconds, then 80 random bits (unguessable).
+
+    The time prefix keeps the primary-key and subject indexes growing at their right edge
+    during a bulk import, instead of touching a random B-tree page for every row (at a
+    million rows that is the difference between a few pages and a few thousand pages written
+    per batch). It says when a subject or template was stored, which the audit entries say
+    anyway; nothing personal.
+    """
+    return new_refs(prefix, 1)[0]
+
+
+def new_refs(prefix: str, count: int) -> list[str]:
+    """``count`` references as :func:`new_ref` makes them (one call to the random source)."""
+    head = f"{prefix}_{time.time_ns() // 1_000_000:012x}"
+    pool = secrets.token_hex(10 * count)
+    return [head + pool[i * 20 : (i + 1) * 20] for i in range(count)]
+
+
+_TEMPLATE_COLUMNS = (
+    "template_id, subject_ref, gallery, model_id, owner, key_id, nonce, ciphertext, "
+    "content_mac, active, expires_at, deleted, created_at, seq"
+)
+_SUBJECT_COLUMNS = "subject_ref, owner, dni_mac, key_id, nonce, dni_ct, objector, created_at"
+_CHANGE_COLUMNS = (
+    "t.seq, t.template_id, t.subject_ref, t.gallery, t.model_id, t.owner, t.key_id, t.nonce, "
+    "t.ciphertext, t.active, t.expires_at, s.objector, t.deleted"
+)
+
+
+class Statements:
+    """The bulk statements, in the driver's own parameter style, for ``exec_driver_sql``:
+    bulk writes and the change-log read skip SQLAlchemy's per-row processing."""
+
+    def __init__(self, sqlite: bool) -> None:
+        # Only the driver's placeholder is interpolated, never a value.
+        mark = "?" if sqlite else "%s"
+
+        def marks(n: int) -> str:
+            return ", ".join([mark] * n)
+
+        self.insert_template = (
+            f"INSERT INTO matcher_templates ({_TEMPLATE_COLUMNS}) VALUES ({marks(14)})"  # noqa: S608
+        )
+        self.revive_template = (
+            f"UPDATE matcher_templates SET seq = {mark}, key_id = {mark}, nonce = {mark}, "  # noqa: S608
+            f"ciphertext = {mark}, active = {mark}, expires_at = {mark}, deleted = {mark} "
+            f"WHERE template_id = {mark}"
+        )
+        self.insert_subject = (
+            f"INSERT INTO matcher_subjects ({_SUBJECT_COLUMNS}) VALUES ({marks(8)})"  # noqa: S608
+        )
+        join = "FROM matcher_templates t JOIN matcher_subjects s ON s.subject_ref = t.subject_ref"
+        self.changes = (
+            f"SELECT {_CHANGE_COLUMNS} {join} WHERE t.seq > {mark} ORDER BY t.seq LIMIT {mark}"
+        )
+        self.changes_in_gallery = (
+            f"SELECT {_CHANGE_COLUMNS} {join} WHERE t.gallery = {mark} AND t.seq > {mark} "
+            f"ORDER BY t.seq LIMIT {mark}"
+        )

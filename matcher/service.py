@@ -19,10 +19,14 @@ Invariants (DESIGN.md §2 step 5, §4; LEGAL_RULES R4, R6, R7, R13):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,6 @@ from centinela.errors import (
     InvalidArgument,
     KeyManagementError,
     NotFound,
-    StorageError,
     Unavailable,
 )
 from centinela.matcher.gallery import FaceGallery, Hit
@@ -89,9 +92,24 @@ class HnswSettings:
     ef: int = 64
     tune_ef: bool = True
     tune_min_size: int = 2000
+    #: Niceness of the background catch-up's insertion threads (hnswlib's, which inherit it
+    #: from the thread that calls it): they use every idle core, an import comes first. The
+    #: catch-up's own Python work runs at normal priority (a low-priority thread holding the
+    #: GIL would hold every other thread of the server).
+    catch_up_nice: int = 10
+    #: How long one insertion chunk may hold a gallery's searches off (adaptive chunk size;
+    #: the gallery's lock lets waiting searches in between chunks).
+    max_hold_s: float = 0.025
+    #: The background catch-up waits while bulk batches arrive closer than this apart (the
+    #: import has the machine; its templates are indexed when it pauses or ends) …
+    bulk_quiet_s: float = 0.5
+    #: … but not longer than this in a row: searches never miss a durable template longer.
+    bulk_defer_max_s: float = 300.0
 
 
 ProgressFn = Callable[[StartProgress], None]
+#: A backlog this large grows the index to its final size at once.
+RESERVE_AT = 10_000
 
 
 class Matcher:
@@ -106,7 +124,7 @@ class Matcher:
         hnsw: HnswSettings | None = None,
         plate_max_distance: float = 0.75,
         batch: int = 4096,
-        chunk: int = 512,
+        chunk: int = 256,
         num_threads: int = -1,
     ) -> None:
         self.store = store
@@ -121,9 +139,15 @@ class Matcher:
         self.rejected_rows = 0
         self._galleries: dict[str, FaceGallery] = {}
         self._tuned_size: dict[str, int] = {}
-        self._catch_lock = threading.RLock()
+        # One catch-up lock per index, so a lift waits for the watchlist's catch-up only,
+        # never for a registry bulk load.
+        self._catch_locks = {name: threading.RLock() for name in self.specs}
+        self._plates_lock = threading.RLock()
         self._started = False
         self._wake = threading.Event()
+        self._inserter: ThreadPoolExecutor | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matcher-load")
+        self._bulk_until = self._bulk_since = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -232,17 +256,25 @@ class Matcher:
 
     # ---- catch-up -----------------------------------------------------------------------
 
-    def catch_up(self) -> int:
-        """Index every durable change not yet applied; returns how many were applied."""
+    def catch_up(self, galleries: Sequence[str] | None = None, *, plates: bool = True) -> int:
+        """Index every durable change not yet applied (of ``galleries``, default all, and of
+        the plates); returns how many were applied."""
+        chosen = [
+            g for name, g in list(self._galleries.items()) if galleries is None or name in galleries
+        ]
         applied = 0
-        for g in list(self._galleries.values()):
+        for g in chosen:
             applied += self._catch_up_gallery(g, None)
-        applied += self._catch_up_plates()
-        for g in list(self._galleries.values()):
+        if plates:
+            applied += self._catch_up_plates()
+        for g in chosen:
             if g.needs_compaction():
                 g.compact()
             self._maybe_tune(g)
         return applied
+
+    def _catch_lock(self, name: str) -> threading.RLock:
+        return self._catch_locks[name]
 
     def _maybe_tune(self, g: FaceGallery) -> None:
         """Re-tune ``ef`` on a sample whenever a gallery has doubled since the last tuning."""
@@ -255,23 +287,43 @@ class Matcher:
             log.info("matcher.ef_tuned", gallery=g.name, entries=size, ef=ef)
 
     def _catch_up_gallery(self, g: FaceGallery, progress: Callable[[int], None] | None) -> int:
+        """Apply the gallery's pending changes in ``seq`` order; the next batch is read and
+        decrypted (another thread) while this one is inserted."""
         done = 0
-        with self._catch_lock:
+        with self._catch_lock(g.name):
+            pending = self.store.count_changes_since(g.applied_seq, gallery=g.name)
+            if pending >= RESERVE_AT:
+                g.reserve(pending)  # one resize of the index, not one per 50 % of growth
+            loading = self._loader.submit(self._load, g, g.applied_seq)
             while True:
-                changes = self.store.changes_since(g.applied_seq, gallery=g.name, limit=self.batch)
+                changes, opened = loading.result()
                 if not changes:
                     return done
+                loading = self._loader.submit(self._load, g, changes[-1].seq)
                 with g.changes():
-                    self._apply(g, changes)
+                    self._apply(g, changes, opened)
                     g.applied_seq = changes[-1].seq
                 done += len(changes)
                 if progress is not None:
                     progress(done)
 
-    def _apply(self, g: FaceGallery, changes: Sequence[TemplateChange]) -> None:
+    def _load(
+        self, g: FaceGallery, after: int
+    ) -> tuple[list[TemplateChange], dict[str, npt.NDArray[np.float32] | None]]:
+        """The next changes of a gallery, and the vectors of those it may index."""
+        changes = self.store.changes_since(after, gallery=g.name, limit=self.batch)
+        wanted = [c for c in changes if not c.deleted and c.model_id == g.model_id]
+        opened = self.store.open_templates(wanted)
+        return changes, {c.template_id: v for c, v in zip(wanted, opened, strict=True)}
+
+    def _apply(
+        self,
+        g: FaceGallery,
+        changes: Sequence[TemplateChange],
+        opened: Mapping[str, npt.NDArray[np.float32] | None] | None = None,
+    ) -> None:
         removed: list[str] = []
-        new: list[TemplateChange] = []
-        vectors: list[npt.NDArray[np.float32]] = []
+        fresh: list[TemplateChange] = []
         for c in changes:
             if c.deleted or c.model_id != g.model_id:
                 removed.append(c.template_id)
@@ -279,18 +331,22 @@ class Matcher:
                 g.set_state(c.template_id, active=c.active, expires_at=_dt(c.expires_at))
                 g.set_template_objector(c.template_id, c.objector)
             else:
-                try:
-                    vec = self.store.open_template(c)
-                except (DecryptionError, KeyManagementError, NotFound):
-                    self.rejected_rows += 1
-                    log.warning("matcher.row_rejected", gallery=g.name, seq=c.seq)
-                    continue
-                if vec.shape != (g.dim,):
-                    self.rejected_rows += 1
-                    log.warning("matcher.row_rejected", gallery=g.name, seq=c.seq)
-                    continue
-                new.append(c)
-                vectors.append(vec)
+                fresh.append(c)
+        new: list[TemplateChange] = []
+        vectors: list[npt.NDArray[np.float32]] = []
+        vecs = (
+            [opened.get(c.template_id) for c in fresh]
+            if opened is not None
+            else self.store.open_templates(fresh)
+        )
+        for c, vec in zip(fresh, vecs, strict=True):
+            if vec is None or vec.shape != (g.dim,):
+                # Wrong or destroyed key, moved or altered ciphertext: never indexed.
+                self.rejected_rows += 1
+                log.warning("matcher.row_rejected", gallery=g.name, seq=c.seq)
+                continue
+            new.append(c)
+            vectors.append(vec)
         if removed:
             g.remove_many(removed)
         if new:
@@ -305,11 +361,13 @@ class Matcher:
                 ),
                 objector=np.array([c.objector for c in new], dtype=bool),
                 chunk=self.chunk,
+                max_hold_s=self.hnsw.max_hold_s,
+                inserter=self._inserter,
             )
 
     def _catch_up_plates(self) -> int:
         done = 0
-        with self._catch_lock:
+        with self._plates_lock:
             while True:
                 changes = self.store.plate_changes_since(self.plates_seq, limit=self.batch)
                 if not changes:
@@ -337,8 +395,18 @@ class Matcher:
         )
         return lag + self.store.count_plate_changes_since(self.plates_seq)
 
-    def notify(self) -> None:
-        """Wake the background catch-up now (after an import was acknowledged)."""
+    def notify(self, *, bulk: bool = False) -> None:
+        """Wake the background catch-up now (after a change was committed).
+
+        ``bulk``: a batch of a bulk import; while batches keep coming, the background
+        catch-up waits (they are indexed when the stream pauses), so the import has the
+        machine; changes made effective synchronously (``catch_up()``) are not affected.
+        """
+        if bulk:
+            now = time.monotonic()
+            if now >= self._bulk_until:
+                self._bulk_since = now  # a new import: the deferral starts now
+            self._bulk_until = now + self.hnsw.bulk_quiet_s
         self._wake.set()
 
     def run_in_background(self, interval_s: float = 0.5) -> None:
@@ -346,11 +414,25 @@ class Matcher:
         if self._thread is not None:
             return
 
+        if self._inserter is None and self.hnsw.catch_up_nice > 0:
+            self._inserter = ThreadPoolExecutor(
+                max_workers=len(self.specs),
+                thread_name_prefix="matcher-insert",
+                initializer=_lower_priority,
+                initargs=(self.hnsw.catch_up_nice,),
+            )
+
         def loop() -> None:
             while not self._stop.is_set():
+                now = time.monotonic()
+                pause = self._bulk_until - now
+                if pause > 0 and now - self._bulk_since < self.hnsw.bulk_defer_max_s:
+                    self._stop.wait(pause)
+                    continue
+                self._bulk_since = now
                 try:
                     self.catch_up()
-                except StorageError as exc:
+                except Exception as exc:  # e.g. the database is away: retry, never die
                     log.warning("matcher.catch_up_failed", error=exc.__class__.__name__)
                 self._wake.wait(interval_s)
                 self._wake.clear()
@@ -365,6 +447,9 @@ class Matcher:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._inserter is not None:
+            self._inserter.shutdown(wait=True)
+            self._inserter = None
         self._stop.clear()
 
     # ---- searches -----------------------------------------------------------------------
@@ -443,7 +528,10 @@ class Matcher:
     def shred(self, owner: str) -> int:
         """Crypto-shred ``owner`` in the store and empty its galleries at once."""
         # Hold the catch-up off so no row decrypted before the shredding is added after it.
-        with self._catch_lock:
+        with contextlib.ExitStack() as held:
+            for name in self.specs:
+                held.enter_context(self._catch_lock(name))
+            held.enter_context(self._plates_lock)
             count = self.store.shred_owner(owner)
             for name, spec in self.specs.items():
                 if spec.owner == owner and name in self._galleries:
@@ -455,6 +543,17 @@ class Matcher:
                 self.plates.clear()
             self.catch_up()
         return count
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority (Linux: per thread; threads it starts inherit it)."""
+    if nice <= 0:
+        return
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, nice))
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at full priority
+        log.info("matcher.priority_unchanged", error=exc.__class__.__name__)
 
 
 def _progress(report: ProgressFn, phase: str, name: str, total: int) -> Callable[[int], None]:

@@ -9,18 +9,19 @@ share subjects: the same DNI is a different subject for PNP and for Reniec.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import InvalidArgument, NotFound
-from centinela.matcher.datakeys import DataKeyring, keyed_digest
-from centinela.matcher.envelope import Binding
+from centinela.matcher.datakeys import DataKeyring, dni_macs, keyed_digest
+from centinela.matcher.envelope import Binding, Sealer, encode_bindings
 from centinela.matcher.keys import check_owner
-from centinela.matcher.schema import bulk_insert, chunks, lock_writers, subjects
-from centinela.storage import write_transaction
+from centinela.matcher.schema import chunks, lock_writers, new_ref, new_refs, subjects
+from centinela.matcher.writes import Write
+from centinela.storage import is_sqlite, write_transaction
 
 
 def _now() -> str:
@@ -37,6 +38,22 @@ def normalise_dni(dni: str) -> str:
     if len(text) != 8 or not text.isascii() or not text.isdigit():
         raise InvalidArgument("DNI must be eight digits", field="dni")
     return text
+
+
+class SubjectWrite(Write):
+    """Subjects planned by :meth:`SubjectRecords.plan_subjects`: ``refs`` in input order,
+    ``created`` the new ones (their rows are written when the write is applied)."""
+
+    def __init__(
+        self, refs: list[str], created: list[str], rows: list[tuple[Any, ...]], sql: str
+    ) -> None:
+        def step(conn: Connection) -> None:
+            lock_writers(conn)
+            conn.exec_driver_sql(sql, rows)
+
+        super().__init__(*([step] if rows else []))
+        self.refs = refs
+        self.created = created
 
 
 class SubjectRecords:
@@ -65,76 +82,100 @@ class SubjectRecords:
 
     def new_subject(self, owner: str) -> str:
         """A new pseudonymous subject without a DNI (a wanted person known only by face)."""
-        check_owner(owner)
-        ref = "sub_" + secrets.token_hex(16)
+        planned = self.plan_new_subject(owner)
         with write_transaction(self.engine) as conn:
-            lock_writers(conn)
-            bulk_insert(
-                conn,
-                subjects,
-                [
-                    {
-                        "subject_ref": ref,
-                        "owner": owner,
-                        "dni_mac": None,
-                        "key_id": None,
-                        "nonce": None,
-                        "dni_ct": None,
-                        "objector": False,
-                        "created_at": _now(),
-                    }
-                ],
-            )
-        return ref
+            planned(conn)
+        return planned.refs[0]
+
+    def plan_new_subject(self, owner: str) -> SubjectWrite:
+        """Planned :meth:`new_subject`: the reference is chosen now, the row written when
+        the write is applied."""
+        check_owner(owner)
+        ref = new_ref("sub")
+        row = (ref, owner, None, None, None, None, False, _now())
+        return SubjectWrite([ref], [ref], [row], self._insert_subject_sql())
 
     def ensure_subject(self, owner: str, dni: str) -> str:
         """The owner's subject for ``dni``, created (DNI encrypted) if new."""
         res = self._resolve_subjects(owner, [dni])
         return res[0]
 
+    def plan_subjects(self, owner: str, dnis: Sequence[str]) -> SubjectWrite:
+        """The owner's subjects for ``dnis``: found, or planned (DNI encrypted now, rows
+        written when the write is applied).
+
+        Raises:
+            InvalidArgument: a DNI is not eight digits.
+        """
+        check_owner(owner)
+        self.keyring.current(owner, "index")
+        sealer = self.keyring.current_sealer(owner)
+        with self.engine.connect() as conn:
+            return self._plan_subjects(conn, owner, dnis, sealer)
+
     def _resolve_subjects(self, owner: str, dnis: Sequence[str]) -> list[str]:
         # Create the owner's keys (their own transaction) before taking the write lock:
         # SQLite allows one writer, and this thread would otherwise wait on itself.
         self.keyring.current(owner, "index")
-        self.keyring.current_sealer(owner)
+        sealer = self.keyring.current_sealer(owner)
         with write_transaction(self.engine) as conn:
             lock_writers(conn)
-            return self._subjects_in(conn, owner, dnis)
+            planned = self._plan_subjects(conn, owner, dnis, sealer)
+            planned(conn)
+            return planned.refs
 
-    def _subjects_in(self, conn: Connection, owner: str, dnis: Sequence[str]) -> list[str]:
+    def _plan_subjects(
+        self, conn: Connection, owner: str, dnis: Sequence[str], sealer: Sealer
+    ) -> SubjectWrite:
         norm = [normalise_dni(d) for d in dnis]
-        macs = [self._mac(owner, b"dni", d.encode()) for d in norm]
-        found: dict[bytes, str] = {}
-        for part in chunks(sorted(set(macs))):
-            rows = conn.execute(
-                sa.select(subjects.c.subject_ref, subjects.c.dni_mac).where(
-                    subjects.c.owner == owner, subjects.c.dni_mac.in_(part)
-                )
-            )
-            found.update({bytes(r.dni_mac): str(r.subject_ref) for r in rows})
-        sealer = self.keyring.current_sealer(owner)
-        new_rows = []
+        macs = dni_macs(self.keyring, owner, norm)
+        found = self._subjects_by_dni_mac(conn, owner, sorted(set(macs)))
+        new: list[tuple[str, str, bytes]] = []
+        fresh_refs = iter(new_refs("sub", len(norm)))
         for d, mac in zip(norm, macs, strict=True):
             if mac in found:
                 continue
-            ref = "sub_" + secrets.token_hex(16)
+            ref = next(fresh_refs)
             found[mac] = ref
-            binding = Binding("dni", ref, ref, "", "", sealer.key_id)
-            nonce, ct = sealer.seal(d.encode(), binding)
-            new_rows.append(
-                {
-                    "subject_ref": ref,
-                    "owner": owner,
-                    "dni_mac": mac,
-                    "key_id": sealer.key_id,
-                    "nonce": nonce,
-                    "dni_ct": ct,
-                    "objector": False,
-                    "created_at": _now(),
-                }
+            new.append((ref, d, mac))
+        sealed = sealer.seal_many(
+            [d.encode() for _, d, _ in new],
+            encode_bindings(
+                "dni", [r for r, _, _ in new], [r for r, _, _ in new], "", "", sealer.key_id
+            ),
+        )
+        now = _now()
+        rows_new = [
+            (ref, owner, mac, sealer.key_id, nonce, ct, False, now)
+            for (ref, _, mac), (nonce, ct) in zip(new, sealed, strict=True)
+        ]
+        return SubjectWrite(
+            [found[m] for m in macs], [r for r, _, _ in new], rows_new, self._insert_subject_sql()
+        )
+
+    @staticmethod
+    def _subjects_by_dni_mac(
+        conn: Connection, owner: str, macs: Sequence[bytes]
+    ) -> dict[bytes, str]:
+        """The owner's subjects among these DNI digests, by digest."""
+        found: dict[bytes, str] = {}
+        mark = "?" if is_sqlite(conn) else "%s"
+        for part in chunks(list(macs)):
+            # Through the driver: SQLAlchemy would process each of the 500 parameters.
+            sql = (
+                "SELECT dni_mac, subject_ref FROM matcher_subjects "  # noqa: S608
+                f"WHERE dni_mac IN ({', '.join([mark] * len(part))}) AND owner = {mark}"
             )
-        bulk_insert(conn, subjects, new_rows)
-        return [found[m] for m in macs]
+            rows = conn.exec_driver_sql(sql, (*part, owner)).fetchall()
+            found.update({bytes(r[0]): str(r[1]) for r in rows})
+        return found
+
+    def _insert_subject_sql(self) -> str:
+        mark = "?" if is_sqlite(self.engine) else "%s"
+        return (
+            "INSERT INTO matcher_subjects (subject_ref, owner, dni_mac, key_id, nonce, dni_ct, "  # noqa: S608
+            f"objector, created_at) VALUES ({', '.join([mark] * 8)})"
+        )
 
     def reveal_dni(self, subject_ref: str) -> str:
         """Decrypt a subject's DNI (for audited administrative use only).

@@ -114,6 +114,19 @@ def genuine_probes(
     return out
 
 
+def strangers(n: int, dim: int = 512, seed: int = 0) -> Vectors:
+    """``n`` probes of people who are not enrolled: one capture each of a fresh identity.
+
+    Use these, not :func:`identities`, as non-matching probes. A capture carries the same
+    noise as a genuine probe, so its cosines to enrolled templates follow the calibrated
+    impostor distribution (std ≈ 0.08). A bare identity is a noiseless template: its
+    cosines to other templates have std ≈ 0.12, and against a gallery of thousands it
+    crosses the 0.42 watchlist floor most of the time, a false-alert rate no real
+    deployment sees.
+    """
+    return genuine_probes(identities(n, dim, seed), seed=seed + 1)
+
+
 def impostor_cosines(probes: Vectors, templates: Vectors, pairs: int, seed: int = 2) -> np.ndarray:
     """Cosines of ``pairs`` random probe–template pairs of different identities."""
     rng = np.random.default_rng(seed)

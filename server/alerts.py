@@ -15,8 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import datetime as dt
+import functools
 from typing import Any
 
 import sqlalchemy as sa
@@ -136,6 +138,25 @@ def _alert(row: Any, count: int = 0) -> Alert:
         state=row.state,
         confirmations_required=int(row.confirmations_required),
         confirmations=count,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _events_since(limit: int) -> sa.Select[Any]:
+    # Built once per limit: the feed runs this after every commit that raised an alert, and
+    # building the statement anew cost more than the query.
+    ev = alert_events
+    return (
+        sa.select(
+            ev.c.seq.label("ev_seq"),
+            ev.c.state.label("ev_state"),
+            ev.c.confirmations.label("ev_confirmations"),
+            *alerts.c,
+        )
+        .join(alerts, alerts.c.alert_id == ev.c.alert_id)
+        .where(ev.c.seq > sa.bindparam("after"))
+        .order_by(ev.c.seq)
+        .limit(limit)
     )
 
 
@@ -269,20 +290,8 @@ class AlertStore:
 
     def events_since(self, seq: int, limit: int = 500) -> list[tuple[int, Alert]]:
         """Outbox rows after ``seq`` with their alert (state and count as of that event)."""
-        ev = alert_events
         with read_connection(self.engine) as conn:
-            rows = conn.execute(
-                sa.select(
-                    ev.c.seq.label("ev_seq"),
-                    ev.c.state.label("ev_state"),
-                    ev.c.confirmations.label("ev_confirmations"),
-                    *alerts.c,
-                )
-                .join(alerts, alerts.c.alert_id == ev.c.alert_id)
-                .where(ev.c.seq > seq)
-                .order_by(ev.c.seq)
-                .limit(limit)
-            ).all()
+            rows = conn.execute(_events_since(limit), {"after": seq}).all()
         return [
             (
                 int(r.ev_seq),
@@ -373,6 +382,10 @@ def in_scope(scope: Any, alert: Any) -> bool:
     return False
 
 
+def _seq(event: tuple[int, Alert]) -> int:
+    return event[0]
+
+
 class AlertFeed:
     """One reader of the outbox for every subscriber of this process.
 
@@ -388,19 +401,19 @@ class AlertFeed:
         self._keep = keep
         self._events: list[tuple[int, Alert]] = []
         self._last: int | None = None
-        self._changed: asyncio.Condition | None = None
+        #: Set (and replaced) whenever new events arrive: every waiter wakes in one loop
+        #: iteration, where a Condition would hand its lock to the waiters one at a time.
+        self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def _ensure_running(self) -> asyncio.Condition:
+    def _ensure_running(self) -> asyncio.Event:
         if self._changed is None:
-            self._changed = asyncio.Condition()
+            self._changed = asyncio.Event()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self._changed
 
     async def _run(self) -> None:
-        changed = self._changed
-        assert changed is not None
         while True:
             try:
                 if self._last is None:
@@ -413,8 +426,9 @@ class AlertFeed:
                 self._events.extend(new)
                 del self._events[: max(0, len(self._events) - self._keep)]
                 self._last = new[-1][0]
-                async with changed:
-                    changed.notify_all()
+                changed, self._changed = self._changed, asyncio.Event()
+                assert changed is not None
+                changed.set()
             else:
                 await self._bus.wait(1.0)
 
@@ -432,15 +446,20 @@ class AlertFeed:
             rows = await asyncio.to_thread(self._store.events_since, cursor)
             if rows:
                 return rows
-        newer = [e for e in self._events if e[0] > cursor]
+        newer = self._newer(cursor)
         if newer:
             return newer
-        async with changed:
-            try:
-                await asyncio.wait_for(changed.wait(), wait_s)
-            except TimeoutError:
-                return []
-        return [e for e in self._events if e[0] > cursor]
+        try:
+            await asyncio.wait_for(changed.wait(), wait_s)
+        except TimeoutError:
+            return []
+        return self._newer(cursor)
+
+    def _newer(self, cursor: int) -> list[tuple[int, Alert]]:
+        # The buffer is in outbox order: a binary search, not a scan of up to ``keep`` events
+        # per subscriber per wake-up (with 20 subscribers the scans were most of the delay).
+        events = self._events
+        return events[bisect.bisect_right(events, cursor, key=_seq) :]
 
     def stop(self) -> None:
         if self._task is not None:

@@ -28,9 +28,9 @@ from centinela import __version__
 from centinela.config import Settings
 from centinela.errors import ConfigError
 from centinela.logs import get_logger
-from centinela.server import certs
+from centinela.server import admission, certs
 from centinela.server.identity import Caller
-from centinela.server.interceptors import CentinelaInterceptor, caller_from_tls
+from centinela.server.interceptors import CentinelaInterceptor, TlsIdentity
 from centinela.server.unimplemented import (
     UnimplementedAudit,
     UnimplementedMatch,
@@ -114,7 +114,8 @@ class CentinelaServer:
         self._extra_handlers = tuple(extra_handlers)
         self.servicers = servicers or Servicers()
         self.interceptor = CentinelaInterceptor(
-            identity or caller_from_tls, max_concurrent=settings.max_concurrent_rpcs
+            identity or TlsIdentity.from_settings(settings),
+            max_concurrent=settings.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -144,6 +145,7 @@ class CentinelaServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.max_pings_without_data", 0),
+                *admission.server_options(self.settings),
             ],
             maximum_concurrent_rpcs=None,
         )

@@ -159,8 +159,8 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
             purpose = PURPOSES.get(request.purpose, "")
             if not purpose:
                 raise InvalidArgument("is not a known purpose", field="purpose")
-        since = timestamp(request.since) if request.HasField("since") else None
-        until = timestamp(request.until) if request.HasField("until") else None
+        since = timestamp(request.since, "since") if request.HasField("since") else None
+        until = timestamp(request.until, "until") if request.HasField("until") else None
         if since is not None and until is not None and until <= since:
             raise InvalidArgument("must lie after since", field="until")
         return EventFilter(
@@ -292,7 +292,7 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
     # ---- GetStats ----------------------------------------------------------------------
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
-        since = timestamp(request.since) if request.HasField("since") else None
+        since = timestamp(request.since, "since") if request.HasField("since") else None
         auth = await self._authorise("GetStats", request)
         size = self.c.audit.size
         stats: Stats = await self._run(self._stats.compute, self.c.audit, since)

@@ -49,9 +49,27 @@ class DecisionCache:
             self._lru.clear()
             self._generation += 1
 
-    def decide(self, policy_input: Mapping[str, Any]) -> ShadowedDecision:
+    @staticmethod
+    def key(policy_input: Mapping[str, Any]) -> str:
+        """The cache key: canonical JSON of the whole input."""
+        return json.dumps(policy_input, sort_keys=True, separators=(",", ":"), default=str)
+
+    def cached(self, key: str) -> ShadowedDecision | None:
+        """The decision stored under ``key``, or ``None``; never calls the engine.
+
+        Cheap enough for the event loop: a hit needs no executor round trip.
+        """
+        with self._lock:
+            found = self._lru.get(key)
+            if found is not None:
+                self._lru.move_to_end(key)
+                self.hits += 1
+            return found
+
+    def decide(self, policy_input: Mapping[str, Any], key: str | None = None) -> ShadowedDecision:
         """The engine's decision for this exact input, from the cache when possible."""
-        key = json.dumps(policy_input, sort_keys=True, separators=(",", ":"), default=str)
+        if key is None:
+            key = self.key(policy_input)
         with self._lock:
             found = self._lru.get(key)
             if found is not None:

@@ -83,7 +83,7 @@ class World:
         return [float(x) for x in probe]
 
     def stranger(self, seed: int = 99) -> list[float]:
-        return [float(x) for x in synth.identities(1, seed=10_000 + seed)[0]]
+        return [float(x) for x in synth.strangers(1, seed=10_000 + seed)[0]]
 
     def face_request(
         self,

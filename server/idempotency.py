@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from centinela.audit.store import Companion
 from centinela.errors import FailedPrecondition, StorageError
-from centinela.storage import Migration, migrate, read_connection
+from centinela.storage import Migration, fetch_one, migrate
 
 T = TypeVar("T")
 
@@ -43,6 +43,11 @@ idempotency = sa.Table(
 
 #: One compiled statement for the hot path (``insert().values(...)`` would recompile).
 _INSERT = idempotency.insert()
+#: The lookup every idempotent call makes first, straight through the driver.
+_LOOKUP = (
+    "SELECT response, rpc, fingerprint FROM idempotency"
+    " WHERE caller = {caller} AND client_request_id = {rid}"
+)
 
 
 def _v1(conn: Connection) -> None:
@@ -85,22 +90,18 @@ class IdempotencyStore:
 
     def _get(self, caller: str, rid: str, rpc: str, fingerprint: str) -> bytes | None:
         try:
-            with read_connection(self.engine) as conn:
-                row = conn.execute(
-                    sa.select(
-                        idempotency.c.response, idempotency.c.rpc, idempotency.c.fingerprint
-                    ).where(idempotency.c.caller == caller, idempotency.c.client_request_id == rid)
-                ).first()
-        except sa.exc.SQLAlchemyError as exc:
-            raise StorageError(f"idempotency lookup failed: {exc.__class__.__name__}") from exc
+            row = fetch_one(self.engine, _LOOKUP, {"caller": caller, "rid": rid})
+        except StorageError as exc:
+            raise StorageError(f"idempotency lookup failed: {exc}") from exc
         if row is None:
             return None
-        if row.rpc != rpc or row.fingerprint != fingerprint:
+        stored_response, stored_rpc, stored_fingerprint = row
+        if stored_rpc != rpc or stored_fingerprint != fingerprint:
             raise FailedPrecondition(
                 "was already used for a different request; use a new id for a new request",
                 field="context.client_request_id",
             )
-        return bytes(row.response)
+        return bytes(stored_response)
 
     @staticmethod
     def companion(key: Key, answer: Callable[[int], bytes]) -> Companion:

@@ -4,7 +4,14 @@ Invariants:
 
 * Every ``centinela.v1`` RPC runs with a verified caller derived from the client certificate
   (``centinela.server.identity``); without one it ends with UNAUTHENTICATED before any
-  servicer code runs.
+  servicer code runs. A certificate on the CA's revocation list is refused the same way
+  (:class:`TlsIdentity`); when no valid list can be read, every call is refused with
+  UNAVAILABLE (fail closed).
+* Every refused identity (UNAUTHENTICATED, revocation unavailable) and every permission
+  denial is logged as a ``security`` event with the reason, the peer address and the
+  certificate's serial, SHA-256 fingerprint and subject CN: public facts only, never key
+  material. Certificates TLS itself refuses (no certificate, another CA, expired) never reach
+  this code: gRPC's core logs those handshakes, not the service.
 * This is the only place where :class:`centinela.errors.CentinelaError` becomes a gRPC
   status. Unexpected exceptions become INTERNAL with a generic message: their text may hold
   data that must not reach a caller, so only the exception's class is logged.
@@ -15,6 +22,8 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import re
 import time
@@ -24,37 +33,170 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from centinela.config import Settings
 from centinela.errors import (
     CentinelaError,
     InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from centinela.logs import get_logger
+from centinela.server import certs
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
 
 log = get_logger("server.rpc")
+security = get_logger("server.security")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}\Z")
 PROTECTED_PREFIX = "/centinela.v1."
 
 IdentityResolver = Callable[[grpc.aio.ServicerContext[Any, Any]], Caller]
 
 
-def caller_from_tls(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-    """The caller from the peer certificate that TLS verified.
+# ---- identity --------------------------------------------------------------------------
 
-    Raises:
-        Unauthenticated: no verified client certificate.
+
+class IdentityRefused(Unauthenticated):
+    """The peer certificate gives no caller; ``reason`` (a short code) goes to the log."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RevocationUnavailable(Unavailable):
+    """No valid revocation list: every call is refused until one is back (fail closed)."""
+
+    reason = "revocation_unavailable"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCertificate:
+    """The public facts of a peer certificate that logs and revocation use."""
+
+    serial: int
+    #: SHA-256 of the DER certificate, hex.
+    fingerprint: str
+    subject_cn: str
+
+    def log_fields(self) -> dict[str, str]:
+        return {
+            "cert_serial": format(self.serial, "x"),
+            "cert_fingerprint": self.fingerprint,
+            "cert_cn": self.subject_cn,
+        }
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_certificate(pem: bytes) -> PeerCertificate | None:
+    """Serial, fingerprint and CN of a PEM certificate (None if it does not parse)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value)[:128] if cns else ""
+    return PeerCertificate(cert.serial_number, cert.fingerprint(hashes.SHA256()).hex(), cn)
+
+
+def _peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    pems = list(context.auth_context().get("x509_pem_cert") or [])
+    return bytes(pems[0]) if pems else None
+
+
+def peer_facts(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """Who is at the other end, for a security event: address and certificate facts."""
+    facts = {"peer": str(context.peer() or "")}
+    pem = _peer_pem(context)
+    cert = peer_certificate(pem) if pem else None
+    if cert is not None:
+        facts.update(cert.log_fields())
+    return facts
+
+
+class TlsIdentity:
+    """The caller from the peer certificate that TLS verified, unless the CA revoked it.
+
+    gRPC's TLS stack does not consult CRLs, so revocation is checked here, on every call,
+    against :class:`centinela.server.certs.RevocationChecker` (which re-reads the list when
+    its file changes).
     """
-    auth = context.auth_context()
-    pems = list(auth.get("x509_pem_cert") or [])
-    if not pems:
-        raise Unauthenticated("a client certificate signed by the Centinela CA is required")
-    return caller_from_pem(bytes(pems[0]))
+
+    def __init__(self, revocation: certs.RevocationChecker | None = None) -> None:
+        self.revocation = revocation
+        self._generation = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TlsIdentity:
+        """Checking the CRL the settings name (``crl_file``, default ``certs_dir/crl.pem``)."""
+        if settings.insecure_dev:
+            return cls(None)
+        checker = certs.RevocationChecker(
+            settings.effective_crl_file,
+            certs.server_files(settings.effective_certs_dir).ca,
+            required=settings.crl_file is not None,
+        )
+        return cls(checker)
+
+    def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """The verified caller.
+
+        Raises:
+            IdentityRefused: no certificate, an unreadable one, a revoked one, or one that
+                names no Centinela caller (UNAUTHENTICATED).
+            RevocationUnavailable: no valid revocation list (UNAVAILABLE, fail closed).
+        """
+        pem = _peer_pem(context)
+        if pem is None:
+            raise IdentityRefused(
+                "a client certificate signed by the Centinela CA is required", "no_certificate"
+            )
+        cert = peer_certificate(pem)
+        if cert is None:
+            raise IdentityRefused("the client certificate could not be parsed", "unparseable")
+        if self.revocation is not None:
+            try:
+                revoked = self.revocation.is_revoked(cert.serial)
+            except certs.RevocationUnavailable:
+                self._report()
+                raise RevocationUnavailable(
+                    "the server cannot check certificate revocation and refuses every call "
+                    "until its revocation list is valid again; retry later"
+                ) from None
+            self._report()
+            if revoked:
+                raise IdentityRefused("the client certificate has been revoked", "revoked")
+        try:
+            return caller_from_pem(pem)
+        except Unauthenticated as exc:
+            raise IdentityRefused(exc.message, "not_a_centinela_identity") from None
+
+    def _report(self) -> None:
+        """Log each change of the revocation list's state once."""
+        checker = self.revocation
+        if checker is None or checker.generation == self._generation:
+            return
+        self._generation = checker.generation
+        if checker.problem is not None:
+            security.error(
+                "identity.revocation_unavailable",
+                crl_file=str(checker.crl_path),
+                problem=checker.problem,
+                effect="every call is refused until a valid CRL is in place",
+            )
+        else:
+            security.info("identity.revocation_list_loaded", crl_file=str(checker.crl_path))
+
+
+#: The caller from TLS alone, without revocation (tests and embedded servers).
+caller_from_tls: IdentityResolver = TlsIdentity()
 
 
 def status_code(err: CentinelaError) -> grpc.StatusCode:
@@ -109,6 +251,13 @@ def _check_decoded(request: Any) -> None:
         raise InvalidArgument("the request bytes are not a valid message of this RPC")
 
 
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages; an undecodable one ends the call with INVALID_ARGUMENT."""
+    async for item in requests:
+        _check_decoded(item)
+        yield item
+
+
 class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every handler with identity, admission control, error mapping and logging."""
 
@@ -146,7 +295,18 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if self._in_flight >= self._max_concurrent:
             raise ResourceExhausted("server is at its concurrency ceiling; retry with backoff")
         if protected:
-            state.caller = self._identity(context)
+            try:
+                state.caller = self._identity(context)
+            except CentinelaError as exc:
+                security.warning(
+                    "identity.refused",
+                    reason=getattr(exc, "reason", type(exc).__name__),
+                    code=status_code(exc).name,
+                    method=method,
+                    request_id=request_id,
+                    **peer_facts(context),
+                )
+                raise
         return state
 
     async def _fail(
@@ -175,6 +335,16 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 where=[f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}:{f.name}" for f in tb[-4:]],
             )
         code = status_code(err)
+        if code == grpc.StatusCode.PERMISSION_DENIED and state.caller is not None:
+            security.warning(
+                "access.denied",
+                method=state.method,
+                request_id=state.request_id,
+                caller=state.caller.name,
+                rule_ids=list(err.rule_ids),
+                decision_id=err.decision_id or None,
+                **peer_facts(context),
+            )
         self._log_call(state, code, started)
         await context.abort(
             code, err.diagnostics(), trailing_metadata=_trailers(err, state.request_id)
@@ -287,7 +457,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 token = set_call(state)
                 interceptor._in_flight += 1
                 try:
-                    result = inner_su(request_iterator, context)
+                    result = inner_su(_decoded(request_iterator), context)
                     if inspect.isawaitable(result):
                         result = await result
                 finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ from centinela.server.validation import (
     check_face_probe,
     check_id,
     check_plate_read,
+    check_site_id,
     check_text,
 )
 from centinela.v1 import common_pb2
@@ -125,6 +127,29 @@ def _check_alert_scope(scope: Any, alert: Any) -> None:
     """
     if not in_scope(scope, alert):
         raise NotFound("no such alert", field="alert_id")
+
+
+@functools.lru_cache(maxsize=4096)
+def _alert_message(seq: int, alert: Alert) -> pb.SubscribeAlertsResponse:
+    """One outbox event as sent to subscribers; built once and shared by all of them (the
+    message is never mutated after this)."""
+    return pb.SubscribeAlertsResponse(
+        cursor=f"ev-{seq}",
+        alert_id=alert.alert_id,
+        decision_id=alert.decision_id,
+        site_id=alert.site_id,
+        capture_time=_timestamp(alert.capture_time),
+        gallery=GALLERY_ENUM.get(alert.gallery, common_pb2.GALLERY_UNSPECIFIED),
+        reference=alert.reference,
+        category=alert.category,
+        score_band=alert.score_band,
+        state=STATE_ENUM.get(alert.state, pb.ALERT_STATE_UNSPECIFIED),
+        confirmations=alert.confirmations,
+    )
+
+
+#: Probes of one StreamMatch in flight at once (answers still go out in order).
+STREAM_WINDOW = 16
 
 
 class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
@@ -462,40 +487,70 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     async def StreamMatch(
         self, request_iterator: AsyncIterator[pb.StreamMatchRequest], context: Any
     ) -> AsyncIterator[pb.StreamMatchResponse]:
+        """Many probes on one stream, answered in order, up to ``STREAM_WINDOW`` at once.
+
+        A reader task takes probes off the stream and starts each as its own task; answers
+        are yielded in arrival order. When ``STREAM_WINDOW`` answers are outstanding the
+        reader stops reading, so HTTP/2 flow control holds the sender back. Probes in
+        flight together share group commits, which is what makes a stream cheaper than as
+        many unary calls. One bad message gets its own error answer; the stream goes on.
+        """
         caller, call = current_caller(), current_call()
-        async for item in request_iterator:
-            msg: Any = item  # a StreamMatchRequest, or MalformedRequest for undecodable bytes
-            seq = int(getattr(msg, "sequence", 0))
-            sub = CallState(
-                request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller
-            )
+        pending: asyncio.Queue[asyncio.Task[pb.StreamMatchResponse] | None] = asyncio.Queue(
+            maxsize=STREAM_WINDOW
+        )
+
+        async def read() -> None:
             try:
-                if isinstance(msg, MalformedRequest):
-                    raise InvalidArgument("the message is not a valid StreamMatchRequest")
-                which = msg.WhichOneof("probe")
-                if which == "face":
-                    face = await self._idempotent(
-                        msg.face, "MatchFace", self._match_face, pb.MatchFaceResponse, call=sub
-                    )
-                    yield pb.StreamMatchResponse(sequence=msg.sequence, face=face)
-                elif which == "plate":
-                    plate = await self._idempotent(
-                        msg.plate, "MatchPlate", self._match_plate, pb.MatchPlateResponse, call=sub
-                    )
-                    yield pb.StreamMatchResponse(sequence=msg.sequence, plate=plate)
-                else:
-                    raise InvalidArgument("carries neither a face nor a plate", field="probe")
-            except CentinelaError as exc:
-                yield pb.StreamMatchResponse(
-                    sequence=seq,
-                    error=common_pb2.ErrorStatus(
-                        code=status_code(exc).value[0],
-                        message=exc.diagnostics(),
-                        field=exc.field or "",
-                        rule_ids=list(exc.rule_ids),
-                        decision_id=exc.decision_id or "",
-                    ),
+                async for item in request_iterator:
+                    await pending.put(asyncio.create_task(self._stream_one(item, caller, call)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # the stream's own failure, if any, ends the call
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _stream_one(
+        self, item: Any, caller: Caller, call: CallState
+    ) -> pb.StreamMatchResponse:
+        msg: Any = item  # a StreamMatchRequest, or MalformedRequest for undecodable bytes
+        seq = int(getattr(msg, "sequence", 0))
+        sub = CallState(request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller)
+        try:
+            if isinstance(msg, MalformedRequest):
+                raise InvalidArgument("the message is not a valid StreamMatchRequest")
+            which = msg.WhichOneof("probe")
+            if which == "face":
+                face = await self._idempotent(
+                    msg.face, "MatchFace", self._match_face, pb.MatchFaceResponse, call=sub
                 )
+                return pb.StreamMatchResponse(sequence=msg.sequence, face=face)
+            if which == "plate":
+                plate = await self._idempotent(
+                    msg.plate, "MatchPlate", self._match_plate, pb.MatchPlateResponse, call=sub
+                )
+                return pb.StreamMatchResponse(sequence=msg.sequence, plate=plate)
+            raise InvalidArgument("carries neither a face nor a plate", field="probe")
+        except CentinelaError as exc:
+            return pb.StreamMatchResponse(
+                sequence=seq,
+                error=common_pb2.ErrorStatus(
+                    code=status_code(exc).value[0],
+                    message=exc.diagnostics(),
+                    field=exc.field or "",
+                    rule_ids=list(exc.rule_ids),
+                    decision_id=exc.decision_id or "",
+                ),
+            )
 
     # ---- VerifyFace --------------------------------------------------------------------
 
@@ -649,7 +704,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     ) -> AsyncIterator[pb.SubscribeAlertsResponse]:
         caller, call = current_caller(), current_call()
         ctx = check_context(request.context, purpose_required=False)
-        sites = {check_id(s, f"site_ids[{i}]") for i, s in enumerate(request.site_ids)}
+        sites = {check_site_id(s, f"site_ids[{i}]") for i, s in enumerate(request.site_ids)}
         cursor = _parse_cursor(request.cursor)
         decision, decision_id = await self.c.pipeline.authorise(
             "SubscribeAlerts", call=call, caller=caller, context=ctx, mode="READ"
@@ -675,19 +730,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 cursor = seq
                 if not in_scope(scope, alert) or (sites and alert.site_id not in sites):
                     continue
-                yield pb.SubscribeAlertsResponse(
-                    cursor=f"ev-{seq}",
-                    alert_id=alert.alert_id,
-                    decision_id=alert.decision_id,
-                    site_id=alert.site_id,
-                    capture_time=_timestamp(alert.capture_time),
-                    gallery=GALLERY_ENUM.get(alert.gallery, common_pb2.GALLERY_UNSPECIFIED),
-                    reference=alert.reference,
-                    category=alert.category,
-                    score_band=alert.score_band,
-                    state=STATE_ENUM.get(alert.state, pb.ALERT_STATE_UNSPECIFIED),
-                    confirmations=alert.confirmations,
-                )
+                yield _alert_message(seq, alert)
 
     # ---- GetServerInfo -----------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from centinela.errors import (
     ResourceExhausted,
 )
 from centinela.logs import get_logger
-from centinela.policy import Decision, PolicyService
+from centinela.policy import ENGINE_UNAVAILABLE, Decision, PolicyService, ShadowedDecision
 from centinela.server.alerts import AlertStore
 from centinela.server.context import CallState
 from centinela.server.decision_cache import DecisionCache
@@ -124,6 +124,11 @@ def decision_info(
     )
 
 
+#: A policy decision that takes longer is a deny (ENGINE_UNAVAILABLE). A decision costs ~3 ms
+#: of CPU (docs/policy.md); this leaves room for a loaded machine and a queue of them.
+POLICY_TIMEOUT_S = 1.0
+
+
 class Pipeline:
     """Policy decisions and their audit, shared by every servicer."""
 
@@ -136,8 +141,10 @@ class Pipeline:
         bundle_name: str,
         rates: RateCounters | None = None,
         executor: Executor | None = None,
+        policy_timeout_s: float = POLICY_TIMEOUT_S,
     ) -> None:
         self.policy = policy
+        self.policy_timeout_s = policy_timeout_s
         self.audit = audit
         self.digester = digester
         self.bundle_name = bundle_name
@@ -176,10 +183,23 @@ class Pipeline:
     async def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Decision | None]:
         """Active decision (fails closed) and the shadow bundle's, if one is configured.
 
-        The engine blocks for milliseconds: it runs in the executor, never on the event loop.
+        The engine blocks for milliseconds: it runs in the executor, never on the event loop;
+        a decision already in the cache is taken on the loop, without that round trip.
         """
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, self.cache.decide, policy_input)
+        key = self.cache.key(policy_input)
+        result = self.cache.cached(key)
+        if result is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self.executor, self.cache.decide, policy_input, key)
+            try:
+                result = await asyncio.wait_for(pending, self.policy_timeout_s)
+            except TimeoutError:
+                # rego-cpp cannot be interrupted: the evaluation runs on and holds its slot,
+                # so a hung engine makes every later decision time out too (fail closed).
+                engine = self.policy.active
+                log.error("policy.timeout", engine=engine.name, timeout_s=self.policy_timeout_s)
+                deny = Decision.deny(ENGINE_UNAVAILABLE, engine.bundle_digest, engine.name)
+                result = ShadowedDecision(deny, None)
         return result.active, result.shadow
 
     # ---- audit ---------------------------------------------------------------------------

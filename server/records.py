@@ -8,23 +8,33 @@ Invariants:
 * Requisitorias are never deleted: lifting records when and why; expiry is a timestamp, so
   an entry stops matching at that instant without any job running (R6).
 * Every change here is made by a servicer that has already had the policy's allow and writes
-  the audit entry (R15); this module only stores.
+  the audit entry (R15); this module only stores. The servicers plan a change as a
+  :class:`~centinela.matcher.writes.Write` (``*_write`` methods: checks done, SQL pending) and
+  apply it inside the audit entry's own transaction, so the change and its entry commit
+  together or not at all; :func:`serialised` holds the process's write lock from the checks
+  to the commit, so the checks still hold when the change is applied.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
 import secrets
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import AlreadyExists, InvalidArgument, NotFound, StorageError
+from centinela.logs import get_logger
+from centinela.matcher.writes import Write
 from centinela.storage import Migration, migrate, write_transaction
+
+log = get_logger("server.records")
+T = TypeVar("T")
 
 metadata = sa.MetaData()
 
@@ -244,29 +254,51 @@ class Records:
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"records: {exc.__class__.__name__}") from exc
 
+    def _apply(self, write: Write) -> None:
+        self._run(lambda conn: write(conn))
+
+    def _one(self, table: sa.Table, column: Any, value: str, what: str, field: str) -> Any:
+        def op(conn: Connection) -> Any:
+            row = conn.execute(table.select().where(column == value)).first()
+            if row is None:
+                raise NotFound(f"no {what} {value!r}", field=field)
+            return row
+
+        return self._run(op)
+
     # ---- sites ----------------------------------------------------------------------------
 
-    def add_site(self, rec: SiteRecord) -> SiteRecord:
-        def op(conn: Connection) -> SiteRecord:
-            conn.execute(
-                sites.insert().values(**dataclasses.asdict(rec), created_at=now_utc().isoformat())
-            )
-            return rec
+    def get_site(self, site_id: str) -> SiteRecord:
+        """Raises: NotFound."""
+        return _site(self._one(sites, sites.c.site_id, site_id, "site", "site_id"))
 
-        result: SiteRecord = self._run(op)
-        return result
+    def site_exists(self, site_id: str) -> bool:
+        try:
+            self.get_site(site_id)
+        except NotFound:
+            return False
+        return True
+
+    @staticmethod
+    def site_insert(rec: SiteRecord) -> Write:
+        """Planned: register a site (the caller checked the id is free)."""
+        values = {**dataclasses.asdict(rec), "created_at": now_utc().isoformat()}
+        return _executes(sites.insert().values(**values))
+
+    @staticmethod
+    def site_active(site_id: str, active: bool) -> Write:
+        """Planned: (de)activate a site (the caller checked it exists)."""
+        stmt = sites.update().where(sites.c.site_id == site_id).values(active=active)
+        return _executes(stmt)
+
+    def add_site(self, rec: SiteRecord) -> SiteRecord:
+        self._apply(self.site_insert(rec))
+        return rec
 
     def set_site_active(self, site_id: str, active: bool) -> SiteRecord:
-        def op(conn: Connection) -> SiteRecord:
-            n = conn.execute(
-                sites.update().where(sites.c.site_id == site_id).values(active=active)
-            ).rowcount
-            if n == 0:
-                raise NotFound(f"no site {site_id!r}", field="site_id")
-            return _site(conn.execute(sites.select().where(sites.c.site_id == site_id)).one())
-
-        result: SiteRecord = self._run(op)
-        return result
+        self.get_site(site_id)
+        self._apply(self.site_active(site_id, active))
+        return self.get_site(site_id)
 
     def list_sites(
         self, municipality: str = "", *, offset: int = 0, limit: int = 1000
@@ -278,47 +310,62 @@ class Records:
 
     # ---- authorisations -------------------------------------------------------------------
 
-    def add_authorisation(self, rec: AuthorisationRecord) -> AuthorisationRecord:
+    def get_authorisation(self, authorisation_id: str) -> AuthorisationRecord:
+        """Raises: NotFound."""
+        row = self._one(
+            authorisations,
+            authorisations.c.authorisation_id,
+            authorisation_id,
+            "authorisation",
+            "authorisation_id",
+        )
+        return _auth(row)
+
+    def authorisation_exists(self, authorisation_id: str) -> bool:
+        try:
+            self.get_authorisation(authorisation_id)
+        except NotFound:
+            return False
+        return True
+
+    @staticmethod
+    def authorisation_insert(rec: AuthorisationRecord) -> Write:
+        """Planned: register an authorisation (the caller checked the id is free).
+
+        Raises:
+            InvalidArgument: its window ends before it starts.
+        """
         if rec.not_after <= rec.not_before:
             raise InvalidArgument(
                 "not_after must lie after not_before", field="authorisation.not_after"
             )
-        scope = json.dumps(rec.to_policy() | {"revoked": None}, sort_keys=True)
+        stmt = authorisations.insert().values(
+            authorisation_id=rec.authorisation_id,
+            court=rec.court,
+            scope=json.dumps(rec.to_policy() | {"revoked": None}, sort_keys=True),
+            revoked=False,
+            created_at=now_utc().isoformat(),
+        )
+        return _executes(stmt)
 
-        def op(conn: Connection) -> AuthorisationRecord:
-            conn.execute(
-                authorisations.insert().values(
-                    authorisation_id=rec.authorisation_id,
-                    court=rec.court,
-                    scope=scope,
-                    revoked=False,
-                    created_at=now_utc().isoformat(),
-                )
-            )
-            return rec
+    @staticmethod
+    def authorisation_revoke(authorisation_id: str) -> Write:
+        """Planned: revoke an authorisation (the caller checked it exists)."""
+        stmt = (
+            authorisations.update()
+            .where(authorisations.c.authorisation_id == authorisation_id)
+            .values(revoked=True)
+        )
+        return _executes(stmt)
 
-        result: AuthorisationRecord = self._run(op)
-        return result
+    def add_authorisation(self, rec: AuthorisationRecord) -> AuthorisationRecord:
+        self._apply(self.authorisation_insert(rec))
+        return rec
 
     def revoke_authorisation(self, authorisation_id: str) -> AuthorisationRecord:
-        def op(conn: Connection) -> AuthorisationRecord:
-            n = conn.execute(
-                authorisations.update()
-                .where(authorisations.c.authorisation_id == authorisation_id)
-                .values(revoked=True)
-            ).rowcount
-            if n == 0:
-                raise NotFound(f"no authorisation {authorisation_id!r}", field="authorisation_id")
-            return _auth(
-                conn.execute(
-                    authorisations.select().where(
-                        authorisations.c.authorisation_id == authorisation_id
-                    )
-                ).one()
-            )
-
-        result: AuthorisationRecord = self._run(op)
-        return result
+        self.get_authorisation(authorisation_id)
+        self._apply(self.authorisation_revoke(authorisation_id))
+        return self.get_authorisation(authorisation_id)
 
     def list_authorisations(
         self, *, include_revoked: bool = True, offset: int = 0, limit: int = 100_000
@@ -331,8 +378,20 @@ class Records:
 
     # ---- requisitorias --------------------------------------------------------------------
 
-    def add_requisition(self, rec: RequisitionRecord) -> RequisitionRecord:
-        def op(conn: Connection) -> RequisitionRecord:
+    def warrant_in_use(self, warrant_id: str) -> bool:
+        def op(conn: Connection) -> bool:
+            q = sa.select(requisitions.c.requisition_id).where(
+                requisitions.c.warrant_id == warrant_id
+            )
+            return conn.execute(q).first() is not None
+
+        return bool(self._run(op))
+
+    @staticmethod
+    def requisition_insert(rec: RequisitionRecord) -> Write:
+        """Planned: create a requisitoria (the caller checked its warrant is not in use)."""
+
+        def step(conn: Connection) -> None:
             seq = (
                 conn.execute(
                     sa.select(sa.func.coalesce(sa.func.max(requisitions.c.created_seq), 0))
@@ -355,46 +414,52 @@ class Records:
                     created_seq=seq,
                 )
             )
-            return rec
 
-        result: RequisitionRecord = self._run(op)
-        return result
+        return Write(step)
 
-    def get_requisition(self, requisition_id: str) -> RequisitionRecord:
-        def op(conn: Connection) -> RequisitionRecord:
-            row = conn.execute(
-                requisitions.select().where(requisitions.c.requisition_id == requisition_id)
-            ).first()
-            if row is None:
-                raise NotFound(f"no requisitoria {requisition_id!r}", field="requisition_id")
-            return _req(row)
+    @staticmethod
+    def requisition_update(requisition_id: str, **values: Any) -> Write:
+        """Planned: change a requisitoria that is not lifted (one lifted meanwhile is left
+        alone: a lift is final).
 
-        result: RequisitionRecord = self._run(op)
-        return result
-
-    def update_requisition(self, requisition_id: str, **values: Any) -> RequisitionRecord:
+        Raises:
+            InvalidArgument: a field that cannot be changed.
+        """
         allowed = {"issuing_court", "offence_category", "expires_at", "lifted_at", "lift_reason"}
         unknown = set(values) - allowed
         if unknown:
             raise InvalidArgument(f"cannot update {sorted(unknown)}", field="update_mask")
         stored = {k: (epoch(v) if isinstance(v, dt.datetime) else v) for k, v in values.items()}
-
-        def op(conn: Connection) -> RequisitionRecord:
-            n = conn.execute(
-                requisitions.update()
-                .where(requisitions.c.requisition_id == requisition_id)
-                .values(**stored)
-            ).rowcount
-            if n == 0:
-                raise NotFound(f"no requisitoria {requisition_id!r}", field="requisition_id")
-            return _req(
-                conn.execute(
-                    requisitions.select().where(requisitions.c.requisition_id == requisition_id)
-                ).one()
+        stmt = (
+            requisitions.update()
+            .where(
+                requisitions.c.requisition_id == requisition_id,
+                requisitions.c.lifted_at.is_(None),
             )
+            .values(**stored)
+        )
+        return _executes(stmt)
 
-        result: RequisitionRecord = self._run(op)
-        return result
+    def add_requisition(self, rec: RequisitionRecord) -> RequisitionRecord:
+        self._apply(self.requisition_insert(rec))
+        return rec
+
+    def get_requisition(self, requisition_id: str) -> RequisitionRecord:
+        """Raises: NotFound."""
+        row = self._one(
+            requisitions,
+            requisitions.c.requisition_id,
+            requisition_id,
+            "requisitoria",
+            "requisition_id",
+        )
+        return _req(row)
+
+    def update_requisition(self, requisition_id: str, **values: Any) -> RequisitionRecord:
+        write = self.requisition_update(requisition_id, **values)
+        self.get_requisition(requisition_id)
+        self._apply(write)
+        return self.get_requisition(requisition_id)
 
     def list_requisitions(
         self,
@@ -418,8 +483,25 @@ class Records:
 
     # ---- vehicles -------------------------------------------------------------------------
 
-    def add_vehicle(self, rec: VehicleRecord) -> VehicleRecord:
-        def op(conn: Connection) -> VehicleRecord:
+    def get_vehicle(self, vehicle_id: str) -> VehicleRecord:
+        """Raises: NotFound."""
+        row = self._one(vehicles, vehicles.c.vehicle_id, vehicle_id, "vehicle report", "vehicle_id")
+        return _veh(row)
+
+    def report_in_use(self, police_report_id: str) -> bool:
+        def op(conn: Connection) -> bool:
+            q = sa.select(vehicles.c.vehicle_id).where(
+                vehicles.c.police_report_id == police_report_id
+            )
+            return conn.execute(q).first() is not None
+
+        return bool(self._run(op))
+
+    @staticmethod
+    def vehicle_insert(rec: VehicleRecord) -> Write:
+        """Planned: record a stolen-vehicle report (the caller checked its ids are free)."""
+
+        def step(conn: Connection) -> None:
             seq = (
                 conn.execute(
                     sa.select(sa.func.coalesce(sa.func.max(vehicles.c.created_seq), 0))
@@ -437,26 +519,27 @@ class Records:
                     created_seq=seq,
                 )
             )
-            return rec
 
-        result: VehicleRecord = self._run(op)
-        return result
+        return Write(step)
+
+    @staticmethod
+    def vehicle_recover(vehicle_id: str, when: dt.datetime) -> Write:
+        """Planned: mark a vehicle recovered (one recovered meanwhile keeps its first date)."""
+        stmt = (
+            vehicles.update()
+            .where(vehicles.c.vehicle_id == vehicle_id, vehicles.c.recovered_at.is_(None))
+            .values(recovered_at=epoch(when))
+        )
+        return _executes(stmt)
+
+    def add_vehicle(self, rec: VehicleRecord) -> VehicleRecord:
+        self._apply(self.vehicle_insert(rec))
+        return rec
 
     def recover_vehicle(self, vehicle_id: str, when: dt.datetime) -> VehicleRecord:
-        def op(conn: Connection) -> VehicleRecord:
-            n = conn.execute(
-                vehicles.update()
-                .where(vehicles.c.vehicle_id == vehicle_id)
-                .values(recovered_at=epoch(when))
-            ).rowcount
-            if n == 0:
-                raise NotFound(f"no vehicle report {vehicle_id!r}", field="vehicle_id")
-            return _veh(
-                conn.execute(vehicles.select().where(vehicles.c.vehicle_id == vehicle_id)).one()
-            )
-
-        result: VehicleRecord = self._run(op)
-        return result
+        self.get_vehicle(vehicle_id)
+        self._apply(self.vehicle_recover(vehicle_id, when))
+        return self.get_vehicle(vehicle_id)
 
     def list_vehicles(
         self, *, state: str = "", offset: int = 0, limit: int = 100_000
@@ -484,6 +567,15 @@ class Records:
         }
 
 
+def _executes(statement: Any) -> Write:
+    """A write of one prepared statement."""
+
+    def step(conn: Connection) -> None:
+        conn.execute(statement)
+
+    return Write(step)
+
+
 def page(items: Sequence[Any], token: str, size: int) -> tuple[list[Any], str]:
     """Offset paging over an in-memory list; tokens are opaque offsets."""
     size = 50 if size == 0 else min(size, 500)
@@ -494,3 +586,43 @@ def page(items: Sequence[Any], token: str, size: int) -> tuple[list[Any], str]:
     chunk = list(items[start : start + size])
     nxt = str(start + size) if start + size < len(items) else ""
     return chunk, nxt
+
+
+# ---- one writer at a time ------------------------------------------------------------------
+
+_LOCK_KEY = "centinela.write_lock"
+
+
+def write_lock(extra: MutableMapping[str, Any]) -> asyncio.Lock:
+    """The process's lock for administrative and registry writes (kept in
+    ``Components.extra``): a change is checked and planned, then committed with its audit
+    entry, under it, so no other change of this process lands between the checks and the
+    commit."""
+    lock = extra.get(_LOCK_KEY)
+    if lock is None:
+        lock = extra[_LOCK_KEY] = asyncio.Lock()
+    assert isinstance(lock, asyncio.Lock)
+    return lock
+
+
+def _log_orphan(task: asyncio.Future[Any]) -> None:
+    """Say in the log when a change whose caller was gone by then failed (no one hears)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("records.orphaned_change_failed", error=type(task.exception()).__name__)
+
+
+async def serialised(extra: MutableMapping[str, Any], fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` under :func:`write_lock`, to its end even if the caller is cancelled
+    meanwhile (the lock is held until the audit commit it awaits has settled)."""
+    lock = write_lock(extra)
+
+    async def run() -> T:
+        async with lock:
+            return await fn()
+
+    task = asyncio.ensure_future(run())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_orphan)
+        raise

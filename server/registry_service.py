@@ -5,15 +5,19 @@ Invariants (DESIGN.md §3–4; LEGAL_RULES R7, R13, R15):
 * Every RPC is decided by the policy before any work (only Reniec's data-owner role is
   granted; everyone else is denied and the denial is audited), and every change is audited
   with pseudonymous references, keyed digests and counts — never a DNI or a vector.
-* An import is acknowledged only when every accepted record is durable in the encrypted
-  store: one store transaction per stream message, in message order. Re-sending a message
-  changes nothing (its records count as ``unchanged``), so an interrupted import resumes by
-  re-sending from any batch. The search index catches up in the background
-  (``Matcher.notify``); searches never see a half-inserted template (the matcher's rule).
-* One audit entry per import stream, written when the stream ends — ``IMPORTED``, or
-  ``ABORTED`` when the stream breaks — with the counts of what was stored, even if the caller
-  is gone by then: each stored change is covered by an entry naming its decision (see
-  :meth:`RegistryServicer.ImportTemplates`).
+* Every change commits in one transaction with its audit entry, or neither does: the change
+  is checked, looked up and encrypted first, then written as a companion of the entry
+  (``AuditLog.append(companion=...)``), under the process's write lock so what was looked up
+  still holds at the commit. If the audit cannot be written, nothing is stored and the
+  caller gets UNAVAILABLE.
+* An import stream message (a batch of at most 1,000 records) is one such change: its
+  templates and its ``IMPORTED`` entry (counts, the batch number, and a keyed digest of the
+  batch's valid records) are one transaction, in message order. An import is acknowledged
+  only when every batch is; a broken stream leaves its committed batches durable and
+  audited, and nothing else. Re-sending a batch changes nothing (its records count as
+  ``unchanged``), so an interrupted import resumes by re-sending from any batch. The search
+  index catches up in the background (``Matcher.notify``); searches never see a
+  half-inserted template (the matcher's rule).
 * An objection (R7) is set on the Reniec subject in the store (durable, replayed by every
   index rebuild) and applied to the live registry index before the answer.
 """
@@ -30,11 +34,14 @@ from centinela.audit.entry import METRIC_KINDS, REF_KINDS, AuditEvent, EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.logs import get_logger
 from centinela.matcher.service import REGISTRY
+from centinela.matcher.store import PreparedTemplates
+from centinela.matcher.writes import Write
 from centinela.policy import Decision
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
 from centinela.server.pipeline import decision_info
+from centinela.server.records import serialised
 from centinela.server.registry_import import CheckedBatch, ImportTally, check_batch
 from centinela.server.unimplemented import UnimplementedRegistry
 from centinela.server.validation import MAX_CLOCK_SKEW, check_context, check_dni, timestamp
@@ -65,10 +72,10 @@ def reference_ref(reference: str) -> dict[str, str]:
     return {"reference": reference}
 
 
-def _log_failed_append(task: asyncio.Future[Any]) -> None:
-    """Say in the log when a shielded import entry could not be written (no one awaits it)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("registry.import_not_audited", error=type(task.exception()).__name__)
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a batch task's failure as seen (the stream reports the first one)."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclasses.dataclass
@@ -78,9 +85,11 @@ class _ImportState:
     caller: Caller
     call: CallState
     ctx: dict[str, Any]
+    refs: dict[str, str]
     decision: Decision
     decision_id: str
     tally: ImportTally
+    audit_index: int = -1
 
 
 class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
@@ -149,18 +158,19 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
     async def ImportTemplates(
         self, request_iterator: AsyncIterator[pb.ImportTemplatesRequest], context: Any
     ) -> pb.ImportTemplatesResponse:
-        """Store the stream's batches durably, one transaction per message, then answer.
+        """Store the stream's batches durably, each with its audit entry, then answer.
 
         The decision is taken on the first message (its context is the import's); later
-        messages' contexts are ignored. The entry is written once per stream (not per batch):
-        a million-template import is one administrative act citing one Reniec resolution,
-        and its entry carries the counts; a stream that breaks after storing records still
-        gets its entry (``ABORTED``) so no stored change is left without one.
+        messages' contexts are ignored. Each batch is one transaction holding its templates
+        and its entry (counts, batch number, keyed digest of its valid records): a
+        million-template import is one administrative act citing one Reniec resolution and
+        one decision, whose entries say exactly which batches became durable.
 
         Raises:
             InvalidArgument: the stream is empty or the first context is malformed.
             PolicyDenied: the caller may not import (R15).
-            StorageError, AuditUnavailable: the store or the audit log failed (UNAVAILABLE).
+            StorageError, AuditUnavailable: the store or the audit log failed (UNAVAILABLE);
+                the batches answered before stay durable and audited, the failed one is not.
         """
         caller, call = current_caller(), current_call()
         iterator = request_iterator.__aiter__()
@@ -173,19 +183,20 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         decision, decision_id = await self.c.pipeline.authorise(
             "ImportTemplates", call=call, caller=caller, context=ctx, refs=refs, mode="ADMIN"
         )
-        state = _ImportState(caller, call, ctx, decision, decision_id, ImportTally())
+        state = _ImportState(caller, call, ctx, refs, decision, decision_id, ImportTally())
         try:
             await self._ingest(first, iterator, state)
         except BaseException as exc:
-            # Every allowed decision gets its entry, the broken streams' included.
-            await self._audit_import(state, refs, "ABORTED", cause=exc)
+            log.warning(
+                "registry.import_stopped",
+                decision_id=decision_id,
+                error=type(exc).__name__,
+                batches=state.tally.batches,
+                accepted=state.tally.accepted,
+            )
             raise
-        # A cancelled stream may simply look ended to the handler: ask the call.
-        cancelled = bool(getattr(context, "cancelled", lambda: False)())
-        outcome = "ABORTED" if cancelled else "IMPORTED"
-        receipt = await self._audit_import(state, refs, outcome)
         answer = state.tally.to_proto()
-        answer.decision.CopyFrom(self._info(decision, decision_id, receipt.index))
+        answer.decision.CopyFrom(self._info(decision, decision_id, state.audit_index))
         return answer
 
     async def _ingest(
@@ -194,79 +205,118 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         rest: AsyncIterator[pb.ImportTemplatesRequest],
         state: _ImportState,
     ) -> None:
-        """Validate and store each message in order, receiving the next one meanwhile."""
+        """Check and commit each message in order, two in flight: one is checked (in a worker
+        thread) while the one before it is committed, and the next message is received only
+        once the one before the last is committed (flow control)."""
         model_id, dim = self.c.face_model_id, self._dimension()
-        pending: asyncio.Future[None] | None = None
+        flight: list[asyncio.Future[None]] = []
         message: pb.ImportTemplatesRequest | None = first
         try:
             while message is not None:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(
-                    self._in_executor(self._store_batch, message, model_id, dim, state.tally)
-                )
+                prev = flight[-1] if flight else None
+                task = asyncio.ensure_future(self._one_batch(message, prev, model_id, dim, state))
+                task.add_done_callback(_retrieve)
+                flight.append(task)
+                while len(flight) >= 2:
+                    await asyncio.shield(flight.pop(0))
                 try:
                     message = await rest.__anext__()
                 except StopAsyncIteration:
                     message = None
-            if pending is not None:
-                await pending
+            while flight:
+                await asyncio.shield(flight.pop(0))
         finally:
-            if pending is not None and not pending.done():
-                # Let the transaction in flight finish, so the tally says what was stored.
-                await asyncio.shield(asyncio.wait([pending]))
-            if pending is not None and pending.done() and not pending.cancelled():
-                pending.exception()  # retrieved here; the caller sees the first failure
+            # A broken stream: batches still waiting never start; the one committing ends.
+            for waiting in flight:
+                waiting.cancel()
 
-    def _store_batch(
-        self, message: pb.ImportTemplatesRequest, model_id: str, dim: int, tally: ImportTally
-    ) -> None:
-        """One message: validate, then one durable transaction; wakes the index catch-up."""
-        checked: CheckedBatch = check_batch(message, model_id=model_id, dimension=dim)
-        result = self.c.matcher.store.add_templates(
-            OWNER, REGISTRY, model_id, checked.records, replace_existing=True
-        )
-        tally.batches += 1
-        tally.received += checked.received
-        tally.accepted += result.inserted
-        tally.unchanged += result.unchanged
-        tally.replaced += result.replaced
-        tally.add_rejects(checked.rejects)
-        if result.inserted or result.replaced:
-            self.c.matcher.notify()
-
-    async def _audit_import(
+    async def _one_batch(
         self,
+        message: pb.ImportTemplatesRequest,
+        prev: asyncio.Future[None] | None,
+        model_id: str,
+        dim: int,
         state: _ImportState,
-        refs: Mapping[str, str],
-        outcome: str,
-        cause: BaseException | None = None,
-    ) -> Any:
-        event = self.c.pipeline.event(
-            EventType.REGISTRY_CHANGE,
-            call=state.call,
-            caller=state.caller,
-            context=state.ctx,
-            decision=state.decision,
-            decision_id=state.decision_id,
-            outcome=outcome,
-            refs=refs,
-            metrics=known_metrics(state.tally.metrics()),
+    ) -> None:
+        checked, digest, prepared = await self._in_executor(self._check, message, model_id, dim)
+        if prev is not None:
+            await asyncio.shield(prev)  # in order; nothing after a failed batch is stored
+        await self._store_batch(checked, digest, prepared, state)
+
+    def _check(
+        self, message: pb.ImportTemplatesRequest, model_id: str, dim: int
+    ) -> tuple[CheckedBatch, str, PreparedTemplates]:
+        """Validate one message; the keyed digest of its valid records for the audit; their
+        digests and encryption for the store (everything that needs no database and no
+        lock)."""
+        checked = check_batch(message, model_id=model_id, dimension=dim)
+        digest = self.c.digester.digest("template", checked.content()) if len(checked) else ""
+        prepared = self.c.matcher.store.prepare_templates(
+            OWNER, REGISTRY, model_id, checked.columns()
         )
-        if outcome == "ABORTED":
-            log.warning(
-                "registry.import_aborted",
-                decision_id=state.decision_id,
-                error=type(cause).__name__ if cause is not None else "Cancelled",
-                batches=state.tally.batches,
-                accepted=state.tally.accepted,
+        return checked, digest, prepared
+
+    async def _store_batch(
+        self,
+        checked: CheckedBatch,
+        digest: str,
+        prepared: PreparedTemplates,
+        state: _ImportState,
+    ) -> None:
+        """Plan the batch (look-ups), then commit its templates with its entry.
+
+        Runs to its end under the write lock even if the stream is cancelled meanwhile, so
+        the tally and the lock never disagree with what was committed.
+        """
+
+        async def commit() -> None:
+            store = self.c.matcher.store
+            planned = await self._in_executor(
+                store.plan_templates,
+                OWNER,
+                REGISTRY,
+                self.c.face_model_id,
+                prepared,
+                replace_existing=True,
             )
-        # The templates are durable whether or not the caller still listens: the entry is
-        # written even if this call is cancelled meanwhile (the shielded task carries on).
-        task = asyncio.ensure_future(self.c.pipeline.append(event))
-        task.add_done_callback(_log_failed_append)
-        (receipt,) = await asyncio.shield(task)
-        return receipt
+            result = planned.result
+            event = self.c.pipeline.event(
+                EventType.REGISTRY_CHANGE,
+                call=state.call,
+                caller=state.caller,
+                context=state.ctx,
+                decision=state.decision,
+                decision_id=state.decision_id,
+                outcome="IMPORTED",
+                refs=state.refs,
+                digests={"template": digest} if digest else {},
+                metrics=known_metrics(
+                    {
+                        "batch": checked.batch_number,
+                        "received": checked.received,
+                        "entries": result.inserted,
+                        "accepted": result.inserted,
+                        "unchanged": result.unchanged,
+                        "replaced": result.replaced,
+                        "rejected": len(checked.rejects),
+                    }
+                ),
+            )
+            (receipt,) = await self.c.pipeline.append(
+                event, companion=planned if planned.changed else None
+            )
+            tally = state.tally
+            tally.batches += 1
+            tally.received += checked.received
+            tally.accepted += result.inserted
+            tally.unchanged += result.unchanged
+            tally.replaced += result.replaced
+            tally.add_rejects(checked.rejects)
+            state.audit_index = receipt.index
+            if planned.changed:
+                self.c.matcher.notify(bulk=True)
+
+        await serialised(self.c.extra, commit)
 
     # ---- RemoveSubject -----------------------------------------------------------------
 
@@ -299,40 +349,46 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
             digests=digests,
             mode="ADMIN",
         )
-        subject_ref, removed = await self._in_executor(self._remove_now, dni)
-        if subject_ref:
-            refs["target"] = subject_ref
-        event = self.c.pipeline.event(
-            EventType.REGISTRY_CHANGE,
-            call=call,
-            caller=caller,
-            context=ctx,
-            decision=decision,
-            decision_id=decision_id,
-            outcome="REMOVED" if removed else "NOT_PRESENT",
-            refs=refs,
-            digests=digests,
-            metrics=known_metrics({"entries": removed, "removed": removed}),
-        )
-        answer: pb.RemoveSubjectResponse = await self.c.pipeline.commit(
-            event,
-            lambda index: pb.RemoveSubjectResponse(
-                templates_removed=removed, decision=self._info(decision, decision_id, index)
-            ),
-        )
-        return answer
-
-    def _remove_now(self, dni: str) -> tuple[str, int]:
         store = self.c.matcher.store
-        subject_ref = store.find_subject(OWNER, dni)
-        if subject_ref is None:
-            return "", 0
-        ids = store.templates_of(subject_ref)
-        removed = store.remove_subject(subject_ref)
-        # Durable first; then out of the live index at once rather than at the next catch-up.
-        self.c.matcher.gallery(REGISTRY).remove_many(ids)
-        self.c.matcher.notify()
-        return subject_ref, removed
+
+        async def commit() -> tuple[pb.RemoveSubjectResponse, list[str]]:
+            subject_ref = await self._in_executor(store.find_subject, OWNER, dni)
+            ids: list[str] = []
+            write = Write()
+            entry_refs = dict(refs)
+            if subject_ref is not None:
+                ids = await self._in_executor(store.templates_of, subject_ref)
+                write = store.remove_subject_write(subject_ref)
+                entry_refs["target"] = subject_ref
+            removed = len(ids)
+            event = self.c.pipeline.event(
+                EventType.REGISTRY_CHANGE,
+                call=call,
+                caller=caller,
+                context=ctx,
+                decision=decision,
+                decision_id=decision_id,
+                outcome="REMOVED" if removed else "NOT_PRESENT",
+                refs=entry_refs,
+                digests=digests,
+                metrics=known_metrics({"entries": removed, "removed": removed}),
+            )
+            answer: pb.RemoveSubjectResponse = await self.c.pipeline.commit(
+                event,
+                lambda index: pb.RemoveSubjectResponse(
+                    templates_removed=removed, decision=self._info(decision, decision_id, index)
+                ),
+                extra=write if write.changed else None,
+            )
+            return answer, ids
+
+        answer, ids = await serialised(self.c.extra, commit)
+        if ids:
+            # Durable and audited; out of the live index at once rather than at the next
+            # catch-up.
+            await self._in_executor(self.c.matcher.gallery(REGISTRY).remove_many, ids)
+            self.c.matcher.notify()
+        return answer
 
     # ---- objections (R7) ---------------------------------------------------------------
 
@@ -375,7 +431,7 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         ctx = self._context(request.context, caller, now=now)
         dni = check_dni(request.dni)
         if isinstance(request, pb.RecordObjectionRequest) and request.HasField("filed_at"):
-            filed_at = timestamp(request.filed_at)
+            filed_at = timestamp(request.filed_at, "filed_at")
         else:
             filed_at = now
         if filed_at > now + MAX_CLOCK_SKEW:
@@ -391,30 +447,43 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         decision, decision_id = await self.c.pipeline.authorise(
             rpc, call=call, caller=caller, context=ctx, refs=refs, digests=digests, mode="ADMIN"
         )
-        subject_ref, changed = await self._in_executor(self._set_objector, dni, objector)
-        refs["target"] = subject_ref
-        event = self.c.pipeline.event(
-            EventType.REGISTRY_CHANGE,
-            call=call,
-            caller=caller,
-            context=ctx,
-            decision=decision,
-            decision_id=decision_id,
-            outcome="OBJECTION_RECORDED" if objector else "OBJECTION_WITHDRAWN",
-            refs=refs,
-            digests=digests,
-            metrics=known_metrics({"entries": changed}),
-        )
         cls = pb.RecordObjectionResponse if objector else pb.WithdrawObjectionResponse
-        return await self.c.pipeline.commit(
-            event,
-            lambda index: cls(
-                subject_ref=subject_ref, decision=self._info(decision, decision_id, index)
-            ),
-        )
 
-    def _set_objector(self, dni: str, objector: bool) -> tuple[str, int]:
-        """Durable flag on the Reniec subject, then the live index; returns (ref, templates).
+        async def commit() -> tuple[Any, str]:
+            subject_ref, changed, write = await self._in_executor(
+                self._plan_objection, dni, objector
+            )
+            event = self.c.pipeline.event(
+                EventType.REGISTRY_CHANGE,
+                call=call,
+                caller=caller,
+                context=ctx,
+                decision=decision,
+                decision_id=decision_id,
+                outcome="OBJECTION_RECORDED" if objector else "OBJECTION_WITHDRAWN",
+                refs={**refs, "target": subject_ref},
+                digests=digests,
+                metrics=known_metrics({"entries": changed}),
+            )
+            answer = await self.c.pipeline.commit(
+                event,
+                lambda index: cls(
+                    subject_ref=subject_ref, decision=self._info(decision, decision_id, index)
+                ),
+                extra=write,
+            )
+            return answer, subject_ref
+
+        answer, subject_ref = await serialised(self.c.extra, commit)
+        # Durable and audited (replayed by the catch-up too); effective now, before the answer.
+        await self._in_executor(
+            self.c.matcher.gallery(REGISTRY).set_objector, subject_ref, objector
+        )
+        self.c.matcher.notify()
+        return answer
+
+    def _plan_objection(self, dni: str, objector: bool) -> tuple[str, int, Write]:
+        """The Reniec subject, how many templates it has, and the planned flag change.
 
         Recording an objection for a DNI not (yet) in the registry creates its pseudonymous
         subject, so a later import of that person is excluded from the start.
@@ -424,17 +493,18 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
         """
         store = self.c.matcher.store
         if objector:
-            subject_ref = store.ensure_subject(OWNER, dni)
+            planned = store.plan_subjects(OWNER, [dni])
+            subject_ref = planned.refs[0]
+            write = planned.then(store.objector_write(subject_ref, True))
+            fresh = bool(planned.created)
         else:
             found = store.find_subject(OWNER, dni)
             if found is None:
                 raise NotFound("no objection is on record for this DNI", field="dni")
-            subject_ref = found
-        changed = store.set_objector(subject_ref, objector)
-        # The store change is replayed by the catch-up too; this makes it effective now.
-        self.c.matcher.gallery(REGISTRY).set_objector(subject_ref, objector)
-        self.c.matcher.notify()
-        return subject_ref, changed
+            subject_ref, fresh = found, False
+            write = store.objector_write(subject_ref, False)
+        changed = 0 if fresh else len(store.templates_of(subject_ref))
+        return subject_ref, changed, write
 
     # ---- GetImportStatus ---------------------------------------------------------------
 

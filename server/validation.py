@@ -27,13 +27,16 @@ MAX_CLOCK_SKEW = dt.timedelta(seconds=30)
 #: Captures older than this are refused: a real-time alarm on a week-old frame is no alarm.
 MAX_CAPTURE_AGE = dt.timedelta(days=7)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+# Anchored with \Z, not $: "$" also matches before a final newline ("41234567\n").
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}\Z")
 # Operator ids are pseudonymous tokens (they enter the audit log as they are).
-_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{11,127}$")
-_DNI_RE = re.compile(r"^[0-9]{8}$")
-_PLATE_CHARS_RE = re.compile(r"^[A-Za-z0-9 -]{1,16}$")
-_CATEGORY_RE = re.compile(r"^[A-Z0-9_]{1,64}$")
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{11,127}\Z")
+_DNI_RE = re.compile(r"^[0-9]{8}\Z")
+_PLATE_CHARS_RE = re.compile(r"^[A-Za-z0-9 -]{1,16}\Z")
+_CATEGORY_RE = re.compile(r"^[A-Z0-9_]{1,64}\Z")
+# Site ids enter every audit entry as labels (audit.entry's token shape).
+_SITE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}\Z")
 
 PURPOSES = {
     common_pb2.PURPOSE_WANTED_PERSON: "WANTED_PERSON",
@@ -59,6 +62,22 @@ def check_id(value: str, field: str, *, required: bool = True) -> str:
     if not _ID_RE.match(value):
         raise InvalidArgument(
             "must be 1-128 characters of letters, digits and ._:/- (starting alphanumeric)",
+            field=field,
+        )
+    return value
+
+
+def check_site_id(value: str, field: str, *, required: bool = True) -> str:
+    """A site id: a letter, then up to 63 letters, digits and ``_.:-`` (the shape the audit
+    log records it in; refused here so an odd id is the caller's INVALID_ARGUMENT, not a
+    refused audit entry)."""
+    if not value:
+        if required:
+            raise InvalidArgument("is required", field=field)
+        return ""
+    if not _SITE_RE.match(value):
+        raise InvalidArgument(
+            "must be a letter then up to 63 letters, digits and _.:- (e.g. mira-portico-01)",
             field=field,
         )
     return value
@@ -95,9 +114,21 @@ def check_dni(value: str, field: str = "dni") -> str:
     return value
 
 
-def timestamp(ts: Any) -> dt.datetime:
-    """A protobuf Timestamp as an aware UTC datetime."""
-    return dt.datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, dt.UTC)
+#: The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def timestamp(ts: Any, field: str = "timestamp") -> dt.datetime:
+    """A protobuf Timestamp as an aware UTC datetime.
+
+    Raises:
+        InvalidArgument: seconds or nanos outside the range the Timestamp type allows.
+    """
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos <= 999_999_999):
+        raise InvalidArgument("is outside the range of google.protobuf.Timestamp", field=field)
+    return dt.datetime.fromtimestamp(ts.seconds, dt.UTC) + dt.timedelta(
+        microseconds=ts.nanos // 1000
+    )
 
 
 def check_context(
@@ -123,9 +154,9 @@ def check_context(
                 "is required (R1): declare why this request is made", field=f"{field}.purpose"
             )
         out["purpose"] = PURPOSES.get(ctx.purpose, f"UNKNOWN_{int(ctx.purpose)}")
-    out["site_id"] = check_id(ctx.site_id, f"{field}.site_id", required=site_required)
+    out["site_id"] = check_site_id(ctx.site_id, f"{field}.site_id", required=site_required)
     if ctx.HasField("capture_time"):
-        when = timestamp(ctx.capture_time)
+        when = timestamp(ctx.capture_time, f"{field}.capture_time")
         if when > now + MAX_CLOCK_SKEW:
             raise InvalidArgument(
                 "lies in the future beyond the allowed clock skew", field=f"{field}.capture_time"

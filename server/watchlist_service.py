@@ -5,9 +5,14 @@ Invariants (LEGAL_RULES R6, R15; DESIGN.md §3–4):
 * Every call is decided by the policy (only PNP administrators may change anything) and
   audited; every change cites a reference (``context.reference``: warrant, police report or
   court order id) — the policy denies a change without one.
-* A lift or a recovery takes effect for matching before the answer is sent: the matcher's
-  index is caught up synchronously and the watchlist view refreshed (R6). An expiry needs no
-  action: it is a timestamp checked at every search.
+* A change and its audit entry commit in one transaction, or neither does: the change is
+  checked and planned first (validation, "does it exist", "is the transition allowed",
+  encryption), then written as a companion of the entry (``Pipeline.commit(extra=...)``),
+  all under the process's write lock so the checks still hold at the commit. If the audit
+  cannot be written the caller gets UNAVAILABLE and nothing changed.
+* A lift or a recovery takes effect for matching before the answer is sent: after the
+  commit, the matcher's index is caught up synchronously and the watchlist view refreshed
+  (R6). An expiry needs no action: it is a timestamp checked at every search.
 * DNIs and plates are handed to the encrypted store only; records keep pseudonymous refs and
   a masked plate. Audit entries hold refs and keyed digests.
 """
@@ -15,15 +20,18 @@ Invariants (LEGAL_RULES R6, R15; DESIGN.md §3–4):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import numpy as np
 
-from centinela.audit.entry import EventType
-from centinela.errors import FailedPrecondition, InvalidArgument, NotFound
+from centinela.audit.entry import EventType, external_id
+from centinela.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from centinela.matcher.plates import normalise_plate
 from centinela.matcher.store import TemplateRecord
+from centinela.matcher.writes import Write
 from centinela.server.alerts import in_scope
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
@@ -37,6 +45,7 @@ from centinela.server.records import (
     mask_plate,
     new_id,
     page,
+    serialised,
 )
 from centinela.server.unimplemented import UnimplementedWatchlist
 from centinela.server.validation import (
@@ -44,6 +53,7 @@ from centinela.server.validation import (
     check_context,
     check_dni,
     check_id,
+    check_site_id,
     check_text,
     check_vector,
     timestamp,
@@ -127,6 +137,21 @@ def site_pb(s: SiteRecord) -> pb.Site:
     )
 
 
+@dataclasses.dataclass
+class Change:
+    """What one administrative call does: its answer, what its audit entry names, and the
+    planned writes that commit with that entry."""
+
+    response: Any
+    refs: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, int] = dataclasses.field(default_factory=dict)
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    write: Write = dataclasses.field(default_factory=Write)
+
+
+Work = Callable[[Caller, CallState, dict[str, Any]], Awaitable[Change]]
+
+
 class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     """The WatchlistService implementation."""
 
@@ -142,13 +167,47 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         rpc: str,
         request: Any,
         cls: Any,
-        work: Any,
+        work: Work,
         *,
         reference_required: bool = True,
         digests: dict[str, str] | None = None,
     ) -> Any:
-        """Authorise an administrative call, do ``work``, audit it, answer (idempotently)."""
+        """Authorise an administrative call, plan ``work``, commit it with its audit entry,
+        make it effective, answer (idempotently).
+
+        A list (``reference_required`` False) only reads: no lock, no write.
+        """
         caller, call = current_caller(), current_call()
+        reads_only = not reference_required
+
+        async def commit(
+            ctx: dict[str, Any], decision: Any, decision_id: str
+        ) -> tuple[Any, Change]:
+            change = await work(caller, call, ctx)
+            changed = "CHANGED" if change.write.changed else "UNCHANGED"
+            event = self.c.pipeline.event(
+                EventType.ADMIN_CHANGE,
+                call=call,
+                caller=caller,
+                context=ctx,
+                decision=decision,
+                decision_id=decision_id,
+                outcome="READ" if reads_only else changed,
+                refs=change.refs,
+                digests={**(digests or {}), **change.digests},
+                metrics=change.metrics,
+            )
+
+            def respond(index: int) -> Any:
+                response = change.response
+                if "decision" in response.DESCRIPTOR.fields_by_name:
+                    response.decision.CopyFrom(
+                        decision_info(decision, decision_id, index, self.c.bundle_name)
+                    )
+                return response
+
+            extra = change.write if change.write.changed else None
+            return await self.c.pipeline.commit(event, respond, extra=extra), change
 
         async def compute() -> bytes:
             ctx = check_context(
@@ -162,28 +221,16 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
                 digests=digests,
                 mode="ADMIN",
             )
-            response, refs, metrics, extra_digests = await work(caller, call, ctx)
-            event = self.c.pipeline.event(
-                EventType.ADMIN_CHANGE,
-                call=call,
-                caller=caller,
-                context=ctx,
-                decision=decision,
-                decision_id=decision_id,
-                outcome="READ" if rpc.startswith("List") else "CHANGED",
-                refs=refs,
-                digests={**(digests or {}), **(extra_digests or {})},
-                metrics=metrics,
-            )
-
-            def respond(index: int) -> Any:
-                if "decision" in response.DESCRIPTOR.fields_by_name:
-                    response.decision.CopyFrom(
-                        decision_info(decision, decision_id, index, self.c.bundle_name)
-                    )
-                return response
-
-            answer = await self.c.pipeline.commit(event, respond)
+            if reads_only:
+                answer, _ = await commit(ctx, decision, decision_id)
+            else:
+                # Checks, plan and commit under one lock: nothing of this process lands
+                # between them (the checks still hold when the change is written).
+                answer, change = await serialised(
+                    self.c.extra, lambda: commit(ctx, decision, decision_id)
+                )
+                if change.write.changed:
+                    await self._after_change()
             return bytes(answer.SerializeToString())
 
         data, _ = await self.c.idempotency.run(
@@ -196,8 +243,10 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         return cls.FromString(data)
 
     async def _after_change(self) -> None:
-        """Make a change effective for matching before answering (R6)."""
-        await self._run(self.c.matcher.catch_up)
+        """Make a committed change effective for matching before answering (R6): the
+        watchlist and plate indexes catch up (never waiting for a registry bulk load), the
+        policy data and the watchlist view are reloaded."""
+        await self._run(self.c.matcher.catch_up, [WATCHLIST])
         await self._run(self.c.refresh_policy_data)
 
     # ---- requisitorias -----------------------------------------------------------------
@@ -211,8 +260,8 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         offence = check_category(request.offence_category, "offence_category")
         if not request.HasField("expires_at"):
             raise InvalidArgument("is required", field="expires_at")
-        expires = timestamp(request.expires_at)
-        issued = timestamp(request.issued_at) if request.HasField("issued_at") else now
+        expires = timestamp(request.expires_at, "expires_at")
+        issued = timestamp(request.issued_at, "issued_at") if request.HasField("issued_at") else now
         if expires <= now:
             raise InvalidArgument("must lie in the future", field="expires_at")
         if expires <= issued:
@@ -235,25 +284,37 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             vectors.append(check_vector(t.vector, dimension=self._dim(), field=f"{f}.vector"))
         digests = {"dni": self.c.digester.digest("dni", dni)} if dni else None
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            if await self._run(self.c.records.warrant_in_use, warrant):
+                raise AlreadyExists("a requisitoria cites that warrant already", field="warrant_id")
             from_registry = not vectors
             vecs = vectors or await self._run(self._registry_vectors, dni)
-            req_id = new_id("req")
             records = [
                 TemplateRecord(
                     vector=np.asarray(v, dtype=np.float32),
                     dni=dni or None,
-                    subject_ref=None if dni else await self._run(self._new_subject),
                     active=True,
                     expires_at=expires,
                 )
                 for v in vecs
             ]
-            result = await self._run(
-                self.c.matcher.store.add_templates, "pnp", WATCHLIST, self.c.face_model_id, records
+            store = self.c.matcher.store
+            # Supplied templates without a DNI all go to one new pseudonymous subject.
+            planned = await self._run(
+                lambda: store.plan_templates(
+                    "pnp", WATCHLIST, self.c.face_model_id, records, unnamed_subject=True
+                )
             )
+            result = planned.result
+            write: Write = planned
+            if result.unchanged:
+                # Templates stored for an earlier requisitoria (perhaps lifted): live again,
+                # with this one's expiry.
+                write = write.then(
+                    store.template_state_write(result.template_ids, active=True, expires_at=expires)
+                )
             rec = RequisitionRecord(
-                requisition_id=req_id,
+                requisition_id=new_id("req"),
                 subject_ref=result.subject_refs[0],
                 warrant_id=warrant,
                 issuing_court=court,
@@ -265,15 +326,11 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
                 from_registry=from_registry,
                 template_ids=tuple(result.template_ids),
             )
-            await self._run(self.c.records.add_requisition, rec)
-            await self._after_change()
-            refs = {"requisition": req_id}
-            metrics = {"templates": len(result.template_ids)}
-            return (
+            return Change(
                 pb.CreateRequisitionResponse(requisition=requisition_pb(rec, now)),
-                refs,
-                metrics,
-                None,
+                refs={"requisition": rec.requisition_id},
+                metrics={"templates": len(result.template_ids)},
+                write=write.then(self.c.records.requisition_insert(rec)),
             )
 
         result: pb.CreateRequisitionResponse = await self._change(
@@ -299,9 +356,6 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             )
         return list(vecs)
 
-    def _new_subject(self) -> str:
-        return str(self.c.matcher.store.new_subject("pnp"))
-
     async def UpdateRequisition(
         self, request: pb.UpdateRequisitionRequest, context: Any
     ) -> pb.UpdateRequisitionResponse:
@@ -323,34 +377,33 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
                     request.requisition.offence_category, "requisition.offence_category"
                 )
             elif p == "expires_at":
-                when = timestamp(request.requisition.expires_at)
+                when = timestamp(request.requisition.expires_at, "requisition.expires_at")
                 if when <= dt.datetime.now(dt.UTC):
                     raise InvalidArgument("must lie in the future", field="requisition.expires_at")
                 values[p] = when
             else:
                 raise InvalidArgument(f"cannot update {p!r}", field="update_mask")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             current = await self._run(self.c.records.get_requisition, req_id)
             if current.lifted_at is not None:
                 raise FailedPrecondition(
                     "a lifted requisitoria cannot be changed", field="requisition_id"
                 )
-            rec = await self._run(self.c.records.update_requisition, req_id, **values)
+            rec = dataclasses.replace(current, **values)
+            write = self.c.records.requisition_update(req_id, **values)
             if "expires_at" in values:
-                await self._run(
-                    self.c.matcher.store.set_template_state,
-                    list(rec.template_ids),
-                    active=True,
-                    expires_at=rec.expires_at,
+                write = write.then(
+                    self.c.matcher.store.template_state_write(
+                        rec.template_ids, active=True, expires_at=rec.expires_at
+                    )
                 )
-            await self._after_change()
-            now = dt.datetime.now(dt.UTC)
-            return (
-                pb.UpdateRequisitionResponse(requisition=requisition_pb(rec, now)),
-                {"requisition": req_id},
-                {},
-                None,
+            return Change(
+                pb.UpdateRequisitionResponse(
+                    requisition=requisition_pb(rec, dt.datetime.now(dt.UTC))
+                ),
+                refs={"requisition": req_id},
+                write=write,
             )
 
         result: pb.UpdateRequisitionResponse = await self._change(
@@ -364,26 +417,22 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         req_id = check_id(request.requisition_id, "requisition_id")
         reason = check_text(request.reason, "reason", max_len=256, required=True)
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             current = await self._run(self.c.records.get_requisition, req_id)
             now = dt.datetime.now(dt.UTC)
-            rec = current
-            if current.lifted_at is None:
-                await self._run(
-                    self.c.matcher.store.set_template_state,
-                    list(current.template_ids),
-                    active=False,
-                    expires_at=current.expires_at,
+            if current.lifted_at is not None:  # lifted already: nothing to change
+                return Change(
+                    pb.LiftRequisitionResponse(requisition=requisition_pb(current, now)),
+                    refs={"requisition": req_id},
                 )
-                rec = await self._run(
-                    self.c.records.update_requisition, req_id, lifted_at=now, lift_reason=reason
-                )
-                await self._after_change()
-            return (
+            rec = dataclasses.replace(current, lifted_at=now, lift_reason=reason)
+            write = self.c.matcher.store.template_state_write(
+                current.template_ids, active=False, expires_at=current.expires_at
+            ).then(self.c.records.requisition_update(req_id, lifted_at=now, lift_reason=reason))
+            return Change(
                 pb.LiftRequisitionResponse(requisition=requisition_pb(rec, now)),
-                {"requisition": req_id},
-                {},
-                None,
+                refs={"requisition": req_id},
+                write=write,
             )
 
         result: pb.LiftRequisitionResponse = await self._change(
@@ -398,17 +447,15 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             raise InvalidArgument("unknown state", field="state")
         state = _REQ_FILTER.get(request.state, "")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             now = dt.datetime.now(dt.UTC)
             items = await self._run(self.c.records.list_requisitions, state=state, now=now)
             chunk, nxt = page(items, request.page_token, request.page_size)
-            return (
+            return Change(
                 pb.ListRequisitionsResponse(
                     requisitions=[requisition_pb(r, now) for r in chunk], next_page_token=nxt
                 ),
-                {},
-                {"results": len(chunk)},
-                None,
+                metrics={"results": len(chunk)},
             )
 
         result: pb.ListRequisitionsResponse = await self._change(
@@ -425,24 +472,27 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         report_id = check_id(request.police_report_id, "police_report_id")
         category = check_category(request.report_category, "report_category")
         when = (
-            timestamp(request.reported_at)
+            timestamp(request.reported_at, "reported_at")
             if request.HasField("reported_at")
             else dt.datetime.now(dt.UTC)
         )
         digests = {"plate": self.c.digester.digest("plate", plate)}
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
-            ref, created = await self._run(self.c.matcher.store.add_plate, plate)
-            if not created:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            if await self._run(self.c.records.report_in_use, report_id):
+                raise AlreadyExists(
+                    "a vehicle report cites that police report already", field="police_report_id"
+                )
+            planned = await self._run(self.c.matcher.store.plan_plate, plate)
+            if not planned.created:
                 raise FailedPrecondition("that plate is already reported stolen", field="plate")
-            rec = VehicleRecord(ref, report_id, mask_plate(plate), category, when, None)
-            await self._run(self.c.records.add_vehicle, rec)
-            await self._after_change()
-            return (
+            rec = VehicleRecord(
+                planned.plate_ref, report_id, mask_plate(plate), category, when, None
+            )
+            return Change(
                 pb.ReportStolenVehicleResponse(vehicle=vehicle_pb(rec)),
-                {"report": ref},
-                {},
-                None,
+                refs={"report": planned.plate_ref},
+                write=planned.then(self.c.records.vehicle_insert(rec)),
             )
 
         result: pb.ReportStolenVehicleResponse = await self._change(
@@ -455,16 +505,22 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     ) -> pb.RecoverVehicleResponse:
         vehicle_id = check_id(request.vehicle_id, "vehicle_id")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            current = await self._run(self.c.records.get_vehicle, vehicle_id)
+            if not current.stolen:  # recovered already: nothing to change
+                return Change(
+                    pb.RecoverVehicleResponse(vehicle=vehicle_pb(current)),
+                    refs={"report": vehicle_id},
+                )
             now = dt.datetime.now(dt.UTC)
-            await self._run(self.c.matcher.store.set_plate_active, vehicle_id, False)
-            rec = await self._run(self.c.records.recover_vehicle, vehicle_id, now)
-            await self._after_change()
-            return (
+            rec = dataclasses.replace(current, recovered_at=now)
+            write = self.c.matcher.store.plate_active_write(vehicle_id, False).then(
+                self.c.records.vehicle_recover(vehicle_id, now)
+            )
+            return Change(
                 pb.RecoverVehicleResponse(vehicle=vehicle_pb(rec)),
-                {"report": vehicle_id},
-                {},
-                None,
+                refs={"report": vehicle_id},
+                write=write,
             )
 
         result: pb.RecoverVehicleResponse = await self._change(
@@ -477,16 +533,14 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     ) -> pb.ListStolenVehiclesResponse:
         state = _VEH_FILTER.get(request.state, "")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             items = await self._run(self.c.records.list_vehicles, state=state)
             chunk, nxt = page(items, request.page_token, request.page_size)
-            return (
+            return Change(
                 pb.ListStolenVehiclesResponse(
                     vehicles=[vehicle_pb(v) for v in chunk], next_page_token=nxt
                 ),
-                {},
-                {"results": len(chunk)},
-                None,
+                metrics={"results": len(chunk)},
             )
 
         result: pb.ListStolenVehiclesResponse = await self._change(
@@ -506,7 +560,7 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         a = request.authorisation
         auth_id = check_id(a.authorisation_id, "authorisation.authorisation_id")
         court = check_text(a.court, "authorisation.court", max_len=256, required=True)
-        sites = [check_id(s, f"authorisation.site_ids[{i}]") for i, s in enumerate(a.site_ids)]
+        sites = [check_site_id(s, f"authorisation.site_ids[{i}]") for i, s in enumerate(a.site_ids)]
         offences = [
             check_category(o, f"authorisation.offence_categories[{i}]")
             for i, o in enumerate(a.offence_categories)
@@ -517,9 +571,13 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             )
         dnis = [check_dni(d, f"named_dnis[{i}]") for i, d in enumerate(request.named_dnis)]
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
-            store = self.c.matcher.store
-            subjects = [await self._run(store.ensure_subject, "reniec", d) for d in dnis]
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            if await self._run(self.c.records.authorisation_exists, auth_id):
+                raise AlreadyExists(
+                    "an authorisation with that id exists", field="authorisation.authorisation_id"
+                )
+            # Named people are Reniec subjects (created, pseudonymous, if not imported yet).
+            named = await self._run(self.c.matcher.store.plan_subjects, "reniec", dnis)
             rec = AuthorisationRecord(
                 auth_id,
                 court,
@@ -527,16 +585,16 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
                 timestamp(a.not_before),
                 timestamp(a.not_after),
                 tuple(offences),
-                tuple(subjects),
+                tuple(named.refs),
                 False,
             )
-            await self._run(self.c.records.add_authorisation, rec)
-            await self._after_change()
-            return (
+            refs, digests = external_id("authorization", auth_id, self.c.digester)
+            return Change(
                 pb.RegisterAuthorisationResponse(authorisation=authorisation_pb(rec)),
-                {"authorization": auth_id} if len(auth_id) >= 12 else {},
-                {"named_subjects": len(subjects)},
-                None,
+                refs=refs,
+                digests=digests,
+                metrics={"named_subjects": len(named.refs)},
+                write=named.then(self.c.records.authorisation_insert(rec)),
             )
 
         result: pb.RegisterAuthorisationResponse = await self._change(
@@ -549,14 +607,16 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     ) -> pb.RevokeAuthorisationResponse:
         auth_id = check_id(request.authorisation_id, "authorisation_id")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
-            rec = await self._run(self.c.records.revoke_authorisation, auth_id)
-            await self._after_change()
-            return (
-                pb.RevokeAuthorisationResponse(authorisation=authorisation_pb(rec)),
-                {"authorization": auth_id} if len(auth_id) >= 12 else {},
-                {},
-                None,
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            current = await self._run(self.c.records.get_authorisation, auth_id)
+            refs, digests = external_id("authorization", auth_id, self.c.digester)
+            return Change(
+                pb.RevokeAuthorisationResponse(
+                    authorisation=authorisation_pb(dataclasses.replace(current, revoked=True))
+                ),
+                refs=refs,
+                digests=digests,
+                write=Write() if current.revoked else self.c.records.authorisation_revoke(auth_id),
             )
 
         result: pb.RevokeAuthorisationResponse = await self._change(
@@ -567,18 +627,16 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     async def ListAuthorisations(
         self, request: pb.ListAuthorisationsRequest, context: Any
     ) -> pb.ListAuthorisationsResponse:
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             items = await self._run(
                 self.c.records.list_authorisations, include_revoked=request.include_revoked
             )
             chunk, nxt = page(items, request.page_token, request.page_size)
-            return (
+            return Change(
                 pb.ListAuthorisationsResponse(
                     authorisations=[authorisation_pb(a) for a in chunk], next_page_token=nxt
                 ),
-                {},
-                {"results": len(chunk)},
-                None,
+                metrics={"results": len(chunk)},
             )
 
         result: pb.ListAuthorisationsResponse = await self._change(
@@ -596,7 +654,7 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         self, request: pb.RegisterSiteRequest, context: Any
     ) -> pb.RegisterSiteResponse:
         s = request.site
-        site_id = check_id(s.site_id, "site.site_id")
+        site_id = check_site_id(s.site_id, "site.site_id")
         if not site_id[0].isalpha():
             raise InvalidArgument("must start with a letter", field="site.site_id")
         municipality = check_id(s.municipality, "site.municipality")
@@ -605,11 +663,13 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
             raise InvalidArgument("must be CAMERA or PORTICO", field="site.kind")
         description = check_text(s.description, "site.description", max_len=256)
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            if await self._run(self.c.records.site_exists, site_id):
+                raise AlreadyExists("a site with that id exists", field="site.site_id")
             rec = SiteRecord(site_id, municipality, region, int(s.kind), description, True)
-            await self._run(self.c.records.add_site, rec)
-            await self._after_change()
-            return pb.RegisterSiteResponse(site=site_pb(rec)), {}, {}, None
+            return Change(
+                pb.RegisterSiteResponse(site=site_pb(rec)), write=self.c.records.site_insert(rec)
+            )
 
         result: pb.RegisterSiteResponse = await self._change(
             "RegisterSite", request, pb.RegisterSiteResponse, work
@@ -619,12 +679,15 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     async def DeactivateSite(
         self, request: pb.DeactivateSiteRequest, context: Any
     ) -> pb.DeactivateSiteResponse:
-        site_id = check_id(request.site_id, "site_id")
+        site_id = check_site_id(request.site_id, "site_id")
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
-            rec = await self._run(self.c.records.set_site_active, site_id, False)
-            await self._after_change()
-            return pb.DeactivateSiteResponse(site=site_pb(rec)), {}, {}, None
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
+            current = await self._run(self.c.records.get_site, site_id)
+            write = self.c.records.site_active(site_id, False) if current.active else Write()
+            return Change(
+                pb.DeactivateSiteResponse(site=site_pb(dataclasses.replace(current, active=False))),
+                write=write,
+            )
 
         result: pb.DeactivateSiteResponse = await self._change(
             "DeactivateSite", request, pb.DeactivateSiteResponse, work
@@ -634,14 +697,12 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
     async def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
         municipality = check_id(request.municipality, "municipality", required=False)
 
-        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Any:
+        async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             items = await self._run(self.c.records.list_sites, municipality, limit=1_000_000)
             chunk, nxt = page(items, request.page_token, request.page_size)
-            return (
+            return Change(
                 pb.ListSitesResponse(sites=[site_pb(s) for s in chunk], next_page_token=nxt),
-                {},
-                {"results": len(chunk)},
-                None,
+                metrics={"results": len(chunk)},
             )
 
         result: pb.ListSitesResponse = await self._change(

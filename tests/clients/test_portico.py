@@ -7,6 +7,7 @@ the same port and data directory while the agent keeps running.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -27,6 +28,14 @@ from centinela.v1 import match_service_pb2 as mpb
 pytestmark = pytest.mark.edge
 
 SITE = "mira-cam-07"
+
+
+def _drop(src: Path, dst: Path) -> None:
+    """Put a frame in place whole, as a camera writer should (write, then rename): the
+    portico under test runs with ``settle=0`` and would otherwise read a half-copied file."""
+    part = dst.with_suffix(".part")
+    shutil.copyfile(src, part)
+    os.replace(part, dst)
 
 
 def _wait_for(condition: Callable[[], bool], what: str, limit: float = 120.0) -> None:
@@ -112,14 +121,14 @@ def test_watch_survives_a_server_restart(
         )
         runner = threading.Thread(target=portico.run, daemon=True)
         runner.start()
-        shutil.copyfile(photos["yaoming"], frames / "f-0001.jpg")
+        _drop(photos["yaoming"], frames / "f-0001.jpg")
         _wait_for(lambda: portico.counts.answered == 1, "first frame answered")
         first.stop()
-        shutil.copyfile(photos["gdp"], frames / "f-0002.jpg")
+        _drop(photos["gdp"], frames / "f-0002.jpg")
         _wait_for(lambda: any(e.kind == "disconnect" for e in events), "disconnection seen")
         second = ServerThread(settings).start()
         _wait_for(lambda: portico.counts.answered == 1 + 3, "second frame answered after restart")
-        shutil.copyfile(photos["players"], frames / "f-0003.jpg")
+        _drop(photos["players"], frames / "f-0003.jpg")
         _wait_for(lambda: portico.counts.answered == 1 + 3 + 16, "third frame answered")
         portico.stop()
         runner.join(30)

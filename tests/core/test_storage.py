@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from centinela.errors import StorageError
-from centinela.storage import Migration, applied_versions, make_engine, migrate
+from centinela.storage import Migration, applied_versions, fetch_one, make_engine, migrate
 
 
 def _create_t(conn: Connection) -> None:
@@ -51,4 +51,18 @@ def test_sqlite_is_durable_wal(sqlite_url: str) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def test_fetch_one_reads_through_the_driver_and_maps_errors(db_url: str) -> None:
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE kv (k VARCHAR(20) PRIMARY KEY, v VARCHAR(20))")
+        conn.exec_driver_sql("INSERT INTO kv VALUES ('a', 'x'), ('b', 'y')")
+    sql = "SELECT v, k FROM kv WHERE k = {key}"
+    assert fetch_one(engine, sql, {"key": "b"}) == ("y", "b")
+    assert fetch_one(engine, sql, {"key": "a'; DROP TABLE kv; --"}) is None  # bound, not spliced
+    assert fetch_one(engine, sql, {"key": "a"}) == ("x", "a")
+    with pytest.raises(StorageError, match="read failed"):
+        fetch_one(engine, "SELECT v FROM missing WHERE k = {key}", {"key": "a"})
     engine.dispose()

@@ -45,3 +45,15 @@ def test_generators_are_deterministic() -> None:
     assert not np.array_equal(synth.identities(10, seed=9), synth.identities(10, seed=10))
     t = synth.identities(10, seed=9)
     assert np.array_equal(synth.genuine_probes(t, seed=1), synth.genuine_probes(t, seed=1))
+
+
+def test_strangers_score_like_impostors_against_a_gallery() -> None:
+    """Unenrolled captures rarely cross the watchlist floor; bare templates usually would."""
+    gallery = synth.identities(2000, seed=5)
+    floor = 0.42  # the interim bundle's pnp_watchlist threshold floor
+    captures = synth.strangers(400, seed=4242)
+    scores = captures @ gallery.T
+    assert 0.07 <= float(scores.std()) <= 0.09
+    assert float((scores.max(axis=1) >= floor).mean()) < 0.02
+    templates = synth.identities(400, seed=4242)
+    assert float(((templates @ gallery.T).max(axis=1) >= floor).mean()) > 0.5

@@ -174,3 +174,35 @@ def test_r10_municipality_sees_only_sightings_at_its_own_sites(world: World) -> 
     sightings = stub.ListSightings(req, timeout=30).sightings
     assert [s.alert_id for s in sightings] == [own]  # La Victoria's sighting is not shown
     ch.close()
+
+
+def test_feed_hands_each_subscriber_exactly_the_events_after_its_cursor() -> None:
+    """The shared feed's in-memory buffer, read at every position (binary search, not a scan).
+
+    The store is never consulted here: the buffer covers every cursor asked for.
+    """
+    import asyncio
+
+    from centinela.server.alerts import Alert, AlertBus, AlertFeed
+
+    def alert(seq: int) -> Alert:
+        return Alert(
+            seq=seq, alert_id=f"a{seq}", decision_id=f"d{seq}", audit_index=seq,
+            caller_org="o", site_id="s", municipality="m", region="lima",
+            capture_time=dt.datetime(2026, 1, 1, tzinfo=dt.UTC), gallery="watchlist",
+            reference="r", category="c", score_band="high", state="PENDING",
+            confirmations_required=1,
+        )  # fmt: skip
+
+    async def run() -> None:
+        feed = AlertFeed(cast(Any, None), AlertBus())
+        seqs = [3, 4, 7, 8, 9, 15]  # outbox seqs need not be dense (rows of other kinds)
+        feed._events = [(s, alert(s)) for s in seqs]
+        feed._last = seqs[-1]
+        feed._ensure_running = lambda: asyncio.Event()  # type: ignore[method-assign]
+        for cursor in range(2, 15):
+            got = [s for s, _ in await feed.after(cursor, wait_s=0.01)]
+            assert got == [s for s in seqs if s > cursor], cursor
+        assert await feed.after(15, wait_s=0.01) == []
+
+    asyncio.run(run())

@@ -196,6 +196,13 @@ def test_denials_carry_rule_ids_and_are_audited(
             grpc.StatusCode.INVALID_ARGUMENT,
             "context.site_id",
         ),
+        # A site id the audit log cannot hold as a label is refused as input, not failed
+        # closed as UNAVAILABLE when its entry is refused.
+        (
+            lambda r: setattr(r.context, "site_id", "9/portico"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context.site_id",
+        ),
     ],
 )
 def test_validation_names_the_field(
@@ -251,6 +258,46 @@ def test_stream_answers_in_order_and_survives_a_bad_message(world: World) -> Non
     assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert answers[1].error.field == "probe.vector"
     assert answers[2].plate.alert
+
+
+def test_pipelined_stream_answers_every_probe_in_order(world: World) -> None:
+    """A portico sends 48 probes without waiting: faces, plates and bad messages interleaved.
+
+    The server works on several at once (STREAM_WINDOW) but answers in arrival order, each
+    with its own result; the hits among them are exactly the genuine probes.
+    """
+    from centinela.server.match_service import STREAM_WINDOW
+
+    n = 3 * STREAM_WINDOW
+    msgs = []
+    for i in range(n):
+        if i % 6 == 0:
+            bad = world.face_request(world.genuine(0))
+            bad.probe.vector.append(0.5)
+            msgs.append(mpb.StreamMatchRequest(sequence=i, face=bad))
+        elif i % 3 == 0:
+            msgs.append(mpb.StreamMatchRequest(sequence=i, plate=world.plate_request(PLATE)))
+        elif i % 2 == 0:
+            msgs.append(
+                mpb.StreamMatchRequest(sequence=i, face=world.face_request(world.genuine(0)))
+            )
+        else:
+            msgs.append(
+                mpb.StreamMatchRequest(sequence=i, face=world.face_request(world.stranger(i)))
+            )
+    answers = list(world.stub("muni-miraflores").StreamMatch(iter(msgs), timeout=120))
+    assert [a.sequence for a in answers] == list(range(n))
+    for i, a in enumerate(answers):
+        if i % 6 == 0:
+            assert a.WhichOneof("result") == "error", i
+            assert a.error.field == "probe.vector"
+        elif i % 3 == 0:
+            assert a.plate.alert, i
+        else:
+            assert a.WhichOneof("result") == "face", i
+            assert a.face.alert == (i % 2 == 0), i
+    ids = [a.face.decision.decision_id for a in answers if a.WhichOneof("result") == "face"]
+    assert len(set(ids)) == len(ids)  # each probe its own decision and audit entry
 
 
 def test_r9_interim_one_confirmation_makes_an_alert_actionable(world: World) -> None:
@@ -416,6 +463,44 @@ def test_policy_engine_failure_denies(tmp_path: Path) -> None:
             w.stub("muni-miraflores").MatchFace(w.face_request(w.genuine(0)), timeout=30)
         assert _code(err) == grpc.StatusCode.PERMISSION_DENIED
         assert "ENGINE_UNAVAILABLE" in _trailer(err.value, "x-centinela-rule-ids")
+        w.close()
+
+
+def test_policy_engine_timeout_denies(tmp_path: Path) -> None:
+    """An engine that does not answer in time is a deny, and the call does not hang.
+
+    The slow engine wraps the real embedded one and sleeps first: a stand-in for a hung
+    rego-cpp evaluation, which cannot be produced on demand.
+    """
+    import time
+
+    settings = Settings(data_dir=tmp_path / "d", listen="127.0.0.1:0")
+    with ServerThread(settings) as server:
+        w = populate(server, registry=False)
+        c = server.app.components
+        real = c.policy.active
+
+        class Slow:
+            name = real.name
+            bundle_digest = real.bundle_digest
+
+            def decide(self, input: Any) -> Any:
+                time.sleep(1.0)
+                return real.decide(input)
+
+            def set_dynamic_data(self, doc: Any) -> None:
+                real.set_dynamic_data(doc)
+
+        c.pipeline.policy_timeout_s = 0.2
+        c.pipeline.cache.clear()
+        c.policy._active = Slow()  # breaking the component on purpose
+        with pytest.raises(grpc.RpcError) as err:
+            w.stub("muni-miraflores").MatchFace(w.face_request(w.genuine(0)), timeout=30)
+        assert _code(err) == grpc.StatusCode.PERMISSION_DENIED
+        assert "ENGINE_UNAVAILABLE" in _trailer(err.value, "x-centinela-rule-ids")
+        c.policy._active = real
+        c.pipeline.policy_timeout_s = 5.0
+        assert w.stub("muni-miraflores").MatchFace(w.face_request(w.genuine(0)), timeout=30).alert
         w.close()
 
 

@@ -201,15 +201,15 @@ def test_resume_from_a_batch_after_a_broken_stream(srv: ServerThread) -> None:
     err = failure(lambda: registry(srv).ImportTemplates(broken()))
     assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
-    # The broken stream still has its entry, with what it stored. (A client whose request
-    # iterator fails half-closes before cancelling, so the server may see a complete stream.)
-    def stream_entry() -> list[dict[str, Any]]:
-        return [e for e in entries(srv, start) if e.get("type") == "REGISTRY_CHANGE"]
-
-    wait_until(lambda: bool(stream_entry()))
-    (entry,) = stream_entry()
-    assert entry["outcome"] in ("ABORTED", "IMPORTED")
-    assert entry["metrics"]["accepted"] == 20
+    # Each stored batch of the broken stream has its entry, committed with its templates.
+    batch_entries = [e for e in entries(srv, start) if e.get("type") == "REGISTRY_CHANGE"]
+    assert [(e["outcome"], e["metrics"]["batch"]) for e in batch_entries] == [
+        ("IMPORTED", 0),
+        ("IMPORTED", 1),
+    ]
+    assert [e["metrics"]["accepted"] for e in batch_entries] == [10, 10]
+    assert len({e["decision_id"] for e in batch_entries}) == 1
+    assert all(e["digests"]["template"].startswith("hmac-sha256:") for e in batch_entries)
     # Resume from batch 1: already-stored records are unchanged, the rest accepted.
     resumed = registry(srv).ImportTemplates(iter(sent[1:]))
     assert resumed.received == 30
@@ -401,6 +401,36 @@ def test_operator_id_the_audit_cannot_record_is_refused_before_any_change(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "context.operator_id" in (err.details() or "")
     assert srv.app.components.matcher.store.max_seq() == seq
+
+
+@pytest.mark.parametrize(
+    "auth_id",
+    [
+        "EXP-00012345-2026",  # a court's file number: an eight-digit run the log takes for a DNI
+        "EXP/2026/17",  # a slash the log's ids cannot hold
+        "AUT-9",  # shorter than a log id
+    ],
+)
+def test_court_ids_the_log_cannot_hold_verbatim_are_recorded_as_keyed_digests(
+    srv: ServerThread, auth_id: str
+) -> None:
+    """A court's order id is the court's choice: it is registered and revoked, never failed
+    closed for its shape; the entries name it by a keyed digest instead of verbatim."""
+    audit = srv.app.components.audit
+    start = audit.size
+    _authorise(srv, auth_id)
+    admin = watchlist_service_pb2_grpc.WatchlistServiceStub(channel(srv, "pnp-admin"))
+    admin.RevokeAuthorisation(
+        wpb.RevokeAuthorisationRequest(context=ctx("RJ-2026-0043"), authorisation_id=auth_id),
+        timeout=30,
+    )
+    entries = [json.loads(e) for e in audit.entries(start, audit.size)]
+    expected = srv.app.components.digester.digest("authorization", auth_id)
+    named = [e for e in entries if e.get("digests", {}).get("authorization") == expected]
+    # the registration and the revocation, each a change, each named by the digest alone
+    assert [(e["type"], e["outcome"]) for e in named] == [("ADMIN_CHANGE", "CHANGED")] * 2
+    assert all("authorization" not in e.get("refs", {}) for e in entries)
+    assert auth_id.encode() not in b"".join(audit.entries(start, audit.size))
 
 
 def test_withdraw_unknown_dni_is_not_found(srv: ServerThread) -> None:

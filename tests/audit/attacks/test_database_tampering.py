@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -75,3 +77,52 @@ def test_truncate_table_rejected_on_postgres(
         conn.exec_driver_sql("TRUNCATE audit_leaves")
     assert log.store.size() == 10
     log.close()
+
+
+@pytest.mark.postgres
+def test_owner_disabling_the_triggers_still_cannot_edit(
+    pg_url: str, signing_key: Ed25519PrivateKey
+) -> None:
+    """A role that owns the audit tables turns their triggers off, then edits and deletes.
+
+    The tables are created by an ordinary (non-superuser) role, as a deployment would; the
+    privileges the audit migration revokes are what still stops it.
+    """
+    role = "audit_owner_" + uuid.uuid4().hex[:8]
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+        conn.exec_driver_sql(f"CREATE ROLE {role} NOLOGIN NOSUPERUSER")
+        conn.exec_driver_sql(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO {role}')
+    owner = sa.create_engine(pg_url)
+    sa.event.listen(owner, "connect", lambda dbapi, _rec: _set_role(dbapi, role))
+    try:
+        log = _filled(owner, signing_key)
+        with owner.begin() as conn:
+            assert conn.exec_driver_sql("SELECT current_user").scalar_one() == role
+            conn.exec_driver_sql("ALTER TABLE audit_leaves DISABLE TRIGGER USER")
+        for stmt in (
+            "UPDATE audit_leaves SET entry = '\\x00'::bytea WHERE idx = 3",
+            "DELETE FROM audit_leaves WHERE idx = 9",
+            "TRUNCATE audit_leaves",
+        ):
+            with (
+                pytest.raises(sa.exc.ProgrammingError, match="permission denied"),
+                owner.begin() as conn,
+            ):
+                conn.exec_driver_sql(stmt)
+        assert log.store.size() == 10
+        log.close()
+    finally:
+        owner.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role} CASCADE")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()
+
+
+def _set_role(dbapi_conn: object, role: str) -> None:
+    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cur.execute(f"SET ROLE {role}")
+    cur.close()
+    dbapi_conn.commit()  # type: ignore[attr-defined]

@@ -1,0 +1,585 @@
+"""Overload: MatchFace driven at 10x its measured capacity, with per-call deadlines.
+
+    python benchmarks/load.py [--quick] [--templates N] [--factor 10] [--deadline-ms 1000]
+                              [--max-in-flight N] [--max-pending N]
+
+A real server runs in a subprocess (the real MatchService on a synthetic watchlist, as
+``_bench_server.py`` builds it, R14 ceilings lifted) with the admission bounds given
+(``max_concurrent_rpcs`` and ``max_pending_rpcs``, default the server's defaults; see
+``centinela.server.admission``). This process then
+
+1. measures capacity with a closed loop (concurrency 4, 8, 16, 32; quick: 8, 32): capacity is
+   the best throughput; the 1x concurrency is the lowest reaching 95 % of it;
+2. runs the closed loop at the 1x concurrency again: the 1x latency;
+3. offers ``--factor`` x capacity in an open loop (calls sent on a fixed schedule whatever
+   the answers, each with the deadline ``--deadline-ms``) and counts what happens to them:
+   answered (OK), shed by the service (RESOURCE_EXHAUSTED), dropped unstarted by gRPC
+   (CANCELLED without the service's request id: the waiting queue was full), expired
+   (DEADLINE_EXCEEDED), anything else (must be 0);
+4. runs the closed loop again (recovery), and samples the server's RSS before, during (max,
+   per window) and after the overload, with the growth per answered call at 1x and at 10x
+   (equal rates mean the overload itself holds no memory: what grows is per decision).
+
+During 2 and 3 a separate light client process (closed loop, concurrency 2, the same
+deadline) measures what a well-behaved client sees: the load generator's own latencies
+include its own saturation. Requests are pre-built bytes with a fresh ``client_request_id``
+each (the idempotency store never short-cuts the work); one probe in ten is a listed
+person's (an alert). Clients and server share the machine: the offered rate achieved is what
+the table shows. Prints a table; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from centinela.matcher import synth
+from centinela.server import certs
+from centinela.server.demo import MIRA_SITE, ts
+from centinela.v1 import common_pb2 as c
+from centinela.v1 import match_service_pb2 as mpb
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = "/centinela.v1.MatchService/MatchFace"
+INFO = "/centinela.v1.MatchService/GetServerInfo"
+PLACEHOLDER = b"0" * 32
+CHANNELS = 4
+
+
+# ---- the server (a subprocess of this script) ---------------------------------------------
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """``--serve``: the benchmark server with the admission limit given."""
+    import signal
+
+    from benchmarks._bench_server import bench_bundle, echo_handler, populate
+    from centinela import logs
+    from centinela.config import Settings
+    from centinela.server.app import CentinelaServer
+    from centinela.server.wiring import build_application
+
+    logs.configure("warning")
+    settings = Settings(
+        data_dir=args.data_dir,
+        listen="127.0.0.1:0",
+        max_concurrent_rpcs=args.max_in_flight,
+        max_pending_rpcs=args.max_pending,
+        policy_bundle=str(bench_bundle(args.data_dir)),
+        shutdown_grace_s=2.0,
+    )
+    app = await build_application(settings)
+    await asyncio.to_thread(populate, app, args.templates)
+    server = CentinelaServer(
+        settings, app.servicers, on_stop=app.close, extra_handlers=[echo_handler()]
+    )
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(2.0)))
+    args.port_file.write_text(str(port))
+    await server.wait()
+
+
+def start_server(
+    data_dir: Path, templates: int, max_in_flight: int, max_pending: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = data_dir / "port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.load",
+            "--serve",
+            "--data-dir",
+            str(data_dir),
+            "--templates",
+            str(templates),
+            "--max-in-flight",
+            str(max_in_flight),
+            "--max-pending",
+            str(max_pending),
+            "--port-file",
+            str(port_file),
+        ],
+        cwd=ROOT,
+        stderr=sys.stderr,
+    )
+    deadline = time.monotonic() + 7200
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("load server failed to start")
+        time.sleep(0.2)
+    return proc, int(port_file.read_text())
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+
+class Payloads:
+    """MatchFace request bytes; each call gets a fresh client request id spliced in."""
+
+    def __init__(self, model_id: str, listed: int, n: int = 200) -> None:
+        identities = synth.identities(min(listed, 2000), seed=5)
+        strangers = synth.strangers(n, seed=4242)
+        rng = np.random.default_rng(1)
+        self.templates: list[tuple[bytes, int]] = []
+        for i in range(n):
+            if i % 10 == 0:
+                pick = identities[rng.integers(0, len(identities))][None, :]
+                vec = synth.genuine_probes(pick, seed=i)[0]
+            else:
+                vec = strangers[i]
+            raw = mpb.MatchFaceRequest(
+                context=c.RequestContext(
+                    purpose=c.PURPOSE_WANTED_PERSON,
+                    site_id=MIRA_SITE,
+                    capture_time=ts(dt.datetime.now(dt.UTC)),
+                    client_request_id=PLACEHOLDER.decode(),
+                ),
+                probe=c.FaceProbe(model_id=model_id, vector=vec.tolist(), quality=0.9),
+            ).SerializeToString()
+            at = raw.find(PLACEHOLDER)
+            assert at >= 0
+            assert raw.find(PLACEHOLDER, at + 1) < 0
+            self.templates.append((raw, at))
+
+    def get(self, i: int) -> bytes:
+        raw, at = self.templates[i % len(self.templates)]
+        return raw[:at] + uuid.uuid4().hex.encode() + raw[at + 32 :]
+
+
+# ---- driving ------------------------------------------------------------------------------
+
+
+def channels(data_dir: Path, port: int) -> list[Any]:
+    files = certs.client_files(data_dir / "certs", "muni-miraflores")
+    cert, key, ca = files.read()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    # A local subchannel pool each: CHANNELS connections, not one shared.
+    return [
+        grpc.aio.secure_channel(
+            f"127.0.0.1:{port}", creds, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(CHANNELS)
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+@dataclasses.dataclass
+class Run:
+    """What one phase did."""
+
+    seconds: float
+    offered: int = 0
+    codes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.codes["OK"] / self.seconds
+
+    def row(self) -> dict[str, Any]:
+        other = sum(n for k, n in self.codes.items() if k not in _EXPECTED)
+        return {
+            "offered_per_s": round(self.offered / self.seconds, 1),
+            "ok_per_s": round(self.ok_per_s, 1),
+            "resource_exhausted_per_s": round(self.codes["RESOURCE_EXHAUSTED"] / self.seconds, 1),
+            "deadline_exceeded_per_s": round(self.codes["DEADLINE_EXCEEDED"] / self.seconds, 1),
+            "backlog_dropped_per_s": round(self.codes[DROPPED] / self.seconds, 1),
+            "ok_share": round(self.codes["OK"] / self.offered, 4) if self.offered else 0.0,
+            "other_errors": other,
+            "other_codes": {k: n for k, n in self.codes.items() if k not in _EXPECTED},
+            "p50_ms": round(1000 * percentile(self.latencies, 0.50), 2),
+            "p99_ms": round(1000 * percentile(self.latencies, 0.99), 2),
+        }
+
+
+#: A call gRPC core refused unstarted (the waiting queue was full): CANCELLED, no request id.
+DROPPED = "CANCELLED_BY_BACKLOG"
+_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED}
+
+
+async def _one(call: Any, payload: bytes, deadline: float | None, run: Run) -> None:
+    t0 = time.perf_counter()
+    try:
+        await call(payload, timeout=deadline)
+    except grpc.aio.AioRpcError as err:
+        code = err.code().name
+        trailers: Any = err.trailing_metadata() or ()
+        if code == "CANCELLED" and not any(m[0] == "x-request-id" for m in trailers):
+            code = DROPPED  # refused by gRPC before it reached the service
+        run.codes[code] += 1
+        return
+    run.latencies.append(time.perf_counter() - t0)
+    run.codes["OK"] += 1
+
+
+async def closed_loop(
+    calls: list[Any], payloads: Payloads, conc: int, seconds: float, deadline: float = 30.0
+) -> Run:
+    """``conc`` clients, each sending its next call when the last one is answered."""
+    run = Run(seconds)
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**12))
+
+    async def worker() -> None:
+        while time.perf_counter() < stop:
+            i = next(counter)
+            run.offered += 1
+            await _one(calls[i % len(calls)], payloads.get(i), deadline, run)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+async def open_loop(
+    calls: list[Any],
+    payloads: Payloads,
+    rate: float,
+    seconds: float,
+    deadline: float,
+    on_tick: Any = None,
+) -> Run:
+    """Send ``rate`` calls a second on a fixed schedule for ``seconds``, whatever happens to
+    them; ``run.seconds`` is the sending time (so offered/s is the achieved sending rate)."""
+    run = Run(seconds)
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    start = loop.time()
+    total = int(rate * seconds)
+    next_tick = start
+    for i in range(total):
+        delay = start + i / rate - loop.time()
+        await asyncio.sleep(max(0.0, delay))
+        task = asyncio.create_task(_one(calls[i % len(calls)], payloads.get(i), deadline, run))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        run.offered += 1
+        if on_tick is not None and loop.time() >= next_tick:
+            on_tick()
+            next_tick = loop.time() + 0.25
+    run.seconds = loop.time() - start
+    while pending:
+        if on_tick is not None:
+            on_tick()
+        await asyncio.sleep(0.25)
+    return run
+
+
+async def connect(data_dir: Path, port: int, n: int = 200) -> tuple[list[Any], Payloads]:
+    chans = channels(data_dir, port)
+    info_call = chans[0].unary_unary(
+        INFO,
+        request_serializer=mpb.GetServerInfoRequest.SerializeToString,
+        response_deserializer=mpb.GetServerInfoResponse.FromString,
+    )
+    info = await info_call(mpb.GetServerInfoRequest(), timeout=30)
+    gallery = info.galleries[0]
+    return chans, Payloads(gallery.model_id, gallery.size, n)
+
+
+async def probe(args: argparse.Namespace) -> None:
+    """``--probe``: a light, well-behaved client (closed loop at concurrency 2, the same
+    deadline) in its own process, so that its latencies are not those of a saturated load
+    generator. Says ``ready``, waits for a line on stdin, runs, prints one JSON row."""
+    chans, payloads = await connect(args.data_dir, args.port, 50)
+    calls = [ch.unary_unary(METHOD) for ch in chans[:1]]
+    await closed_loop(calls, payloads, 1, 0.5)
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000)
+    print(json.dumps(run.row()), flush=True)
+    for ch in chans:
+        await ch.close()
+
+
+class Probe:
+    """The ``--probe`` subprocess."""
+
+    def __init__(self, args: argparse.Namespace, data_dir: Path, port: int, seconds: float):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.load",
+                "--probe",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+                "--seconds",
+                str(seconds),
+                "--deadline-ms",
+                str(args.deadline_ms),
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    async def start(self) -> None:
+        assert self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        if line.strip() != b"ready":
+            raise SystemExit("the probe client failed to start")
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    async def result(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        self.proc.wait(30)
+        doc: dict[str, Any] = json.loads(line)
+        return doc
+
+
+async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int) -> dict[str, Any]:
+    chans, payloads = await connect(data_dir, port)
+    calls = [ch.unary_unary(METHOD) for ch in chans]
+    await closed_loop(calls, payloads, 8, args.warmup)  # warm-up (connections, caches)
+    rss: dict[str, Any] = {"before_mb": rss_mb(pid)}
+    say(f"server RSS before: {rss['before_mb']:.0f} MB")
+
+    # 1. capacity, closed loop
+    closed: dict[int, Run] = {}
+    for conc in args.concurrency:
+        closed[conc] = await closed_loop(calls, payloads, conc, args.capacity_seconds)
+        r = closed[conc].row()
+        say(f"closed loop c={conc}: {r['ok_per_s']}/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms")
+    capacity = max(r.ok_per_s for r in closed.values())
+    base_conc = min(k for k, r in closed.items() if r.ok_per_s >= 0.95 * capacity)
+
+    # 2. 1x: closed loop at that concurrency, the probe client beside it
+    probe_1x = Probe(args, data_dir, port, args.capacity_seconds)
+    await probe_1x.start()
+    rss_start = rss_mb(pid)
+    base = await closed_loop(calls, payloads, base_conc, args.capacity_seconds)
+    growth = {"1x": (rss_mb(pid) - rss_start) * 1024 / max(1, base.codes["OK"])}
+    probe_base = await probe_1x.result()
+
+    # 3. overload, open loop, the probe client beside it
+    samples: list[float] = []
+
+    def sample() -> None:
+        samples.append(rss_mb(pid))
+
+    rate = args.factor * capacity
+    say(f"open loop: offering {rate:.0f}/s ({args.factor:g}x) for {args.overload_seconds:g} s")
+    probe_10x = Probe(args, data_dir, port, args.overload_seconds)
+    await probe_10x.start()
+    rss_start = rss_mb(pid)
+    over = await open_loop(
+        calls, payloads, rate, args.overload_seconds, args.deadline_ms / 1000, sample
+    )
+    growth["overload"] = (rss_mb(pid) - rss_start) * 1024 / max(1, over.codes["OK"])
+    probe_over = await probe_10x.result()
+    half = len(samples) // 2
+    rss["during_max_mb"] = max(samples) if samples else float("nan")
+    # A plateau, not a climb: the second half of the overload peaks no higher than the first.
+    rss["during_first_half_max_mb"] = max(samples[:half]) if half else float("nan")
+    rss["during_second_half_max_mb"] = max(samples[half:]) if half else float("nan")
+    sixth = max(1, len(samples) // 6)
+    rss_windows = [round(max(samples[i : i + sixth]), 1) for i in range(0, len(samples), sixth)]
+
+    # 4. recovery, closed loop at the 1x concurrency
+    await asyncio.sleep(1.0)
+    after = await closed_loop(calls, payloads, base_conc, args.capacity_seconds)
+    await asyncio.sleep(2.0)
+    rss["after_mb"] = rss_mb(pid)
+    for ch in chans:
+        await ch.close()
+    return {
+        "capacity_per_s": round(capacity, 1),
+        "base_concurrency": base_conc,
+        "closed": {str(k): r.row() for k, r in closed.items()},
+        "base": base.row(),
+        "probe_base": probe_base,
+        "target_per_s": round(rate, 1),
+        "overload": over.row(),
+        "overload_codes": dict(over.codes),
+        "probe_overload": probe_over,
+        "recovery": after.row(),
+        "rss": {k: round(v, 1) for k, v in rss.items()},
+        "rss_windows_mb": rss_windows,
+        "rss_growth_kb_per_ok": {k: round(v, 2) for k, v in growth.items()},
+    }
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    base, over, rec = res["base"], res["overload"], res["recovery"]
+    pb, po = res["probe_base"], res["probe_overload"]
+    rss = res["rss"]
+    print(
+        f"\nMatchFace at {args.factor:g}x capacity, {os.cpu_count()} cores shared by server and "
+        f"clients ({args.templates:,} listed; max_concurrent_rpcs {args.max_in_flight}, "
+        f"max_pending_rpcs {args.max_pending}; deadline {args.deadline_ms:g} ms; "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'phase':<24} {'offered/s':>9} {'ok/s':>6} {'exhausted/s':>11} {'dropped/s':>9} "
+        f"{'deadline/s':>10} {'other':>5} {'p50 ms':>7} {'p99 ms':>7}"
+    )
+    rows = [
+        (f"1x closed loop (c={res['base_concurrency']})", base),
+        ("  probe client (c=2)", pb),
+        (f"{args.factor:g}x open loop", over),
+        ("  probe client (c=2)", po),
+        (f"recovery (c={res['base_concurrency']})", rec),
+    ]
+    for name, r in rows:
+        print(
+            f"{name:<24} {r['offered_per_s']:>9.0f} {r['ok_per_s']:>6.0f} "
+            f"{r['resource_exhausted_per_s']:>11.0f} {r['backlog_dropped_per_s']:>9.0f} "
+            f"{r['deadline_exceeded_per_s']:>10.0f} {r['other_errors']:>5} "
+            f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}"
+        )
+    print(
+        "exhausted = RESOURCE_EXHAUSTED (max_concurrent_rpcs); dropped = CANCELLED by gRPC "
+        "before the service (max_pending_rpcs); deadline = DEADLINE_EXCEEDED"
+    )
+    print(
+        f"capacity {res['capacity_per_s']:.0f}/s; offered target {res['target_per_s']:.0f}/s; "
+        f"server RSS before {rss['before_mb']:.0f} MB, during (max of 1st / 2nd half) "
+        f"{rss['during_first_half_max_mb']:.0f} / {rss['during_second_half_max_mb']:.0f} MB, "
+        f"after {rss['after_mb']:.0f} MB; growth per answered call "
+        f"{res['rss_growth_kb_per_ok']['1x']:.1f} KB at 1x, "
+        f"{res['rss_growth_kb_per_ok']['overload']:.1f} KB at {args.factor:g}x"
+    )
+    return {
+        "templates": args.templates,
+        "max_concurrent_rpcs": args.max_in_flight,
+        "max_pending_rpcs": args.max_pending,
+        "deadline_ms": args.deadline_ms,
+        "factor": args.factor,
+        "capacity_per_s": res["capacity_per_s"],
+        "closed_loop_per_s": {k: v["ok_per_s"] for k, v in res["closed"].items()},
+        "target_offered_per_s": res["target_per_s"],
+        "offered_per_s": over["offered_per_s"],
+        "admitted_ok_per_s": over["ok_per_s"],
+        "shed_resource_exhausted_per_s": over["resource_exhausted_per_s"],
+        "shed_backlog_cancelled_per_s": over["backlog_dropped_per_s"],
+        "shed_deadline_exceeded_per_s": over["deadline_exceeded_per_s"],
+        "other_errors": sum(r["other_errors"] for _, r in rows),
+        "other_codes": {k: v for _, r in rows for k, v in r["other_codes"].items()},
+        "p50_ms_1x": base["p50_ms"],
+        "p99_ms_1x": base["p99_ms"],
+        "p50_ms_overload": over["p50_ms"],
+        "p99_ms_overload": over["p99_ms"],
+        "probe_p50_ms_1x": pb["p50_ms"],
+        "probe_p99_ms_1x": pb["p99_ms"],
+        "probe_p50_ms_overload": po["p50_ms"],
+        "probe_p99_ms_overload": po["p99_ms"],
+        "probe_ok_share_overload": po["ok_share"],
+        "recovery_ok_per_s": rec["ok_per_s"],
+        "p99_ms_recovery": rec["p99_ms"],
+        "rss_mb": rss,
+        "rss_windows_mb": res["rss_windows_mb"],
+        "rss_growth_kb_per_ok_call_1x": res["rss_growth_kb_per_ok"]["1x"],
+        "rss_growth_kb_per_ok_call_overload": res["rss_growth_kb_per_ok"]["overload"],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def default_limits() -> tuple[int, int]:
+    from centinela.config import Settings
+
+    defaults = Settings()
+    return defaults.max_concurrent_rpcs, defaults.max_pending_rpcs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="under a minute")
+    parser.add_argument("--templates", type=int, default=0, help="listed people (quick 2,000)")
+    parser.add_argument("--factor", type=float, default=10.0, help="offered / capacity (10)")
+    parser.add_argument("--deadline-ms", type=float, default=1000.0, help="per call (1000)")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=0, help="max_concurrent_rpcs (server default)"
+    )
+    parser.add_argument(
+        "--max-pending", type=int, default=0, help="max_pending_rpcs (server default)"
+    )
+    parser.add_argument("--overload-seconds", type=float, default=0.0)
+    parser.add_argument("--capacity-seconds", type=float, default=0.0)
+    parser.add_argument("--keep", type=Path, help="reuse/keep the data dir under this directory")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    in_flight, pending = default_limits()
+    args.max_in_flight = args.max_in_flight or in_flight
+    args.max_pending = args.max_pending or pending
+    if args.serve:
+        asyncio.run(serve(args))
+        return 0
+    if args.probe:
+        asyncio.run(probe(args))
+        return 0
+    args.templates = args.templates or (2_000 if args.quick else 100_000)
+    args.capacity_seconds = args.capacity_seconds or (3.0 if args.quick else 10.0)
+    args.overload_seconds = args.overload_seconds or (12.0 if args.quick else 60.0)
+    args.warmup = 1.0 if args.quick else 3.0
+    args.concurrency = [8, 32] if args.quick else [4, 8, 16, 32]
+    base = args.keep or Path(tempfile.mkdtemp(prefix="centinela-load-"))
+    data_dir = base / f"load-{args.templates}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    say(
+        f"starting the server ({args.templates:,} listed, max_concurrent_rpcs "
+        f"{args.max_in_flight}, max_pending_rpcs {args.max_pending}) …"
+    )
+    proc, port = start_server(data_dir, args.templates, args.max_in_flight, args.max_pending)
+    try:
+        res = asyncio.run(measure(args, data_dir, proc.pid, port))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    summary = report(args, res)
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if summary["other_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

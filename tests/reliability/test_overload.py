@@ -1,0 +1,135 @@
+"""Overload is shed at once, and what is admitted is served (issue 9, point 5).
+
+Two bounds (``centinela.server.admission``), each driven into its limit deterministically
+rather than by racing a load generator:
+
+* **in flight** (``max_concurrent_rpcs``): the database's write lock is held by this test
+  (a real SQLite lock on the server's own database, as a slow disk or a long transaction
+  would hold it), so admitted MatchFace calls wait inside the service for their audit entry;
+  once the limit is reached, further calls get RESOURCE_EXHAUSTED from the service at once;
+  when the lock goes, every admitted call is answered.
+* **waiting** (``max_pending_rpcs``): the server's event loop is made to stall (a blocking
+  call on it, as a long GC pause or a saturated loop would); calls keep arriving and gRPC
+  queues them for the loop. Beyond the bound gRPC drops them at once, unstarted (CANCELLED,
+  without the service's request id), instead of letting them wait; when the loop resumes,
+  the calls that were queued are answered.
+
+The load tool ``benchmarks/load.py`` measures the same at 10x capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+
+from centinela.config import Settings
+from centinela.server.demo import populate
+from centinela.server.testing import ServerThread
+
+from ._proc import lifted_bundle
+
+
+def _outcome(future: Any) -> str:
+    """The status of a finished call; a CANCELLED call the service never saw (no request id
+    in its trailers: gRPC dropped it unstarted) is ``DROPPED``."""
+    try:
+        future.result()
+    except grpc.RpcError as err:
+        code = cast(Any, err).code().name
+        ids = [v for k, v in cast(Any, err).trailing_metadata() or () if k == "x-request-id"]
+        return "DROPPED" if code == "CANCELLED" and not ids else str(code)
+    return "OK"
+
+
+def _wait(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        max_concurrent_rpcs=4,
+        policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
+    )
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        stub = world.stub("muni-miraflores")
+        interceptor = server.server.interceptor if server.server else None
+        assert interceptor is not None
+        lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the write lock: audit appends wait for it
+        try:
+            admitted = [
+                stub.MatchFace.future(world.face_request(world.genuine(0, seed=k)), timeout=60)
+                for k in range(4)
+            ]
+            _wait(lambda: interceptor.in_flight == 4)
+            shed = [
+                stub.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
+                for k in range(8)
+            ]
+            # Answered while the admitted calls still wait: shed at once, by the service.
+            codes = [_outcome(f) for f in shed]
+            assert codes == ["RESOURCE_EXHAUSTED"] * 8
+            assert not any(f.done() for f in admitted)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        answers = [f.result() for f in admitted]
+        assert all(a.decision.decision_id and a.alert for a in answers)
+        _wait(lambda: interceptor.in_flight == 0)
+        assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision.decision_id
+        world.close()
+
+
+def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        max_pending_rpcs=4,
+        policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
+    )
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        stub = world.stub("muni-miraflores")
+        stub.MatchFace(world.face_request(world.stranger()), timeout=30)  # connected, warm
+        stalled, release = threading.Event(), threading.Event()
+
+        async def stall() -> None:
+            stalled.set()
+            release.wait(30)  # blocks the server's event loop itself
+
+        staller = threading.Thread(target=server.call, args=(stall,))
+        staller.start()
+        try:
+            assert stalled.wait(30)
+            calls = [
+                stub.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
+                for k in range(40)
+            ]
+            # While the loop is still stalled, gRPC drops what the bound does not let wait:
+            # all but the 4 it lets wait and the few the loop had asked for ahead.
+            _wait(lambda: sum(f.done() for f in calls) >= 40 - 4 - 8)
+            early = collections.Counter(_outcome(f) for f in calls if f.done())
+            assert set(early) == {"DROPPED"}, early
+        finally:
+            release.set()
+            staller.join(30)
+        outcomes = collections.Counter(_outcome(f) for f in calls)
+        assert set(outcomes) == {"OK", "DROPPED"}, outcomes
+        assert outcomes["OK"] >= 1  # what waited within the bound is answered
+        assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision.decision_id
+        world.close()
