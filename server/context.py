@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 
 from centinela.errors import Unauthenticated
+from centinela.server.admission import InFlight
 from centinela.server.identity import Caller
 
 
@@ -18,6 +19,8 @@ class CallState:
     caller: Caller | None = None
     #: Filled by the servicer, so the call log can name the decision.
     decision_id: str = ""
+    #: The server's in-flight ceiling (a StreamMatch takes a unit per message).
+    admission: InFlight | None = None
 
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(

@@ -17,7 +17,9 @@ Invariants:
   data that must not reach a caller, so only the exception's class is logged.
 * Policy denials carry their rule ids in a ``google.rpc.Status`` with an ``ErrorInfo`` detail
   (``grpc-status-details-bin``) and in the ``x-centinela-rule-ids`` trailer.
-* Beyond ``max_concurrent`` calls in flight, new calls are shed with RESOURCE_EXHAUSTED.
+* Beyond ``max_concurrent`` units of work in flight (a call, or one message of a long-lived
+  stream: :class:`~centinela.server.admission.InFlight`), new work is shed with
+  RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ from centinela.config import Settings
 from centinela.errors import (
     CentinelaError,
     InvalidArgument,
-    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
 from centinela.logs import get_logger
 from centinela.server import certs
+from centinela.server.admission import InFlight
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
 
@@ -56,6 +58,11 @@ security = get_logger("server.security")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}\Z")
 PROTECTED_PREFIX = "/centinela.v1."
+#: Streams that stay open for hours, idle between messages: they hold no in-flight unit for
+#: their lifetime (StreamMatch takes one per probe; a subscription only waits).
+LONG_LIVED = frozenset(
+    {"/centinela.v1.MatchService/StreamMatch", "/centinela.v1.MatchService/SubscribeAlerts"}
+)
 
 IdentityResolver = Callable[[grpc.aio.ServicerContext[Any, Any]], Caller]
 
@@ -263,13 +270,12 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     def __init__(self, identity: IdentityResolver, *, max_concurrent: int = 256) -> None:
         self._identity = identity
-        self._max_concurrent = max_concurrent
-        self._in_flight = 0
+        self.admission = InFlight(max_concurrent)
 
     @property
     def in_flight(self) -> int:
-        """Calls currently admitted."""
-        return self._in_flight
+        """Units of work currently admitted (see :class:`InFlight`)."""
+        return self.admission.count
 
     async def intercept_service(
         self,
@@ -291,9 +297,8 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, protected: bool, rid: str
     ) -> CallState:
         request_id = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
-        state = CallState(request_id=request_id, method=method)
-        if self._in_flight >= self._max_concurrent:
-            raise ResourceExhausted("server is at its concurrency ceiling; retry with backoff")
+        state = CallState(request_id=request_id, method=method, admission=self.admission)
+        self.admission.check()
         if protected:
             try:
                 state.caller = self._identity(context)
@@ -375,13 +380,13 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
                     _check_decoded(request)
-                    interceptor._in_flight += 1
+                    interceptor.admission.enter()
                     try:
                         result = inner_uu(request, context)
                         if inspect.isawaitable(result):
                             result = await result
                     finally:
-                        interceptor._in_flight -= 1
+                        interceptor.admission.leave()
                     context.set_trailing_metadata((("x-request-id", state.request_id),))
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                     return result
@@ -404,6 +409,8 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler.unary_stream is not None or handler.stream_stream is not None:
             streaming_request = handler.stream_stream is not None
             inner_s = handler.stream_stream if streaming_request else handler.unary_stream
+            # A long-lived stream takes no unit itself (its servicer takes one per message).
+            held = 0 if method in LONG_LIVED else 1
 
             async def streaming(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -416,12 +423,12 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     token = set_call(state)
                     if not streaming_request:
                         _check_decoded(request)
-                    interceptor._in_flight += 1
+                    interceptor.admission.count += held
                     try:
                         async for item in inner_s(request, context):
                             yield item
                     finally:
-                        interceptor._in_flight -= 1
+                        interceptor.admission.count -= held
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
@@ -455,13 +462,13 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             try:
                 state = interceptor._begin(context, method, protected, rid)
                 token = set_call(state)
-                interceptor._in_flight += 1
+                interceptor.admission.enter()
                 try:
                     result = inner_su(_decoded(request_iterator), context)
                     if inspect.isawaitable(result):
                         result = await result
                 finally:
-                    interceptor._in_flight -= 1
+                    interceptor.admission.leave()
                 interceptor._log_call(state, grpc.StatusCode.OK, started)
                 return result
             except Exception as exc:

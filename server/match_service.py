@@ -525,7 +525,12 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         msg: Any = item  # a StreamMatchRequest, or MalformedRequest for undecodable bytes
         seq = int(getattr(msg, "sequence", 0))
         sub = CallState(request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller)
+        admission = call.admission
+        entered = False
         try:
+            if admission is not None:
+                admission.enter()  # one unit per probe, not per stream (see InFlight)
+                entered = True
             if isinstance(msg, MalformedRequest):
                 raise InvalidArgument("the message is not a valid StreamMatchRequest")
             which = msg.WhichOneof("probe")
@@ -551,6 +556,9 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     decision_id=exc.decision_id or "",
                 ),
             )
+        finally:
+            if entered and admission is not None:
+                admission.leave()
 
     # ---- VerifyFace --------------------------------------------------------------------
 

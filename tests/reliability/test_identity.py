@@ -5,8 +5,9 @@ event naming the reason, the peer address and the certificate (serial, SHA-256 f
 subject CN), and no log line carries key material.
 
 TLS refuses a missing certificate, another CA's and an expired one during the handshake:
-those never reach the service (gRPC's core logs the failed handshake, not structlog), so the
-tests show that nothing reached it: no call event, no audit entry.
+those never reach the service, so the tests show that nothing reached it (no call event, no
+audit entry), and one test shows that the server process still logs each (gRPC core writes
+the failed handshake with its reason on stderr; not structlog, and no peer address).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime as dt
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
 from centinela.v1 import registry_service_pb2 as rpb
 from centinela.v1 import registry_service_pb2_grpc as rgrpc
+
+from ._proc import start_serve, terminate
 
 # ---- helpers -------------------------------------------------------------------------------
 
@@ -158,6 +162,60 @@ def test_expired_certificate_is_refused(live: ServerThread, captured: Logs, tmp_
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert_nothing_reached_the_service(live, captured, before)
+
+
+def test_refused_handshakes_are_logged_by_the_server_process(tmp_path: Path) -> None:
+    """The three TLS refusals above, against ``centinela serve`` in its own process: each is
+    in the server's output, written by gRPC core (the Python service never sees a handshake,
+    so these lines are gRPC's, not structured events), with the reason and no key material.
+
+    gRPC core logs no peer address for a failed handshake; the reason is what tells the
+    three apart.
+    """
+    data = tmp_path / "data"
+    out = tmp_path / "server.log"
+    proc, port = start_serve(data, out)
+    try:
+        target = f"127.0.0.1:{port}"
+        certs_dir = data / "certs"
+        ca = certs.TlsFiles(certs_dir / "ca.crt", certs_dir / "ca.key", certs_dir / "ca.crt")
+        ident = next(i for i in certs.DEV_IDENTITIES if i.name == "muni-miraflores")
+        now = dt.datetime.now(dt.UTC)
+        rogue = certs.issue_client(certs.create_ca(tmp_path / "rogue"), tmp_path / "rogue", ident)
+        expired = certs.issue_client(
+            ca,
+            tmp_path / "expired",
+            ident,
+            not_before=now - dt.timedelta(days=30),
+            not_after=now - dt.timedelta(days=1),
+        )
+        no_cert = grpc.ssl_channel_credentials(root_certificates=ca.cert.read_bytes())
+        attempts: list[tuple[str, Callable[[], grpc.Channel]]] = [
+            ("no certificate", lambda: grpc.secure_channel(target, no_cert)),
+            (
+                "another CA",
+                lambda: secure_channel(target, certs.TlsFiles(rogue.cert, rogue.key, ca.cert)),
+            ),
+            ("expired", lambda: secure_channel(target, expired)),
+        ]
+        for what, channel in attempts:
+            before = out.read_text(errors="replace").count("Handshake failed")
+            with channel() as ch:
+                assert _code(lambda: _info(ch)) == grpc.StatusCode.UNAVAILABLE, what
+            deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+            while out.read_text(errors="replace").count("Handshake failed") == before:
+                assert dt.datetime.now(dt.UTC) < deadline, f"{what}: no handshake failure logged"
+                time.sleep(0.05)
+    finally:
+        assert terminate(proc) == 0
+    text = out.read_text(errors="replace")
+    reasons = [line for line in text.splitlines() if "Handshake failed" in line]
+    assert any("PEER_DID_NOT_RETURN_A_CERTIFICATE" in r for r in reasons), reasons
+    assert any("unable to get local issuer certificate" in r for r in reasons), reasons
+    assert any("certificate has expired" in r for r in reasons), reasons
+    assert_no_key_material(text, certs_dir)
+    assert_no_key_material(text, tmp_path / "rogue")
+    assert_no_key_material(text, tmp_path / "expired")
 
 
 # ---- refused by the service ----------------------------------------------------------------

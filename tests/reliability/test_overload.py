@@ -133,3 +133,69 @@ def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) ->
         assert outcomes["OK"] >= 1  # what waited within the bound is answered
         assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision.decision_id
         world.close()
+
+
+def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> None:
+    """Porticos keep a StreamMatch open all day: six idle streams on a server whose ceiling
+    is four units must not lock unary callers out; a probe that arrives at the ceiling gets
+    its own RESOURCE_EXHAUSTED answer and its stream goes on."""
+    import queue
+
+    from centinela.v1 import match_service_pb2 as mpb
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        max_concurrent_rpcs=4,
+        policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
+    )
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        stub = world.stub("muni-miraflores")
+        interceptor = server.server.interceptor if server.server else None
+        assert interceptor is not None
+
+        def probe(seq: int) -> mpb.StreamMatchRequest:
+            face = world.face_request(world.stranger(seed=100 + seq))
+            return mpb.StreamMatchRequest(sequence=seq, face=face)
+
+        inboxes: list[queue.Queue[mpb.StreamMatchRequest | None]] = []
+        streams = []
+        for _ in range(6):
+            inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
+            inboxes.append(inbox)
+            streams.append(stub.StreamMatch(iter(inbox.get, None), timeout=120))
+        try:
+            for i, (inbox, answers) in enumerate(zip(inboxes, streams, strict=True)):
+                inbox.put(probe(i))
+                assert next(answers).WhichOneof("result") == "face"
+            _wait(lambda: interceptor.in_flight == 0)  # six open streams, no unit held
+            assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision
+
+            lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # admitted calls wait for their audit entry
+            try:
+                admitted = [
+                    stub.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
+                    for k in range(4)
+                ]
+                _wait(lambda: interceptor.in_flight == 4)
+                inboxes[0].put(probe(10))
+                shed = next(streams[0])
+                assert shed.sequence == 10
+                assert shed.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert [_outcome(f) for f in admitted] == ["OK"] * 4
+            inboxes[0].put(probe(11))  # the same stream goes on
+            after = next(streams[0])
+            assert (after.sequence, after.WhichOneof("result")) == (11, "face")
+        finally:
+            for inbox in inboxes:
+                inbox.put(None)
+        for answers in streams:
+            assert list(answers) == []
+        _wait(lambda: interceptor.in_flight == 0)
+        world.close()
