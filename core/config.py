@@ -45,8 +45,14 @@ class Settings:
     checkpoint_every_seconds: float = 10.0
     #: Largest gRPC message accepted, in bytes.
     max_message_bytes: int = 8 * 1024 * 1024
-    #: Concurrent RPCs admitted before shedding with RESOURCE_EXHAUSTED.
+    #: Work in flight (a call, or one probe of a StreamMatch) admitted before shedding with
+    #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
+    #: Mean time in the service that admitted work should keep, in milliseconds: when a
+    #: window's mean exceeds it the in-flight limit shrinks (down to 32), when demand fills
+    #: the limit within it the limit grows back (up to ``max_concurrent_rpcs``). 0 turns the
+    #: adaptation off (a fixed ceiling). See ``centinela.server.admission``.
+    admission_target_ms: float = 100.0
     #: Calls waiting for the server's event loop beyond which gRPC refuses new ones (clients
     #: see CANCELLED); bounds the queueing delay under overload (``centinela.server.admission``).
     max_pending_rpcs: int = 64

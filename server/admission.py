@@ -22,8 +22,13 @@ rising probability (random early detection), beyond it every new call is refused
 
 from __future__ import annotations
 
+import time
+
 from centinela.config import Settings
 from centinela.errors import ConfigError, ResourceExhausted
+from centinela.logs import get_logger
+
+log = get_logger("server.admission")
 
 #: gRPC core channel arguments (``src/core/server/server.h``).
 MAX_PENDING = "grpc.server.max_pending_requests"
@@ -40,43 +45,97 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         raise ConfigError("max_concurrent_rpcs must be at least 1")
     if settings.max_pending_rpcs < 2:
         raise ConfigError("max_pending_rpcs must be at least 2")
+    if not 0.0 <= settings.admission_target_ms < 3_600_000:
+        raise ConfigError("admission_target_ms must be 0 (off) or a positive number of ms")
     return [
         (MAX_PENDING, settings.max_pending_rpcs // 2),
         (MAX_PENDING_HARD, settings.max_pending_rpcs),
     ]
 
 
+#: The adaptive limit never goes below this many units.
+MIN_LIMIT = 32
+
+
 class InFlight:
-    """Work admitted and not yet answered, against the ``max_concurrent_rpcs`` ceiling.
+    """Work admitted and not yet answered, against an adaptive in-flight limit.
 
     A unit is a unary call, a client-streamed import, an export, or **one message** of a
     StreamMatch: a portico's stream stays open all day and is idle between captures, so it
     holds a unit only while one of its probes is being decided (a thousand open streams must
-    not lock unary callers out). Everything runs on the server's event loop: no lock.
+    not lock unary callers out).
+
+    **Adaptive limit.** A fixed ceiling keeps memory bounded but not latency: at ten times
+    the capacity, 256 calls in flight on a loop that serves ~300/s each wait ~0.9 s. So the
+    limit follows the time admitted work spends in the service (Little's law: the work in
+    flight that the loop can serve within ``target_s``), per window of at least
+    ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
+
+    * mean above ``target_s``: the limit shrinks by a quarter (never below ``floor``, 32 by
+      default: the concurrency one client process drives, so a service that is slower than
+      the target even when idle still serves that many at once);
+    * otherwise, if the limit was reached in the window (demand wants more): it grows by an
+      eighth (at least one; never above ``ceiling``).
+
+    This is AIMD on latency, the loop of TCP congestion control and of Netflix's
+    concurrency-limits, in its simplest form. ``target_s`` 0 keeps the ceiling fixed.
+    Everything runs on the server's event loop: no lock.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    WINDOW_UNITS = 32
+    WINDOW_S = 0.25
+
+    def __init__(self, ceiling: int, *, target_s: float = 0.0, floor: int = MIN_LIMIT) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self.floor = min(floor, ceiling)
+        self.target_s = target_s
         self.count = 0
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self._window_start = now
+        self._units = 0
+        self._total_s = 0.0
+        self._saturated = False
 
     def check(self) -> None:
-        """Refuse new work at the ceiling, without taking a unit (a stream that opens).
+        """Refuse new work at the limit, without taking a unit (a stream that opens).
 
         Raises:
-            ResourceExhausted: the ceiling is reached.
+            ResourceExhausted: the limit is reached.
         """
         if self.count >= self.limit:
-            raise ResourceExhausted("server is at its concurrency ceiling; retry with backoff")
+            self._saturated = True
+            raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
 
     def enter(self) -> None:
         """Take a unit.
 
         Raises:
-            ResourceExhausted: the ceiling is reached.
+            ResourceExhausted: the limit is reached.
         """
         self.check()
         self.count += 1
+        if self.count >= self.limit:
+            self._saturated = True
 
-    def leave(self) -> None:
-        """Give a unit back."""
+    def leave(self, elapsed_s: float | None = None) -> None:
+        """Give a unit back; ``elapsed_s`` (its time in the service) feeds the adaptation."""
         self.count -= 1
+        if not self.target_s or elapsed_s is None:
+            return
+        self._units += 1
+        self._total_s += elapsed_s
+        now = time.monotonic()
+        if self._units < self.WINDOW_UNITS or now - self._window_start < self.WINDOW_S:
+            return
+        mean = self._total_s / self._units
+        before = self.limit
+        if mean > self.target_s:
+            self.limit = max(self.floor, self.limit * 3 // 4)
+        elif self._saturated:
+            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 8))
+        if self.limit != before:
+            log.debug("admission.limit", limit=self.limit, was=before, mean_ms=mean * 1000)
+        self._reset(now)

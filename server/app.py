@@ -116,6 +116,7 @@ class CentinelaServer:
         self.interceptor = CentinelaInterceptor(
             identity or TlsIdentity.from_settings(settings),
             max_concurrent=settings.max_concurrent_rpcs,
+            admission_target_s=settings.admission_target_ms / 1000.0,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0

@@ -268,9 +268,15 @@ async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every handler with identity, admission control, error mapping and logging."""
 
-    def __init__(self, identity: IdentityResolver, *, max_concurrent: int = 256) -> None:
+    def __init__(
+        self,
+        identity: IdentityResolver,
+        *,
+        max_concurrent: int = 256,
+        admission_target_s: float = 0.0,
+    ) -> None:
         self._identity = identity
-        self.admission = InFlight(max_concurrent)
+        self.admission = InFlight(max_concurrent, target_s=admission_target_s)
 
     @property
     def in_flight(self) -> int:
@@ -381,12 +387,13 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     token = set_call(state)
                     _check_decoded(request)
                     interceptor.admission.enter()
+                    entered = time.perf_counter()
                     try:
                         result = inner_uu(request, context)
                         if inspect.isawaitable(result):
                             result = await result
                     finally:
-                        interceptor.admission.leave()
+                        interceptor.admission.leave(time.perf_counter() - entered)
                     context.set_trailing_metadata((("x-request-id", state.request_id),))
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                     return result

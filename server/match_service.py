@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import functools
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -526,11 +527,11 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         seq = int(getattr(msg, "sequence", 0))
         sub = CallState(request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller)
         admission = call.admission
-        entered = False
+        entered = 0.0
         try:
             if admission is not None:
                 admission.enter()  # one unit per probe, not per stream (see InFlight)
-                entered = True
+                entered = time.perf_counter()
             if isinstance(msg, MalformedRequest):
                 raise InvalidArgument("the message is not a valid StreamMatchRequest")
             which = msg.WhichOneof("probe")
@@ -558,7 +559,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             )
         finally:
             if entered and admission is not None:
-                admission.leave()
+                admission.leave(time.perf_counter() - entered)
 
     # ---- VerifyFace --------------------------------------------------------------------
 

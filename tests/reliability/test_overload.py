@@ -165,7 +165,7 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
         for _ in range(6):
             inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
             inboxes.append(inbox)
-            streams.append(stub.StreamMatch(iter(inbox.get, None), timeout=120))
+            streams.append(iter(stub.StreamMatch(iter(inbox.get, None), timeout=120)))
         try:
             for i, (inbox, answers) in enumerate(zip(inboxes, streams, strict=True)):
                 inbox.put(probe(i))

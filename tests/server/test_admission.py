@@ -1,0 +1,115 @@
+"""The adaptive in-flight limit (``centinela.server.admission.InFlight``), unit by unit.
+
+The limit is driven with the elapsed times it is told, so each window's mean is exact; the
+windows' minimum duration is set to 0 so a window closes after ``WINDOW_UNITS`` completions.
+The live behaviour under load is measured by ``benchmarks/load.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from centinela.errors import ResourceExhausted
+from centinela.server import admission
+from centinela.server.admission import InFlight
+
+
+def _limiter(ceiling: int = 256, target_s: float = 0.1, floor: int = 32) -> InFlight:
+    f = InFlight(ceiling, target_s=target_s, floor=floor)
+    f.WINDOW_S = 0.0
+    return f
+
+
+def _window(f: InFlight, elapsed_s: float, *, saturate: bool) -> None:
+    """One window of completions, each ``elapsed_s``; with ``saturate`` demand fills the
+    limit first (the units beyond it are shed)."""
+    held = 0
+    want = f.limit + 5 if saturate else min(f.WINDOW_UNITS, f.limit - 1)
+    shed = 0
+    for _ in range(want):
+        try:
+            f.enter()
+            held += 1
+        except ResourceExhausted:
+            shed += 1
+    assert held <= f.limit
+    assert shed == (5 if saturate else 0)
+    done = 0
+    while done < f.WINDOW_UNITS:
+        if held == 0:
+            f.enter()
+            held += 1
+        f.leave(elapsed_s)
+        held -= 1
+        done += 1
+    for _ in range(held):
+        f.count -= 1  # the rest finish in the next window, unobserved
+
+
+def test_slow_windows_shrink_the_limit_to_the_floor_and_no_further() -> None:
+    f = _limiter()
+    limits = []
+    for _ in range(20):
+        _window(f, 0.5, saturate=True)
+        limits.append(f.limit)
+    assert limits[0] == 192  # a quarter off
+    assert limits == sorted(limits, reverse=True)
+    assert limits[-1] == 32
+
+
+def test_fast_windows_under_demand_grow_it_back_to_the_ceiling() -> None:
+    f = _limiter()
+    for _ in range(20):
+        _window(f, 0.5, saturate=True)
+    assert f.limit == 32
+    limits = []
+    for _ in range(40):
+        _window(f, 0.01, saturate=True)
+        limits.append(f.limit)
+    assert limits[0] == 36  # an eighth more
+    assert limits == sorted(limits)
+    assert limits[-1] == 256
+
+
+def test_fast_windows_without_demand_leave_it_alone() -> None:
+    f = _limiter()
+    for _ in range(20):
+        _window(f, 0.5, saturate=True)
+    for _ in range(10):
+        _window(f, 0.01, saturate=False)
+    assert f.limit == 32
+
+
+def test_target_zero_keeps_the_ceiling_fixed() -> None:
+    f = _limiter(target_s=0.0)
+    for _ in range(10):
+        _window(f, 5.0, saturate=True)
+    assert f.limit == 256
+
+
+def test_a_window_needs_its_minimum_duration(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+    f = InFlight(256, target_s=0.1)  # WINDOW_S as shipped
+    for _ in range(4 * f.WINDOW_UNITS):  # many slow completions, all in the same instant
+        f.enter()
+        f.leave(1.0)
+    assert f.limit == 256
+    clock[0] += f.WINDOW_S
+    f.enter()
+    f.leave(1.0)
+    assert f.limit == 192
+
+
+def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
+    f = _limiter(ceiling=4)
+    assert (f.limit, f.floor) == (4, 4)
+    for _ in range(3):
+        f.enter()
+    f.enter()
+    with pytest.raises(ResourceExhausted):
+        f.enter()
+    with pytest.raises(ResourceExhausted):
+        f.check()
+    f.leave()
+    f.check()
