@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from centinela.errors import ResourceExhausted
-from centinela.server import admission
 from centinela.server.admission import InFlight
 
 
@@ -89,7 +88,7 @@ def test_target_zero_keeps_the_ceiling_fixed() -> None:
 
 def test_a_window_needs_its_minimum_duration(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("centinela.server.admission.time.monotonic", lambda: clock[0])
     f = InFlight(256, target_s=0.1)  # WINDOW_S as shipped
     for _ in range(4 * f.WINDOW_UNITS):  # many slow completions, all in the same instant
         f.enter()
