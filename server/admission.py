@@ -23,6 +23,7 @@ rising probability (random early detection), beyond it every new call is refused
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from centinela.config import Settings
 from centinela.errors import ConfigError, ResourceExhausted
@@ -85,13 +86,21 @@ class InFlight:
     WINDOW_UNITS = 32
     WINDOW_S = 0.25
 
-    def __init__(self, ceiling: int, *, target_s: float = 0.0, floor: int = MIN_LIMIT) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        *,
+        target_s: float = 0.0,
+        floor: int = MIN_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self.ceiling = ceiling
         self.limit = ceiling
         self.floor = min(floor, ceiling)
         self.target_s = target_s
         self.count = 0
-        self._reset(time.monotonic())
+        self._reset(clock())
 
     def _reset(self, now: float) -> None:
         self._window_start = now
@@ -127,7 +136,7 @@ class InFlight:
             return
         self._units += 1
         self._total_s += elapsed_s
-        now = time.monotonic()
+        now = self._clock()
         if self._units < self.WINDOW_UNITS or now - self._window_start < self.WINDOW_S:
             return
         mean = self._total_s / self._units
