@@ -79,8 +79,8 @@ def populate(app: Any, n: int, batch: int = 5000) -> None:
                 for v, d in zip(part, dnis, strict=True)
             ],
         )
-        for i, (tid, sref) in enumerate(zip(res.template_ids, res.subject_refs, strict=True)):
-            records.add_requisition(
+        records.add_requisitions(
+            [
                 RequisitionRecord(
                     f"req_b{start + i:012d}",
                     sref,
@@ -94,7 +94,11 @@ def populate(app: Any, n: int, batch: int = 5000) -> None:
                     False,
                     (tid,),
                 )
-            )
+                for i, (tid, sref) in enumerate(
+                    zip(res.template_ids, res.subject_refs, strict=True)
+                )
+            ]
+        )
         print(
             f"stored {start + len(part)}/{n} ({time.perf_counter() - t0:.0f}s)",
             file=sys.stderr,

@@ -444,6 +444,14 @@ class Records:
         self._apply(self.requisition_insert(rec))
         return rec
 
+    def add_requisitions(self, recs: Sequence[RequisitionRecord]) -> None:
+        """Many requisitorias in one transaction (bulk loads: one fsync, not one a record).
+
+        Raises:
+            AlreadyExists: one of them exists (none is added).
+        """
+        self._apply(Write(*(self.requisition_insert(rec) for rec in recs)))
+
     def get_requisition(self, requisition_id: str) -> RequisitionRecord:
         """Raises: NotFound."""
         row = self._one(

@@ -58,6 +58,21 @@ def test_requisition_states_follow_lift_and_expiry(db_url: str) -> None:
     records.engine.dispose()
 
 
+def test_bulk_requisitions_are_one_transaction(db_url: str) -> None:
+    records = Records(make_engine(db_url))
+    later = NOW + dt.timedelta(days=30)
+    records.add_requisitions([_req(f"req_{i}", later, f"W-{i}") for i in range(3)])
+    assert len(records.list_requisitions(now=NOW)) == 3
+    with pytest.raises(AlreadyExists):  # the last one's warrant is taken: none is added
+        records.add_requisitions([_req("req_x", later, "W-9"), _req("req_y", later, "W-0")])
+    assert {r.requisition_id for r in records.list_requisitions(now=NOW)} == {
+        "req_0",
+        "req_1",
+        "req_2",
+    }
+    records.engine.dispose()
+
+
 def test_sites_authorisations_and_policy_data(db_url: str) -> None:
     records = Records(make_engine(db_url))
     records.add_site(SiteRecord("mira-01", "muni-miraflores", "lima", 2, "Av. Larco", True))
