@@ -22,6 +22,8 @@ rising probability (random early detection), beyond it every new call is refused
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Callable
 
@@ -64,7 +66,9 @@ class InFlight:
     A unit is a unary call, a client-streamed import, an export, or **one message** of a
     StreamMatch: a portico's stream stays open all day and is idle between captures, so it
     holds a unit only while one of its probes is being decided (a thousand open streams must
-    not lock unary callers out).
+    not lock unary callers out). A call at the limit is refused (RESOURCE_EXHAUSTED); a
+    stream's probe at the limit waits for a unit (:meth:`acquire`), and its stream is not
+    read meanwhile: backpressure, as HTTP/2 flow control means it.
 
     **Adaptive limit.** A fixed ceiling keeps memory bounded but not latency: at ten times
     the capacity, 256 calls in flight on a loop that serves ~300/s each wait ~0.9 s. So the
@@ -100,7 +104,13 @@ class InFlight:
         self.floor = min(floor, ceiling)
         self.target_s = target_s
         self.count = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._reset(clock())
+
+    @property
+    def waiting(self) -> int:
+        """Stream probes waiting for a unit."""
+        return len(self._waiters)
 
     def _reset(self, now: float) -> None:
         self._window_start = now
@@ -129,9 +139,41 @@ class InFlight:
         if self.count >= self.limit:
             self._saturated = True
 
+    async def acquire(self) -> None:
+        """Take a unit, waiting for one at the limit (first come, first served).
+
+        For the probes of a stream: while one waits, its stream is not read, so HTTP/2 flow
+        control holds the portico back (backpressure) instead of a probe being refused.
+        """
+        if self.count < self.limit and not self._waiters:
+            self.enter()
+            return
+        self._saturated = True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # handed a unit just as the stream went away: give it back
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.count < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.count += 1
+                waiter.set_result(None)
+
     def leave(self, elapsed_s: float | None = None) -> None:
         """Give a unit back; ``elapsed_s`` (its time in the service) feeds the adaptation."""
         self.count -= 1
+        self._adapt(elapsed_s)
+        self._hand_over()
+
+    def _adapt(self, elapsed_s: float | None) -> None:
         if not self.target_s or elapsed_s is None:
             return
         self._units += 1

@@ -304,7 +304,8 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     ) -> CallState:
         request_id = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
         state = CallState(request_id=request_id, method=method, admission=self.admission)
-        self.admission.check()
+        if method not in LONG_LIVED:  # a stream that opens takes no unit: never refused here
+            self.admission.check()
         if protected:
             try:
                 state.caller = self._identity(context)

@@ -32,6 +32,7 @@ from centinela.audit.entry import EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.matcher.plates import PlateRead
 from centinela.policy import Decision
+from centinela.server.admission import InFlight
 from centinela.server.alerts import (
     CONFIRMED,
     PARTIAL,
@@ -128,6 +129,15 @@ def _check_alert_scope(scope: Any, alert: Any) -> None:
     """
     if not in_scope(scope, alert):
         raise NotFound("no such alert", field="alert_id")
+
+
+def _give_back(admission: InFlight, started: float) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback that returns a stream probe's in-flight unit."""
+
+    def done(_task: asyncio.Task[Any]) -> None:
+        admission.leave(time.perf_counter() - started)
+
+    return done
 
 
 @functools.lru_cache(maxsize=4096)
@@ -501,10 +511,19 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             maxsize=STREAM_WINDOW
         )
 
+        admission = call.admission
+
         async def read() -> None:
             try:
                 async for item in request_iterator:
-                    await pending.put(asyncio.create_task(self._stream_one(item, caller, call)))
+                    if admission is not None:
+                        # One unit per probe; at the limit, wait (and stop reading the stream).
+                        await admission.acquire()
+                    task = asyncio.create_task(self._stream_one(item, caller, call))
+                    if admission is not None:
+                        # Given back when the probe is done, even if cancelled unstarted.
+                        task.add_done_callback(_give_back(admission, time.perf_counter()))
+                    await pending.put(task)
             finally:
                 await pending.put(None)
 
@@ -526,12 +545,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         msg: Any = item  # a StreamMatchRequest, or MalformedRequest for undecodable bytes
         seq = int(getattr(msg, "sequence", 0))
         sub = CallState(request_id=f"{call.request_id}.{seq}", method=call.method, caller=caller)
-        admission = call.admission
-        entered = 0.0
         try:
-            if admission is not None:
-                admission.enter()  # one unit per probe, not per stream (see InFlight)
-                entered = time.perf_counter()
             if isinstance(msg, MalformedRequest):
                 raise InvalidArgument("the message is not a valid StreamMatchRequest")
             which = msg.WhichOneof("probe")
@@ -557,9 +571,6 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     decision_id=exc.decision_id or "",
                 ),
             )
-        finally:
-            if entered and admission is not None:
-                admission.leave(time.perf_counter() - entered)
 
     # ---- VerifyFace --------------------------------------------------------------------
 

@@ -137,9 +137,11 @@ def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) ->
 
 def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> None:
     """Porticos keep a StreamMatch open all day: six idle streams on a server whose ceiling
-    is four units must not lock unary callers out; a probe that arrives at the ceiling gets
-    its own RESOURCE_EXHAUSTED answer and its stream goes on."""
+    is four units must not lock unary callers out, nor be refused themselves; a probe that
+    arrives at the ceiling waits for a unit (its stream is not read meanwhile: backpressure)
+    and is answered when one frees, while unary calls at the ceiling are refused."""
     import queue
+    from concurrent.futures import ThreadPoolExecutor
 
     from centinela.v1 import match_service_pb2 as mpb
 
@@ -150,7 +152,7 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
         max_concurrent_rpcs=4,
         policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
     )
-    with ServerThread(settings) as server:
+    with ServerThread(settings) as server, ThreadPoolExecutor(1) as reader:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
         interceptor = server.server.interceptor if server.server else None
@@ -182,13 +184,17 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
                 ]
                 _wait(lambda: interceptor.in_flight == 4)
                 inboxes[0].put(probe(10))
-                shed = next(streams[0])
-                assert shed.sequence == 10
-                assert shed.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                waited = reader.submit(next, streams[0])
+                _wait(lambda: interceptor.admission.waiting == 1)
+                refused = stub.MatchFace.future(world.face_request(world.stranger()), timeout=60)
+                assert _outcome(refused) == "RESOURCE_EXHAUSTED"
+                assert not waited.done()
             finally:
                 lock.execute("ROLLBACK")
                 lock.close()
             assert [_outcome(f) for f in admitted] == ["OK"] * 4
+            answer = waited.result(timeout=60)
+            assert (answer.sequence, answer.WhichOneof("result")) == (10, "face")
             inboxes[0].put(probe(11))  # the same stream goes on
             after = next(streams[0])
             assert (after.sequence, after.WhichOneof("result")) == (11, "face")
@@ -197,5 +203,5 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
                 inbox.put(None)
         for answers in streams:
             assert list(answers) == []
-        _wait(lambda: interceptor.in_flight == 0)
+        _wait(lambda: interceptor.in_flight == 0 and interceptor.admission.waiting == 0)
         world.close()

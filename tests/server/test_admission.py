@@ -111,3 +111,48 @@ def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
         f.check()
     f.leave()
     f.check()
+
+
+def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        f = InFlight(2, floor=2)
+        f.enter()
+        f.enter()
+        got: list[str] = []
+
+        async def probe(name: str) -> None:
+            await f.acquire()
+            got.append(name)
+
+        first = asyncio.create_task(probe("first"))
+        gone = asyncio.create_task(probe("gone"))
+        last = asyncio.create_task(probe("last"))
+        await asyncio.sleep(0)
+        assert (f.count, f.waiting) == (2, 3)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert f.waiting == 2
+        f.leave()  # one unit frees: the first waiter takes it
+        await first
+        assert got == ["first"]
+        assert f.count == 2
+        f.leave()
+        await last
+        assert got == ["first", "last"]
+        assert (f.count, f.waiting) == (2, 0)
+        f.leave()
+        f.leave()
+        assert f.count == 0
+        # Handed a unit at the moment it is cancelled: the unit is given back.
+        f.enter()
+        f.enter()
+        racing = asyncio.create_task(f.acquire())
+        await asyncio.sleep(0)
+        f.leave()  # hands the unit to `racing` (its future is done, the task not yet run)
+        racing.cancel()
+        await asyncio.gather(racing, return_exceptions=True)
+        assert f.count == 1
+
+    asyncio.run(scenario())
