@@ -11,6 +11,11 @@ each stream keeping up to ``STREAM_WINDOW`` probes unanswered (how a portico str
 as it captures); ``pingpong`` is the same streams sending one probe at a time.
 The figures that hold on a noisy 2-core machine are the ratios: ``ratio_vs_echo`` and
 ``stream_gain``. Last line: one JSON object.
+
+Every MatchFace and StreamMatch probe is sent once, with its own client request id: a probe
+sent twice would be answered from the idempotency store without matching. (Until session 3
+the benchmark cycled 2,000 probes, so in 10-second rounds most calls above ~200/s were such
+replays and the full-run figures were inflated; ``--quick`` rounds were short enough.)
 """
 
 from __future__ import annotations
@@ -103,16 +108,28 @@ def requests(model_id: str, identities: np.ndarray, n: int) -> list[mpb.MatchFac
     return out
 
 
-async def drive(call: Any, payloads: list[Any], concurrency: int, seconds: float) -> dict[str, Any]:
+async def drive(
+    call: Any, payloads: list[Any], concurrency: int, seconds: float, *, wrap: bool = False
+) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` workers, each sending the next payload when answered.
+
+    Without ``wrap`` each payload is sent once (a MatchFace payload sent again carries the
+    same client request id and would be answered from the idempotency store, not worked):
+    a round ends early if the payloads run out, and ``exhausted`` says so.
+    """
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
     counter = 0
+    exhausted = False
 
     async def worker(wid: int) -> None:
-        nonlocal errors, counter
+        nonlocal errors, counter, exhausted
         i = wid
         while time.perf_counter() < stop:
+            if not wrap and i >= len(payloads):
+                exhausted = True
+                break
             t0 = time.perf_counter()
             try:
                 await call(payloads[i % len(payloads)])
@@ -132,6 +149,7 @@ async def drive(call: Any, payloads: list[Any], concurrency: int, seconds: float
         "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else float("nan"),
         "errors": errors,
         "n": len(lat),
+        "exhausted": exhausted,
     }
 
 
@@ -159,7 +177,7 @@ async def drive_stream(
         async def write() -> None:
             nonlocal sent
             i = sid
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop and i < len(payloads):  # each probe once
                 await room.acquire()
                 await call.write(
                     mpb.StreamMatchRequest(sequence=i, face=payloads[i % len(payloads)])
@@ -188,17 +206,23 @@ async def measure(data_dir: Path, port: int, seconds: float, conc: list[int]) ->
     model_id = info.galleries[0].model_id
     size = info.galleries[0].size
     identities = synth.identities(min(size, 2000), seed=5)
-    payloads = requests(model_id, identities, 2000)
-    raw = [p.SerializeToString() for p in payloads]
+    # Enough probes that none is sent twice in a round (a repeat would be an idempotent
+    # replay, not a match): up to 5,000/s.
+    payloads = requests(model_id, identities, max(2000, int(seconds * 5000)))
+    raw = [p.SerializeToString() for p in payloads[:2000]]
     echo = ch.unary_unary("/bench.Echo/Echo")
-    await drive(stub.MatchFace, payloads[:50], 4, 1.0)  # warm-up
+    warm = [mpb.MatchFaceRequest() for _ in range(50)]
+    for w, p in zip(warm, payloads, strict=False):
+        w.CopyFrom(p)
+        w.context.client_request_id = uuid.uuid4().hex
+    await drive(stub.MatchFace, warm, 4, 1.0)  # warm-up
     out: dict[str, Any] = {"size": size}
     for k in conc:
         # Fresh request ids each round, so idempotency never short-cuts the work.
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
         out[f"match_c{k}"] = await drive(stub.MatchFace, payloads, k, seconds)
-        out[f"echo_c{k}"] = await drive(echo, raw, k, seconds)
+        out[f"echo_c{k}"] = await drive(echo, raw, k, seconds, wrap=True)
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
         out[f"pingpong_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=1)
@@ -257,6 +281,8 @@ def main() -> None:
                 "ratio_vs_echo": round(ratio, 3),
                 "p50_ms": round(m["p50_ms"], 3),
                 "p99_ms": round(m["p99_ms"], 3),
+                "match_errors": m["errors"],
+                "payloads_ran_out": m["exhausted"],
                 "stream_per_s": round(s["per_s"], 1),
                 "stream_gain": round(gain, 3),
                 "pingpong_per_s": round(pp["per_s"], 1),
