@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -31,6 +32,38 @@ from centinela.storage import Migration, is_sqlite, migrate
 
 #: Writes that share an entry's transaction: ``(connection, leaf index) -> None``.
 Companion = Callable[[Connection, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A companion that only inserts rows into one table.
+
+    The writer inserts the rows of every entry of a group commit with one executemany per
+    table (see :meth:`LeafStore.append_batch`) instead of one statement per entry: on the
+    writer thread, which competes for the GIL with the event loop, that per-entry Python was
+    most of the cost of a MatchFace's durable audit (session 3 profile).
+    """
+
+    table: sa.Table
+    #: The rows for the entry at the given leaf index.
+    make: Callable[[int], list[dict[str, Any]]]
+
+    def __call__(self, conn: Connection, index: int) -> None:
+        rows = self.make(index)
+        if rows:
+            conn.execute(self.table.insert(), rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Companions:
+    """Several companions of one entry, run in order (or batched, for :class:`Rows`)."""
+
+    parts: tuple[Companion, ...]
+
+    def __call__(self, conn: Connection, index: int) -> None:
+        for part in self.parts:
+            part(conn, index)
+
 
 COMPONENT = "audit"
 
@@ -218,6 +251,9 @@ class LeafStore:
         ``companions[i]``, when given, runs inside the same transaction with the connection
         and the index of row ``i``: rows that must exist if and only if the entry does
         (an alert raised by the decision, the stored answer of an idempotent request).
+        Companions run in entry order, except that the rows of :class:`Rows` companions
+        (made in that order, so they may depend on what an entry's earlier parts did) are
+        inserted last, one executemany per table in the order the tables first appear.
 
         Raises:
             AppendOnlyViolation: the database refused an index (someone else appended).
@@ -230,9 +266,7 @@ class LeafStore:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 conn.exec_driver_sql(self._insert_leaf, params)
-                for i, companion in enumerate(companions):
-                    if companion is not None:
-                        companion(conn, first_index + i)
+                _run_companions(conn, first_index, companions)
         except sa.exc.SQLAlchemyError as exc:
             if _is_append_only_refusal(exc):
                 raise AppendOnlyViolation("the store refused the next leaf index") from exc
@@ -375,3 +409,21 @@ class LeafStore:
         if r is None:
             return None
         return StoredCheckpoint(int(r[0]), int(r[1]), bytes(r[2]), str(r[3]), str(r[4]))
+
+
+def _run_companions(
+    conn: Connection, first_index: int, companions: Sequence[Companion | None]
+) -> None:
+    grouped: dict[sa.Table, list[dict[str, Any]]] = {}
+    for i, companion in enumerate(companions):
+        if companion is None:
+            continue
+        parts = companion.parts if isinstance(companion, Companions) else (companion,)
+        for part in parts:
+            if isinstance(part, Rows):  # made now, after the entry's earlier parts ran
+                grouped.setdefault(part.table, []).extend(part.make(first_index + i))
+            else:
+                part(conn, first_index + i)
+    for table, rows in grouped.items():
+        if rows:
+            conn.execute(table.insert(), rows)

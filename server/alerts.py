@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from centinela.audit.store import Companion
+from centinela.audit.store import Companion, Companions, Rows
 from centinela.errors import FailedPrecondition, NotFound
 from centinela.storage import Migration, migrate, read_connection, write_transaction
 
@@ -173,22 +173,21 @@ class AlertStore:
         if not items:
             return None
 
-        def write(conn: Connection, index: int) -> None:
-            conn.execute(alerts.insert(), [dict(row, audit_index=index) for row in items])
-            conn.execute(
-                alert_events.insert(),
-                [
-                    {
-                        "alert_id": r["alert_id"],
-                        "state": r["state"],
-                        "confirmations": 0,
-                        "at": r["created_at"],
-                    }
-                    for r in items
-                ],
+        events = [
+            {
+                "alert_id": r["alert_id"],
+                "state": r["state"],
+                "confirmations": 0,
+                "at": r["created_at"],
+            }
+            for r in items
+        ]
+        return Companions(
+            (
+                Rows(alerts, lambda index: [dict(row, audit_index=index) for row in items]),
+                Rows(alert_events, lambda _index: events),
             )
-
-        return write
+        )
 
     def get(self, alert_id: str) -> Alert:
         """One alert with its confirmation count.

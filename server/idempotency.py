@@ -17,12 +17,12 @@ import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from centinela.audit.store import Companion
+from centinela.audit.store import Companion, Rows
 from centinela.errors import FailedPrecondition, StorageError
 from centinela.storage import Migration, fetch_one, migrate
 
@@ -42,7 +42,6 @@ idempotency = sa.Table(
 
 
 #: One compiled statement for the hot path (``insert().values(...)`` would recompile).
-_INSERT = idempotency.insert()
 #: The lookup every idempotent call makes first, straight through the driver.
 _LOOKUP = (
     "SELECT response, rpc, fingerprint FROM idempotency"
@@ -111,21 +110,19 @@ class IdempotencyStore:
         answer is exactly the one the caller receives.
         """
 
-        def write(conn: Connection, index: int) -> None:
-            now = dt.datetime.now(dt.UTC).timestamp()
-            conn.execute(
-                _INSERT,
+        def row(index: int) -> list[dict[str, Any]]:
+            return [
                 {
                     "caller": key.caller,
                     "client_request_id": key.client_request_id,
                     "rpc": key.rpc,
                     "fingerprint": key.fingerprint,
                     "response": answer(index),
-                    "created_at": now,
-                },
-            )
+                    "created_at": dt.datetime.now(dt.UTC).timestamp(),
+                }
+            ]
 
-        return write
+        return Rows(idempotency, row)
 
     def prune(self, now: dt.datetime | None = None) -> int:
         """Delete records past the retention period; return how many."""

@@ -24,12 +24,11 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message as _ProtoMessage
-from sqlalchemy.engine import Connection
 
 from centinela.audit.entry import AuditEvent, Digester, EventType
 from centinela.audit.entry import Caller as AuditCaller
 from centinela.audit.log import AppendReceipt, AuditLog
-from centinela.audit.store import Companion
+from centinela.audit.store import Companion, Companions
 from centinela.errors import (
     AuditUnavailable,
     CentinelaError,
@@ -264,11 +263,8 @@ class Pipeline:
         if key is not None:
             parts.append(IdempotencyStore.companion(key, lambda i: respond(i).SerializeToString()))
 
-        def companion(conn: Connection, index: int) -> None:
-            for part in parts:
-                part(conn, index)
-
-        (receipt,) = await self.append(event, companion=companion if parts else None)
+        companion = Companions(tuple(parts)) if parts else None
+        (receipt,) = await self.append(event, companion=companion)
         return respond(receipt.index)
 
     def event(

@@ -8,8 +8,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from centinela.audit.store import LeafStore
-from centinela.errors import AppendOnlyViolation
+from centinela.audit.store import Companions, LeafStore, Rows
+from centinela.errors import AppendOnlyViolation, StorageError
 from centinela.storage import is_sqlite
 
 H = hashlib.sha256(b"x").digest()
@@ -40,6 +40,41 @@ def test_append_and_read(store: LeafStore) -> None:
     assert store.size() == 2
     assert store.entries(0, 2) == [b'{"a":1}', b'{"a":2}']
     assert store.packed_leaf_hashes() == H + H
+
+
+def test_companion_rows_of_a_batch_are_inserted_together_after_earlier_parts(
+    store: LeafStore, engine: Engine
+) -> None:
+    """Rows companions of a group commit go in one executemany per table, each made after
+    its entry's earlier parts ran (a stored answer may depend on them); a failing part
+    leaves nothing of the batch."""
+    meta = sa.MetaData()
+    side = sa.Table("t_side", meta, sa.Column("idx", sa.Integer), sa.Column("note", sa.Text))
+    meta.create_all(engine)
+    seen: list[int] = []
+
+    def apply(_conn: sa.Connection, index: int) -> None:
+        seen.append(index)
+
+    def entry(k: int) -> Companions:
+        return Companions(
+            (apply, Rows(side, lambda index: [{"idx": index, "note": f"after {seen[-1]}"}]))
+        )
+
+    with engine.connect() as conn:
+        store.append_batch(conn, 2, [(b"{}", H)] * 3, [entry(0), None, entry(2)])
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(side.c.idx, side.c.note).order_by(side.c.idx)).all()
+    assert [tuple(r) for r in rows] == [(2, "after 2"), (4, "after 4")]
+
+    def broken(_conn: sa.Connection, _index: int) -> None:
+        raise sa.exc.OperationalError("insert", {}, Exception("disk gone"))
+
+    with pytest.raises(StorageError), engine.connect() as conn:
+        store.append_batch(conn, 5, [(b"{}", H)] * 2, [entry(0), broken])
+    assert store.size() == 5
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(side)).scalar_one() == 2
 
 
 def test_next_index_is_accepted_gap_and_reuse_are_refused(store: LeafStore) -> None:
