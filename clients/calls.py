@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from centinela.clients.builders import new_request_id
 from centinela.clients.errors import from_rpc_error
-from centinela.clients.retry import RETRYABLE, RetryPolicy, call_with_retry
+from centinela.clients.retry import RetryPolicy, call_with_retry, retryable
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -176,8 +176,8 @@ class CallCore:
                 return
             except grpc.RpcError as err:
                 failures += 1
-                retryable = err.code() in RETRYABLE and (resume is not None or not received_any)
-                if not retryable or failures >= self.retry.max_attempts:
+                again = retryable(err) and (resume is not None or not received_any)
+                if not again or failures >= self.retry.max_attempts:
                     raise from_rpc_error(err) from None
                 # A resumed stream is a new logical call: it gets its own id.
                 if received_any and resume is not None:

@@ -1,10 +1,14 @@
-"""Bounded retries with exponential backoff and jitter, for UNAVAILABLE only.
+"""Bounded retries with exponential backoff and jitter, for failures where nothing was decided.
 
 Invariants:
 
-* Only ``UNAVAILABLE`` is retried: it means the server could not be reached, or could not
-  answer safely (audit or database down: fail closed, nothing was decided). Every other code is
-  an answer, and retrying it would repeat a decision or hammer a rate ceiling.
+* Retried (:func:`retryable`): ``UNAVAILABLE`` (the server could not be reached, or could not
+  answer safely: audit or database down, fail closed, nothing was decided); a ``CANCELLED``
+  the server never started (no ``x-request-id`` trailer: gRPC dropped it from a full waiting
+  queue, ``centinela.server.admission``); a ``RESOURCE_EXHAUSTED`` from the server's
+  in-flight limit (it carries the server's request id and no rule id). Every other code is an
+  answer, and retrying it would repeat a decision or hammer a rate ceiling (R14's
+  ``RESOURCE_EXHAUSTED`` names its rule and is not retried).
 * Retries are bounded twice: by ``max_attempts`` and by the call's overall deadline. A retry
   never starts when its backoff would end after the deadline.
 * Retried calls are idempotent on the server because the client fills the request's
@@ -24,13 +28,27 @@ import grpc
 
 T = TypeVar("T")
 
-#: Codes worth retrying. Deliberately one.
+#: Codes always worth retrying. Deliberately one (see :func:`retryable` for the others).
 RETRYABLE: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """Whether a failed call decided nothing and may be sent again (see the module doc)."""
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    if code in RETRYABLE:
+        return True
+    if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return False
+    trailers = getattr(err, "trailing_metadata", None)
+    keys = {k for k, _v in (trailers() if callable(trailers) else None) or ()}
+    if code == grpc.StatusCode.CANCELLED:
+        return "x-request-id" not in keys  # dropped unstarted by the waiting bound
+    return "x-request-id" in keys and "x-centinela-rule-ids" not in keys  # in-flight limit
 
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry a call that met UNAVAILABLE.
+    """How often and how patiently to retry a call that decided nothing (:func:`retryable`).
 
     The n-th retry (n from 1) waits ``min(max_backoff, initial_backoff * multiplier**(n-1))``
     seconds scaled by a random factor in ``[1 - jitter, 1]`` (so many edge agents restarting at
@@ -86,9 +104,8 @@ def call_with_retry(
         try:
             return attempt(remaining)
         except grpc.RpcError as err:
-            code = err.code() if callable(getattr(err, "code", None)) else None
             retry += 1
-            if code not in RETRYABLE or retry >= policy.max_attempts:
+            if not retryable(err) or retry >= policy.max_attempts:
                 raise
             wait = policy.backoff(retry, rand)
             if deadline is not None and clock() + wait >= deadline:

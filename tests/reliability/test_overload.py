@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import grpc
 
+from centinela.clients.retry import retryable
 from centinela.config import Settings
 from centinela.server.demo import populate
 from centinela.server.testing import ServerThread
@@ -39,13 +40,16 @@ from ._proc import lifted_bundle
 def _outcome(future: Any) -> str:
     """The status of a finished call; a CANCELLED call the service never saw (no request id
     in its trailers: gRPC dropped it unstarted) is ``DROPPED``."""
-    try:
-        future.result()
-    except grpc.RpcError as err:
-        code = cast(Any, err).code().name
-        ids = [v for k, v in cast(Any, err).trailing_metadata() or () if k == "x-request-id"]
-        return "DROPPED" if code == "CANCELLED" and not ids else str(code)
-    return "OK"
+    err = future.exception()
+    if err is None:
+        return "OK"
+    assert isinstance(err, grpc.RpcError)
+    code = cast(Any, err).code().name
+    ids = [v for k, v in cast(Any, err).trailing_metadata() or () if k == "x-request-id"]
+    outcome = "DROPPED" if code == "CANCELLED" and not ids else str(code)
+    # Both sheds decided nothing: the client library sends them again (with backoff).
+    assert retryable(err) == (outcome in ("DROPPED", "RESOURCE_EXHAUSTED")), outcome
+    return outcome
 
 
 def _wait(check: Callable[[], bool], timeout: float = 30.0) -> None:

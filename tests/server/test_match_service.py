@@ -15,6 +15,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from centinela.clients.retry import retryable
 from centinela.config import Settings
 from centinela.policy.bundle import packaged_root
 from centinela.server.demo import LAV_SITE, MIRA_SITE, PLATE, World, populate, rid
@@ -389,6 +390,7 @@ def test_r14_rate_ceiling_sheds_with_resource_exhausted(tmp_path: Path) -> None:
             stub.MatchPlate(w.plate_request(PLATE), timeout=30)
         assert _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "R14" in _trailer(err.value, "x-centinela-rule-ids")
+        assert not retryable(err.value)  # an answer (a ceiling), not a shed: never re-sent
         w.close()
 
 
