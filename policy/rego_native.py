@@ -18,6 +18,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# Load order matters: librego_shared.so (regopy) defines its own global operator new and
+# delete. Imported before hnswlib, freeing a hnswlib knn_query result aborts the process
+# ("free(): invalid pointer"; tests/policy/test_load_order.py). hnswlib first, always.
+import hnswlib  # noqa: F401
 import regopy
 from regopy import rego_shared as _rs
 

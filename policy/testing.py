@@ -20,6 +20,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# Load order matters: librego_shared.so (regopy) defines its own global operator new and
+# delete. Imported before hnswlib, freeing a hnswlib knn_query result aborts the process
+# ("free(): invalid pointer"; tests/policy/test_load_order.py). hnswlib first, always.
+import hnswlib  # noqa: F401
 import regopy
 
 from centinela.errors import ConfigError
