@@ -156,6 +156,20 @@ def _opaque_id(field: str, value: str) -> str:
     return value
 
 
+def is_label(value: str) -> bool:
+    """Whether the log records ``value`` as a short label (purpose, site id, rule id)."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
+
+
+def is_opaque_id(value: str) -> bool:
+    """Whether the log records ``value`` verbatim as a pseudonymous reference."""
+    try:
+        _opaque_id("ref", value)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def check_opaque_id(field: str, value: str) -> str:
     """Validate an identifier as the log will (callers check input before deciding).
 
@@ -177,10 +191,9 @@ def external_id(kind: str, value: str, digester: Digester) -> tuple[dict[str, st
     """
     if not value:
         return {}, {}
-    try:
-        return {kind: _opaque_id(kind, value)}, {}
-    except InvalidArgument:
-        return {}, {kind: digester.digest(kind, value)}
+    if is_opaque_id(value):
+        return {kind: value}, {}
+    return {}, {kind: digester.digest(kind, value)}
 
 
 def _keyed_digest(field: str, value: str) -> str:

@@ -418,7 +418,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             streaming_request = handler.stream_stream is not None
             inner_s = handler.stream_stream if streaming_request else handler.unary_stream
             # A long-lived stream takes no unit itself (its servicer takes one per message).
-            held = 0 if method in LONG_LIVED else 1
+            holds_unit = method not in LONG_LIVED
 
             async def streaming(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -431,12 +431,14 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     token = set_call(state)
                     if not streaming_request:
                         _check_decoded(request)
-                    interceptor.admission.count += held
+                    if holds_unit:
+                        interceptor.admission.enter()
                     try:
                         async for item in inner_s(request, context):
                             yield item
                     finally:
-                        interceptor.admission.count -= held
+                        if holds_unit:
+                            interceptor.admission.leave()
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):

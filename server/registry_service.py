@@ -30,7 +30,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from centinela.audit.entry import METRIC_KINDS, REF_KINDS, AuditEvent, EventType
+from centinela.audit.entry import METRIC_KINDS, EventType, is_opaque_id
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.logs import get_logger
 from centinela.matcher.service import REGISTRY
@@ -61,15 +61,9 @@ def known_metrics(values: Mapping[str, int]) -> dict[str, int]:
 
 
 def reference_ref(reference: str) -> dict[str, str]:
-    """The cited reference as an audit ref, when the schema has a kind for it and it is an
-    opaque id the schema accepts (a reference shaped like a DNI or plate is left out)."""
-    if not reference or "reference" not in REF_KINDS:
-        return {}
-    try:
-        AuditEvent(EventType.REGISTRY_CHANGE, refs={"reference": reference}).to_json()
-    except InvalidArgument:
-        return {}
-    return {"reference": reference}
+    """The cited reference as an audit ref, when it is an opaque id the schema accepts (a
+    reference shaped like a DNI or plate is left out)."""
+    return {"reference": reference} if reference and is_opaque_id(reference) else {}
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -438,12 +432,8 @@ class RegistryServicer(UnimplementedRegistry):  # type: ignore[misc]
             raise InvalidArgument("lies in the future", field="filed_at")
         digests = {"dni": self.c.digester.digest("dni", dni)}
         refs = {**self._gallery_refs(), **reference_ref(ctx["reference"])}
-        objection = {"objection": ctx["reference"]} if ctx["reference"] else {}
-        try:
-            AuditEvent(EventType.REGISTRY_CHANGE, refs=objection).to_json()
-        except InvalidArgument:
-            objection = {}
-        refs.update(objection)
+        if ctx["reference"] and is_opaque_id(ctx["reference"]):
+            refs["objection"] = ctx["reference"]
         decision, decision_id = await self.c.pipeline.authorise(
             rpc, call=call, caller=caller, context=ctx, refs=refs, digests=digests, mode="ADMIN"
         )

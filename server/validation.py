@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from centinela.audit.entry import check_opaque_id
+from centinela.audit.entry import check_opaque_id, is_label
 from centinela.errors import InvalidArgument, ModelMismatch
 from centinela.v1 import common_pb2
 
@@ -35,8 +35,6 @@ _OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{11,127}\Z")
 _DNI_RE = re.compile(r"^[0-9]{8}\Z")
 _PLATE_CHARS_RE = re.compile(r"^[A-Za-z0-9 -]{1,16}\Z")
 _CATEGORY_RE = re.compile(r"^[A-Z0-9_]{1,64}\Z")
-# Site ids enter every audit entry as labels (audit.entry's token shape).
-_SITE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}\Z")
 
 PURPOSES = {
     common_pb2.PURPOSE_WANTED_PERSON: "WANTED_PERSON",
@@ -75,7 +73,7 @@ def check_site_id(value: str, field: str, *, required: bool = True) -> str:
         if required:
             raise InvalidArgument("is required", field=field)
         return ""
-    if not _SITE_RE.match(value):
+    if not is_label(value):  # site ids enter every audit entry as labels
         raise InvalidArgument(
             "must be a letter then up to 63 letters, digits and _.:- (e.g. mira-portico-01)",
             field=field,

@@ -32,6 +32,7 @@ import grpc
 from centinela.clients.retry import retryable
 from centinela.config import Settings
 from centinela.server.demo import populate
+from centinela.server.interceptors import CentinelaInterceptor
 from centinela.server.testing import ServerThread
 
 from ._proc import lifted_bundle
@@ -59,19 +60,28 @@ def _wait(check: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path) -> None:
-    settings = Settings(
+def _settings(tmp_path: Path, **limits: int) -> Settings:
+    """A server with the R14 ceilings lifted and the admission bounds given."""
+    return Settings(
         data_dir=tmp_path / "data",
         listen="127.0.0.1:0",
         shutdown_grace_s=1.0,
-        max_concurrent_rpcs=4,
         policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
+        **limits,  # type: ignore[arg-type]
     )
+
+
+def _interceptor(server: ServerThread) -> CentinelaInterceptor:
+    assert server.server is not None
+    return server.server.interceptor
+
+
+def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, max_concurrent_rpcs=4)
     with ServerThread(settings) as server:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
-        interceptor = server.server.interceptor if server.server else None
-        assert interceptor is not None
+        interceptor = _interceptor(server)
         lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")  # the write lock: audit appends wait for it
         try:
@@ -99,13 +109,7 @@ def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path)
 
 
 def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) -> None:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        listen="127.0.0.1:0",
-        shutdown_grace_s=1.0,
-        max_pending_rpcs=4,
-        policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
-    )
+    settings = _settings(tmp_path, max_pending_rpcs=4)
     with ServerThread(settings) as server:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
@@ -149,18 +153,11 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
 
     from centinela.v1 import match_service_pb2 as mpb
 
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        listen="127.0.0.1:0",
-        shutdown_grace_s=1.0,
-        max_concurrent_rpcs=4,
-        policy_bundle=str(lifted_bundle(tmp_path / "bundle")),
-    )
+    settings = _settings(tmp_path, max_concurrent_rpcs=4)
     with ServerThread(settings) as server, ThreadPoolExecutor(1) as reader:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
-        interceptor = server.server.interceptor if server.server else None
-        assert interceptor is not None
+        interceptor = _interceptor(server)
 
         def probe(seq: int) -> mpb.StreamMatchRequest:
             face = world.face_request(world.stranger(seed=100 + seq))
