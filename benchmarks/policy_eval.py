@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import regopy
-
 from centinela.policy import Bundle, EmbeddedEngine, rego_native
 from centinela.policy.testing import load_cases
 
@@ -104,7 +102,7 @@ def main() -> None:
     allowed = sum(engine.decide(i).allow for i in inputs[:200])
 
     # Where the time goes: input conversion alone, then the query alone (input preset).
-    runner = regopy.Interpreter()
+    runner = rego_native.Interpreter()
     conv = _time(lambda i: rego_native.set_input(runner, i), inputs[: n // 3])
     rego_native.set_input(runner, inputs[0])
     slot = engine._pool.get()  # benchmark-only peek at one compiled bundle
@@ -121,7 +119,7 @@ def main() -> None:
         [],
         ["centinela/decision"],
     )
-    floor_runner = regopy.Interpreter()
+    floor_runner = rego_native.Interpreter()
 
     def floor_call(i: Any) -> Any:
         rego_native.set_input(floor_runner, i)
@@ -130,7 +128,7 @@ def main() -> None:
     floor = _time(floor_call, inputs[: n // 3])
 
     # Baseline 2: regopy.Input + query re-parsed per call (same modules and data).
-    naive = regopy.Interpreter()
+    naive = rego_native.Interpreter()
     for name, src in bundle.policy_modules.items():
         naive.add_module(name, src)
     naive.add_data(bundle.data)
@@ -138,7 +136,7 @@ def main() -> None:
     m = max(10, n // 30)
 
     def naive_call(i: Any) -> Any:
-        naive.set_input(regopy.Input(i))
+        naive.set_input(rego_native.Input(i))
         return rego_native.query(naive, "data.centinela.decision")
 
     reparse = _time(naive_call, inputs[:m])

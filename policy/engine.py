@@ -25,12 +25,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-# Load order matters: librego_shared.so (regopy) defines its own global operator new and
-# delete. Imported before hnswlib, freeing a hnswlib knn_query result aborts the process
-# ("free(): invalid pointer"; tests/policy/test_load_order.py). hnswlib first, always.
-import hnswlib  # noqa: F401
-import regopy
-
 from centinela.errors import ConfigError
 from centinela.logs import get_logger
 from centinela.policy import rego_native
@@ -95,10 +89,10 @@ def check_dynamic(doc: Mapping[str, Any]) -> dict[str, Any]:
 class _Slot:
     """One compiled bundle with its own interpreter; used by one thread at a time."""
 
-    def __init__(self, builder: regopy.Interpreter, compiled: regopy.Bundle) -> None:
+    def __init__(self, builder: rego_native.Interpreter, compiled: rego_native.Bundle) -> None:
         self.builder = builder  # keeps the compiled bundle's interpreter alive
         self.compiled = compiled
-        self.runner = regopy.Interpreter()
+        self.runner = rego_native.Interpreter()
 
 
 class EmbeddedEngine:

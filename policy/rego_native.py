@@ -15,15 +15,37 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Load order matters: librego_shared.so (regopy) defines its own global operator new and
-# delete. Imported before hnswlib, freeing a hnswlib knn_query result aborts the process
-# ("free(): invalid pointer"; tests/policy/test_load_order.py). hnswlib first, always.
-import hnswlib  # noqa: F401
-import regopy
-from regopy import rego_shared as _rs
+# Load order matters. librego_shared.so (regopy) carries snmalloc and exports its own global
+# operator new/delete, but not libstdc++: the rest of the C++ runtime (std::string growth,
+# streams, ...) lives in libstdc++.so, which binds operator new to whichever definition its
+# loader saw first. Left alone, the two allocators meet on the same blocks:
+#   * libstdc++ loaded first (numpy and hnswlib load it): blocks malloc'd inside libstdc++
+#     are freed through snmalloc, which ignores pointers it does not own. Every decision
+#     leaked ~150 KB; the server grew ~1-2 KB per answered call (tests/policy/test_memory.py).
+#   * regopy loaded first: libstdc++ binds to snmalloc, hnswlib frees with glibc, and the
+#     first knn_query result aborts the process (tests/policy/test_load_order.py).
+# Putting libstdc++ in the global scope before regopy loads makes every lookup of operator
+# new/delete, regopy's own included, find libstdc++'s (glibc) pair first: one allocator for
+# the whole process, in either import order. A library already loaded is promoted. Import
+# regopy through this module only (``Interpreter`` and ``Bundle`` below).
+if "regopy" in sys.modules:
+    raise ImportError(
+        "regopy was imported before centinela.policy.rego_native; "
+        "import the policy engine through centinela.policy"
+    )
+ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
+
+import regopy  # noqa: E402  (after the libstdc++ promotion above, always)
+from regopy import rego_shared as _rs  # noqa: E402
+
+Interpreter = regopy.Interpreter
+Bundle = regopy.Bundle
+Input = regopy.Input  # the slow, GIL-releasing input builder (a benchmark baseline)
 
 _OK = 0
 _lib = ctypes.PyDLL(_rs.path)

@@ -20,12 +20,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# Load order matters: librego_shared.so (regopy) defines its own global operator new and
-# delete. Imported before hnswlib, freeing a hnswlib knn_query result aborts the process
-# ("free(): invalid pointer"; tests/policy/test_load_order.py). hnswlib first, always.
-import hnswlib  # noqa: F401
-import regopy
-
 from centinela.errors import ConfigError
 from centinela.policy import rego_native
 from centinela.policy.bundle import (
@@ -80,7 +74,7 @@ def run_bundle_tests(bundle: Bundle) -> list[TestResult]:
     if not isinstance(cases, dict):
         cases = {}
     engines: dict[str, EmbeddedEngine] = {}
-    runner = regopy.Interpreter()
+    runner = rego_native.Interpreter()
     results: list[TestResult] = []
     seen: set[str] = set()
     for pkg, test in names:
@@ -120,8 +114,8 @@ def _run_case(
     case: dict[str, Any],
     fixture: Any,
     engines: dict[str, EmbeddedEngine],
-    runner: regopy.Interpreter,
-    checker: regopy.Bundle,
+    runner: rego_native.Interpreter,
+    checker: rego_native.Bundle,
 ) -> TestResult:
     try:
         engine = _engine_for(bundle, case, fixture, engines)

@@ -8,13 +8,12 @@ Queries go through ``rego_native``, which never renders an error output (that cr
 from __future__ import annotations
 
 import pytest
-import regopy
 
 from centinela.policy import rego_native
 
 
 def _q(text: str, module: str | None = None) -> object:
-    interp = regopy.Interpreter()
+    interp = rego_native.Interpreter()
     if module:
         interp.add_module("m.rego", module)
     return rego_native.query(interp, text)

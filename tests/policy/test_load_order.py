@@ -1,10 +1,12 @@
 """The policy engine's native library must not break hnswlib, whatever is imported first.
 
-``librego_shared.so`` (regopy) defines its own global ``operator new``/``delete``. A process
-that imported regopy before hnswlib aborted on freeing the first ``knn_query`` result
-("free(): invalid pointer", "double free or corruption"): the server only escaped it because
-its modules happened to import the matcher first. The policy modules now load hnswlib
-before regopy. Each case runs in a fresh interpreter, since load order is per process.
+``librego_shared.so`` (regopy) carries snmalloc and its own global ``operator new``/
+``delete``. A process that imported regopy before hnswlib aborted on freeing the first
+``knn_query`` result ("free(): invalid pointer", "double free or corruption"). The first fix
+(import hnswlib before regopy) traded the abort for a leak (tests/policy/test_memory.py);
+``rego_native`` now puts libstdc++ in the global scope before regopy loads, which fixes
+both, and no module imports hnswlib for the policy's sake. Each case runs in a fresh
+interpreter, since load order is per process.
 """
 
 from __future__ import annotations
