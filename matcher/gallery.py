@@ -445,12 +445,16 @@ class FaceGallery:
         exclude_objectors: bool = False,
         exempt_subjects: frozenset[str] = frozenset(),
         model_id: str | None = None,
+        wait: bool = True,
     ) -> list[Hit]:
         """Top-``k`` allowed entries scoring at least ``min_score``, best first.
+
+        With ``wait=False`` the search runs only if no writer holds or awaits the index.
 
         Raises:
             ModelMismatch: ``model_id`` is given and differs from the gallery's.
             InvalidArgument: wrong dimension, non-finite or zero probe, or ``k`` < 1.
+            WouldBlock: ``wait`` is false and a writer holds or awaits the index.
         """
         self.check_model(model_id)
         q = self._prepare(probe)
@@ -458,7 +462,7 @@ class FaceGallery:
             raise InvalidArgument("k must be at least 1", field="k")
         now_ts = epoch(now)
         q32 = q.astype(np.float32)[None, :]
-        with self._rw.read():
+        with self._rw.read() if wait else self._rw.read_now():
             live = len(self._label_of)
             if live == 0:
                 return []

@@ -242,16 +242,24 @@ class PlateIndex:
                 self.remove(ref)
 
     def search(
-        self, read: PlateRead, *, max_distance: float | None = None, k: int = 10
+        self,
+        read: PlateRead,
+        *,
+        max_distance: float | None = None,
+        k: int = 10,
+        wait: bool = True,
     ) -> list[PlateHit]:
         """Listed plates within ``max_distance`` of the read or one of its alternatives.
 
+        With ``wait=False`` the search runs only if no writer holds or awaits the index.
+
         Raises:
             InvalidArgument: malformed text, alternative, or confidences.
+            WouldBlock: ``wait`` is false and a writer holds or awaits the index.
         """
         limit = self.max_distance if max_distance is None else max_distance
         reads = self._reads(read)
-        with self._rw.read():
+        with self._rw.read() if wait else self._rw.read_now():
             found: set[str] = set()
             live = len(self._label_of)
             if live == 0:

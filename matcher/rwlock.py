@@ -7,6 +7,9 @@ writer blocks new readers, so a steady stream of searches cannot starve the inde
 and when a writer releases the lock, the readers already waiting go in before the next
 writer, so a catch-up writing chunk after chunk cannot starve the searches either (each waits
 for at most the chunk being written).
+
+``read_now`` takes the lock shared only if that needs no wait, for callers that have
+somewhere better to wait than a lock (the event loop hands the search to a thread instead).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+class WouldBlock(Exception):
+    """The lock could not be taken without waiting (``RWLock.read_now``)."""
 
 
 class RWLock:
@@ -42,6 +49,25 @@ class RWLock:
                     # Every reader let in by the last writer is in (or gave up): writers next.
                     self._readers_turn = False
                     self._cond.notify_all()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def read_now(self) -> Iterator[None]:
+        """Hold the lock shared if no writer holds it or waits for it.
+
+        Raises:
+            WouldBlock: a writer holds the lock or is waiting (readers never barge past one).
+        """
+        with self._cond:
+            if self._writer or self._waiting_writers:
+                raise WouldBlock
             self._readers += 1
         try:
             yield

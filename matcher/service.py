@@ -465,12 +465,14 @@ class Matcher:
         now: dt.datetime | None = None,
         exclude_objectors: bool = False,
         exempt_subjects: frozenset[str] = frozenset(),
+        wait: bool = True,
     ) -> list[Hit]:
         """Top-``k`` allowed entries of ``gallery`` scoring at least ``min_score``.
 
         Raises:
             Unavailable: start-up not finished. InvalidArgument: unknown gallery or bad
             probe. ModelMismatch: the probe's model is not the gallery's.
+            WouldBlock: ``wait`` is false and a writer holds or awaits the index.
         """
         return self.gallery(gallery).search(
             probe,
@@ -480,19 +482,26 @@ class Matcher:
             exclude_objectors=exclude_objectors,
             exempt_subjects=exempt_subjects,
             model_id=model_id,
+            wait=wait,
         )
 
     def search_plates(
-        self, read: PlateRead, *, max_distance: float | None = None, k: int = 10
+        self,
+        read: PlateRead,
+        *,
+        max_distance: float | None = None,
+        k: int = 10,
+        wait: bool = True,
     ) -> list[PlateHit]:
         """Listed, active stolen vehicles whose plate matches the read.
 
         Raises:
             Unavailable: start-up not finished. InvalidArgument: malformed read.
+            WouldBlock: ``wait`` is false and a writer holds or awaits the index.
         """
         if not self._started:
             raise Unavailable("the matcher is still starting")
-        return self.plates.search(read, max_distance=max_distance, k=k)
+        return self.plates.search(read, max_distance=max_distance, k=k, wait=wait)
 
     def verify(
         self,

@@ -31,6 +31,7 @@ from centinela import __version__
 from centinela.audit.entry import EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
 from centinela.matcher.plates import PlateRead
+from centinela.matcher.rwlock import WouldBlock
 from centinela.policy import Decision
 from centinela.server.admission import InFlight
 from centinela.server.alerts import (
@@ -171,6 +172,22 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
 
     # ---- helpers -----------------------------------------------------------------------
 
+    async def _search(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Run a matcher search on the event loop when the index is free, else in a thread.
+
+        A search takes well under a millisecond (hnswlib, GIL released), while the trip to
+        an executor thread and back cost several under load: each crossing waits for the GIL
+        behind the loop. At 10,000 templates and 32 callers, inline searches and idempotency
+        look-ups took MatchFace from 645 to 823 calls/s and p99 from 113 to 63 ms (medians of
+        three alternating runs). When a writer holds or
+        awaits the index (an import, a catch-up) the search waits for it in the executor,
+        never on the loop.
+        """
+        try:
+            return fn(*args, wait=False, **kw)
+        except WouldBlock:
+            return await self._in_executor(fn, *args, **kw)
+
     async def _in_executor(self, fn: Any, *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.c.executor, lambda: fn(*args, **kw))
@@ -253,7 +270,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         found: list[tuple[str, Any]] = []
         for g in galleries:
             floor = float(ob.min_score.get(g, 1.0))
-            hits = await self._in_executor(
+            hits = await self._search(
                 self.c.matcher.search_faces,
                 g,
                 vec,
@@ -431,7 +448,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 alternatives=list(request.read.alternatives),
             )
             floor = float(ob.min_score.get("stolen_vehicles", 1.0))
-            hits = await self._in_executor(
+            hits = await self._search(
                 self.c.matcher.search_plates, read, k=max(1, ob.max_results or 1)
             )
             for hit in hits:

@@ -87,6 +87,7 @@ class Application:
         c.policy.stop_watching()
         c.executor.shutdown(wait=True)
         await asyncio.to_thread(c.audit.close)
+        c.idempotency.close()
         self.engine.dispose()
 
 

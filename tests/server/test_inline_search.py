@@ -1,0 +1,98 @@
+"""Searches run on the event loop only while the index is free.
+
+MatchFace and MatchPlate search on the event loop (a search is far cheaper than the trip to
+a thread). While a writer holds the index (an import, a catch-up) a search must wait for it
+in the executor, never on the loop: other calls go on being answered meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+
+from centinela.config import Settings
+from centinela.matcher.service import WATCHLIST
+from centinela.server.demo import PLATE, World, populate
+from centinela.server.testing import ServerThread
+from centinela.v1 import match_service_pb2 as mpb
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("inline"), listen="127.0.0.1:0", shutdown_grace_s=1.0
+    )
+    with ServerThread(settings) as server:
+        w = populate(server, registry=False)
+        yield w
+        w.close()
+
+
+def _hold(lock: AbstractContextManager[Any]) -> tuple[threading.Event, threading.Event]:
+    """Hold ``lock`` in a thread until the returned ``release`` is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        with lock:
+            held.set()
+            release.wait(60)
+
+    threading.Thread(target=run, daemon=True).start()
+    assert held.wait(10)
+    return held, release
+
+
+@pytest.mark.parametrize("kind", ["face", "plate"])
+def test_a_search_behind_a_writer_waits_off_the_loop(world: World, kind: str) -> None:
+    matcher = world.server.app.components.matcher
+    index = matcher.gallery(WATCHLIST) if kind == "face" else matcher.plates
+    stub = world.stub("muni-miraflores")
+    _, release = _hold(index._rw.write())
+    pending: Any
+    try:
+        if kind == "face":
+            pending = stub.MatchFace.future(world.face_request(world.genuine(0)), timeout=60)
+        else:
+            pending = stub.MatchPlate.future(world.plate_request(PLATE), timeout=60)
+        # Wait until the search is queued behind the writer, wherever it waits.
+        for _ in range(1000):
+            with index._rw._cond:
+                if index._rw._waiting_readers:
+                    break
+            threading.Event().wait(0.01)
+        else:
+            pytest.fail("the search never waited for the writer")
+        # The loop is free: another call is answered while the search waits for the writer.
+        info = stub.GetServerInfo(mpb.GetServerInfoRequest(), timeout=10)
+        assert info.galleries
+        assert not pending.done()
+    finally:
+        release.set()
+    answer = pending.result(timeout=60)
+    assert answer.alert  # the search ran, once the writer was done
+
+
+def test_searches_take_the_loop_when_the_index_is_free(world: World) -> None:
+    # Fails if the inline path is broken (e.g. a search that no longer accepts wait=False
+    # would fall back or fail): a free index is searched without an executor thread.
+    matcher = world.server.app.components.matcher
+    calls: list[bool] = []
+    original = matcher.search_faces
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        calls.append(kw.get("wait", True))
+        return original(*args, **kw)
+
+    matcher.search_faces = spy
+    try:
+        resp = world.stub("muni-miraflores").MatchFace(
+            world.face_request(world.genuine(0)), timeout=30
+        )
+    finally:
+        del matcher.search_faces
+    assert resp.alert
+    assert calls == [False]
