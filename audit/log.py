@@ -266,7 +266,10 @@ class AuditLog:
             try:
                 first = q.get(timeout=timeout if timeout > 0 else 0.001)
             except queue.Empty:
-                self._maybe_checkpoint()
+                try:
+                    self._maybe_checkpoint()
+                except Exception as exc:  # as below: fail closed
+                    self._broken(exc, [])
                 continue
             batch: list[_Item] = []
             if first is _CLOSE:
@@ -291,10 +294,26 @@ class AuditLog:
                         break
                     if item is not _CLOSE:
                         batch.append(item)  # type: ignore[arg-type]
-            if batch:
+            try:
                 for start in range(0, len(batch), self._max_batch):
                     self._commit(batch[start : start + self._max_batch])
-            self._maybe_checkpoint()
+                self._maybe_checkpoint()
+            except Exception as exc:  # a bug of ours: fail closed, never leave a waiter hanging
+                self._broken(exc, batch)
+
+    def _broken(self, exc: Exception, batch: Sequence[_Item]) -> None:
+        """The writer hit an unexpected error: refuse every append from now on.
+
+        The thread stays up, so an append that raced past the fault check is still
+        answered (with AuditUnavailable, by ``_commit``) rather than left waiting forever.
+        Waiters of ``batch`` not yet answered get the error; answered ones keep theirs.
+        """
+        self._fault = f"the audit writer failed ({exc.__class__.__name__}); restart the service"
+        self._needs_reload = True
+        _log.critical("audit_writer_failed", error=exc.__class__.__name__)
+        err = AuditUnavailable(self._fault)
+        err.__cause__ = exc
+        self._fault_batch(batch, err)
 
     def _commit(self, batch: Sequence[_Item]) -> None:
         results: list[object]
@@ -351,7 +370,8 @@ class AuditLog:
     def _fault_batch(self, batch: Sequence[_Item], err: AuditUnavailable) -> None:
         for _, _, waiter, loop, _companion in batch:
             if loop is None:
-                waiter.set_exception(err)
+                if not waiter.done():
+                    waiter.set_exception(err)
             else:
                 items: list[tuple[Any, object]] = [(waiter, err)]
                 with contextlib.suppress(RuntimeError):

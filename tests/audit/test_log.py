@@ -294,3 +294,34 @@ def test_key_files_are_private(tmp_path: Path) -> None:
         p.chmod(0o640)
         with pytest.raises(InsecureKeyFile):
             (load_or_create_signing_key if p == sk_path else load_or_create_hmac_key)(p)
+
+
+def test_a_bug_in_the_writer_fails_closed_instead_of_hanging(
+    engine: Engine, signing_key: Ed25519PrivateKey
+) -> None:
+    """An unexpected error in the writer thread (here: the in-memory tree) used to kill the
+    thread, and every later append waited forever. Now each waiter gets AuditUnavailable."""
+    log = AuditLog.open(engine, signing_key, ORIGIN, checkpoint_every_seconds=3600)
+    try:
+        assert log.append_blocking(sample_entry(0)).index == 0
+
+        class Broken:
+            size = log.size
+
+            def append(self, _leaf: bytes) -> None:
+                raise RuntimeError("a bug")
+
+        log._tree = Broken()  # type: ignore[assignment]
+
+        async def burst() -> list[object]:
+            return await asyncio.gather(
+                *(log.append(sample_entry(i)) for i in range(1, 6)), return_exceptions=True
+            )
+
+        results = asyncio.run(asyncio.wait_for(burst(), 30))
+        assert len(results) == 5
+        assert all(isinstance(r, AuditUnavailable) for r in results), results
+        with pytest.raises(AuditUnavailable, match="audit writer failed"):
+            log.append_blocking(sample_entry(9), timeout=30)
+    finally:
+        log.close()
