@@ -17,6 +17,7 @@ Invariants (DESIGN.md §2, LEGAL_RULES R1–R14):
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import functools
 import secrets
@@ -164,29 +165,75 @@ def _alert_message(seq: int, alert: Alert) -> pb.SubscribeAlertsResponse:
 STREAM_WINDOW = 16
 
 
+class SearchPlacement:
+    """Where one kind of search runs: on the event loop while it is cheap, beside it after.
+
+    The cost is a moving average of searches timed on the loop (``record``). Above
+    ``max_inline_s`` searches go to the executor; one in ``probe_every`` still runs on the
+    loop, so the average follows the index as it grows or shrinks. Measured on 2 cores
+    (``benchmarks/match_e2e.py`` server, c = 32): a search costs 0.26 / 0.32 / 0.77 ms p50
+    at 10k / 100k / 1M templates, and the executor was faster at 1M (unary 5-6%, stream
+    4-6%, two alternating runs each) and slower at 10k (by 28%), hence 0.5 ms.
+    """
+
+    MAX_INLINE_S = 0.0005
+    PROBE_EVERY = 64
+    WEIGHT = 0.1
+
+    def __init__(self, max_inline_s: float = MAX_INLINE_S, probe_every: int = PROBE_EVERY):
+        self.max_inline_s = max_inline_s
+        self.probe_every = probe_every
+        self.cost_s: float | None = None
+        self._calls = 0
+
+    def inline(self) -> bool:
+        """Whether the next search should run on the loop."""
+        self._calls += 1
+        cost = self.cost_s
+        return cost is None or cost <= self.max_inline_s or self._calls % self.probe_every == 0
+
+    def record(self, seconds: float) -> None:
+        """A search that ran on the loop took ``seconds``."""
+        cost = self.cost_s
+        self.cost_s = seconds if cost is None else cost + self.WEIGHT * (seconds - cost)
+
+
 class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
     """The MatchService implementation."""
 
     def __init__(self, components: Components) -> None:
         self.c = components
+        self.placement: collections.defaultdict[str, SearchPlacement] = collections.defaultdict(
+            SearchPlacement
+        )
 
     # ---- helpers -----------------------------------------------------------------------
 
     async def _search(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        """Run a matcher search on the event loop when the index is free, else in a thread.
+        """Run a matcher search on the event loop while that is cheap, else in a thread.
 
-        A search takes well under a millisecond (hnswlib, GIL released), while the trip to
-        an executor thread and back cost several under load: each crossing waits for the GIL
-        behind the loop. At 10,000 templates and 32 callers, inline searches and idempotency
-        look-ups took MatchFace from 645 to 823 calls/s and p99 from 113 to 63 ms (medians of
-        three alternating runs). When a writer holds or
-        awaits the index (an import, a catch-up) the search waits for it in the executor,
-        never on the loop.
+        A search on a free index takes ~0.3 ms at 100k templates (hnswlib, GIL released),
+        while the trip to an executor thread and back cost several under load: each crossing
+        waits for the GIL behind the loop. At 10,000 templates and 32 callers, inline searches
+        and idempotency look-ups took MatchFace from 645 to 823 calls/s and p99 from 113 to
+        63 ms (medians of three alternating runs). A search that costs more (0.8 ms at 1M)
+        is better run beside the loop, which also keeps it from stalling every other call:
+        :class:`SearchPlacement` decides, per search kind and gallery, from measured costs. When a
+        writer holds or awaits the index (an import, a catch-up) the search waits for it in
+        the executor, never on the loop.
         """
-        try:
-            return fn(*args, wait=False, **kw)
-        except WouldBlock:
-            return await self._in_executor(fn, *args, **kw)
+        gallery = args[0] if args and isinstance(args[0], str) else ""
+        placement = self.placement[f"{fn.__name__}:{gallery}"]
+        if placement.inline():
+            try:
+                began = time.perf_counter()
+                hits = fn(*args, wait=False, **kw)
+            except WouldBlock:
+                pass
+            else:
+                placement.record(time.perf_counter() - began)
+                return hits
+        return await self._in_executor(fn, *args, **kw)
 
     async def _in_executor(self, fn: Any, *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()

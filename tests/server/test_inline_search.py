@@ -17,6 +17,7 @@ import pytest
 from centinela.config import Settings
 from centinela.matcher.service import WATCHLIST
 from centinela.server.demo import PLATE, World, populate
+from centinela.server.match_service import SearchPlacement
 from centinela.server.testing import ServerThread
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -83,11 +84,11 @@ def test_searches_take_the_loop_when_the_index_is_free(world: World) -> None:
     calls: list[bool] = []
     original = matcher.search_faces
 
-    def spy(*args: Any, **kw: Any) -> Any:
+    def search_faces(*args: Any, **kw: Any) -> Any:
         calls.append(kw.get("wait", True))
         return original(*args, **kw)
 
-    matcher.search_faces = spy
+    matcher.search_faces = search_faces
     try:
         resp = world.stub("muni-miraflores").MatchFace(
             world.face_request(world.genuine(0)), timeout=30
@@ -96,3 +97,43 @@ def test_searches_take_the_loop_when_the_index_is_free(world: World) -> None:
         del matcher.search_faces
     assert resp.alert
     assert calls == [False]
+
+
+def test_placement_moves_costly_searches_off_the_loop_and_keeps_measuring() -> None:
+    placement = SearchPlacement(max_inline_s=0.001, probe_every=4)
+    assert placement.inline()  # nothing measured yet: try the loop
+    placement.record(0.0002)
+    assert all(placement.inline() for _ in range(10))
+    for _ in range(50):  # the index grew: searches got slow
+        placement.record(0.005)
+    decisions = [placement.inline() for _ in range(12)]
+    assert decisions.count(True) == 3  # one in four still measures on the loop
+    for _ in range(50):  # and it got cheap again
+        placement.record(0.0001)
+    assert all(placement.inline() for _ in range(10))
+
+
+def test_a_costly_search_runs_beside_the_loop(world: World) -> None:
+    matcher = world.server.app.components.matcher
+    servicer = world.server.app.servicers.match
+    calls: list[bool] = []
+    original = matcher.search_faces
+
+    def search_faces(*args: Any, **kw: Any) -> Any:
+        calls.append(kw.get("wait", True))
+        return original(*args, **kw)
+
+    matcher.search_faces = search_faces
+    placement = servicer.placement[f"search_faces:{WATCHLIST}"]
+    saved = placement.cost_s, placement.probe_every
+    placement.cost_s = 1.0  # as if a search took a second
+    placement.probe_every = 10**9  # and no re-measuring on the loop in this test
+    try:
+        resp = world.stub("muni-miraflores").MatchFace(
+            world.face_request(world.genuine(0)), timeout=30
+        )
+    finally:
+        del matcher.search_faces
+        placement.cost_s, placement.probe_every = saved
+    assert resp.alert
+    assert calls == [True]  # in the executor, waiting as a reader may
