@@ -170,13 +170,16 @@ class SearchPlacement:
 
     The cost is a moving average of searches timed on the loop (``record``). Above
     ``max_inline_s`` searches go to the executor; one in ``probe_every`` still runs on the
-    loop, so the average follows the index as it grows or shrinks. Measured on 2 cores
-    (``benchmarks/match_e2e.py`` server, c = 32): a search costs 0.26 / 0.32 / 0.77 ms p50
-    at 10k / 100k / 1M templates, and the executor was faster at 1M (unary 5-6%, stream
-    4-6%, two alternating runs each) and slower at 10k (by 28%), hence 0.5 ms.
+    loop, so the average follows the index as it grows or shrinks. It is a safety valve for
+    galleries whose search would stall every other call for milliseconds (a national
+    registry), not a tuning knob: measured on 2 cores (``benchmarks/match_e2e.py`` server),
+    a search costs 0.26 / 0.32 / 0.77 ms p50 at 10k / 100k / 1M templates. Sending 1M to
+    the executor (a 0.5 ms threshold) gave 5-6% more MatchFace/s at c = 32 in alternating
+    runs, within the 20% by which whole runs differ here, and cost ~0.5 ms a call at c = 1
+    (p50 2.5 -> 3.1 ms). Hence 2 ms: no gallery measured here crosses it.
     """
 
-    MAX_INLINE_S = 0.0005
+    MAX_INLINE_S = 0.002
     PROBE_EVERY = 64
     WEIGHT = 0.1
 
@@ -218,9 +221,9 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         and idempotency look-ups took MatchFace from 645 to 823 calls/s and p99 from 113 to
         63 ms (medians of three alternating runs). A search that costs more (0.8 ms at 1M)
         is better run beside the loop, which also keeps it from stalling every other call:
-        :class:`SearchPlacement` decides, per search kind and gallery, from measured costs. When a
-        writer holds or awaits the index (an import, a catch-up) the search waits for it in
-        the executor, never on the loop.
+        :class:`SearchPlacement` decides, per search kind and gallery, from measured costs.
+        When a writer holds or awaits the index (an import, a catch-up) the search waits for
+        it in the executor, never on the loop.
         """
         gallery = args[0] if args and isinstance(args[0], str) else ""
         placement = self.placement[f"{fn.__name__}:{gallery}"]
