@@ -50,7 +50,6 @@ _LOOKUP = (
     "SELECT response, rpc, fingerprint FROM idempotency"
     " WHERE caller = {caller} AND client_request_id = {rid}"
 )
-_LOOKUP_SQLITE = _LOOKUP.format(caller=":caller", rid=":rid")
 
 
 def _v1(conn: Connection) -> None:
@@ -100,21 +99,18 @@ class IdempotencyStore:
             reader.close()
 
     def _fetch(self, caller: str, rid: str) -> tuple[Any, ...] | None:
+        params = {"caller": caller, "rid": rid}
         if not self.inline:
-            return fetch_one(self.engine, _LOOKUP, {"caller": caller, "rid": rid})
+            return fetch_one(self.engine, _LOOKUP, params)
         try:
             if self._reader is None:
                 self._reader = self.engine.raw_connection()
-            cur = self._reader.cursor()
-            try:
-                cur.execute(_LOOKUP_SQLITE, {"caller": caller, "rid": rid})
-                row = cur.fetchone()
-            finally:
-                cur.close()
-        except Exception as exc:  # the DB-API's own errors; reconnect next time
+            return fetch_one(self.engine, _LOOKUP, params, raw=self._reader)
+        except Exception as exc:  # the pool's and the driver's errors alike; reconnect next time
             self.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"read failed: {exc.__class__.__name__}") from exc
-        return None if row is None else tuple(row)
 
     def _get(self, caller: str, rid: str, rpc: str, fingerprint: str) -> bytes | None:
         try:

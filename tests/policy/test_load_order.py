@@ -11,10 +11,9 @@ interpreter, since load order is per process.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+
+from ._fresh import run_fresh
 
 SEARCH = """
 import numpy as np
@@ -40,12 +39,6 @@ print("searched")
     ],
 )
 def test_searching_after_the_policy_engine_was_imported_first(first: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", f"{first}\n{SEARCH}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = run_fresh(f"{first}\n{SEARCH}")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "searched"

@@ -11,10 +11,10 @@ since load order is per process; the figure is RSS, which is what an operator wa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from ._fresh import run_fresh
 
 DECIDE = """
 import json, os
@@ -49,13 +49,7 @@ print(json.dumps({"decisions": n, "growth_kb": rss_kb() - before}))
     ],
 )
 def test_decisions_do_not_grow_native_memory(first: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", f"{first}\n{DECIDE}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    run = run_fresh(f"{first}\n{DECIDE}", timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     # The leak was ~150 KB a decision (~150 MB here); 8 MB leaves room for arenas settling.
@@ -63,12 +57,6 @@ def test_decisions_do_not_grow_native_memory(first: str) -> None:
 
 
 def test_regopy_imported_first_is_refused() -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", "import regopy\nimport centinela.policy.rego_native"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = run_fresh("import regopy\nimport centinela.policy.rego_native")
     assert run.returncode != 0
     assert "regopy was imported before centinela.policy.rego_native" in run.stderr

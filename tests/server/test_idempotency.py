@@ -13,6 +13,15 @@ from centinela.server.idempotency import RETENTION, IdempotencyStore, current_ke
 from centinela.storage import make_engine, write_transaction
 
 
+def _store_answer(store: IdempotencyStore, index: int) -> bytes:
+    """What the audit writer does: the answer commits with the entry (at ``index``)."""
+    key = current_key()
+    assert key is not None
+    with write_transaction(store.engine) as conn:
+        IdempotencyStore.companion(key, lambda i: b"answer-%d" % i)(conn, index)
+    return b"answer-%d" % index
+
+
 def test_answer_stored_reused_refused_and_pruned(db_url: str) -> None:
     store = IdempotencyStore(make_engine(db_url))
     calls = 0
@@ -20,12 +29,7 @@ def test_answer_stored_reused_refused_and_pruned(db_url: str) -> None:
     async def compute() -> bytes:
         nonlocal calls
         calls += 1
-        key = current_key()
-        assert key is not None
-        # What the audit writer does: the answer commits with the entry (index 7 here).
-        with write_transaction(store.engine) as conn:
-            IdempotencyStore.companion(key, lambda i: b"answer-%d" % i)(conn, 7)
-        return b"answer-7"
+        return _store_answer(store, 7)
 
     async def scenario() -> None:
         assert await store.run("muni", "req-00000001", "MatchFace", compute, b"A") == (
@@ -52,11 +56,7 @@ def test_sqlite_lookup_on_the_loop_recovers_from_a_broken_connection(sqlite_url:
     assert store.inline  # SQLite: read on the event loop, on a connection of its own
 
     async def compute() -> bytes:
-        key = current_key()
-        assert key is not None
-        with write_transaction(store.engine) as conn:
-            IdempotencyStore.companion(key, lambda i: b"answer-%d" % i)(conn, 3)
-        return b"answer-3"
+        return _store_answer(store, 3)
 
     async def scenario() -> None:
         await store.run("muni", "req-00000002", "MatchFace", compute, b"A")

@@ -33,6 +33,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.close()
 
 
+def _record_waits(matcher: Any) -> list[bool]:
+    """Record the ``wait`` of every face search from now on (until ``del matcher.search_faces``):
+    False when it ran on the loop, True when in the executor."""
+    calls: list[bool] = []
+    original = matcher.search_faces
+
+    def search_faces(*args: Any, **kw: Any) -> Any:
+        calls.append(kw.get("wait", True))
+        return original(*args, **kw)
+
+    matcher.search_faces = search_faces
+    return calls
+
+
 def _hold(lock: AbstractContextManager[Any]) -> tuple[threading.Event, threading.Event]:
     """Hold ``lock`` in a thread until the returned ``release`` is set."""
     held, release = threading.Event(), threading.Event()
@@ -81,14 +95,7 @@ def test_searches_take_the_loop_when_the_index_is_free(world: World) -> None:
     # Fails if the inline path is broken (e.g. a search that no longer accepts wait=False
     # would fall back or fail): a free index is searched without an executor thread.
     matcher = world.server.app.components.matcher
-    calls: list[bool] = []
-    original = matcher.search_faces
-
-    def search_faces(*args: Any, **kw: Any) -> Any:
-        calls.append(kw.get("wait", True))
-        return original(*args, **kw)
-
-    matcher.search_faces = search_faces
+    calls = _record_waits(matcher)
     try:
         resp = world.stub("muni-miraflores").MatchFace(
             world.face_request(world.genuine(0)), timeout=30
@@ -116,14 +123,7 @@ def test_placement_moves_costly_searches_off_the_loop_and_keeps_measuring() -> N
 def test_a_costly_search_runs_beside_the_loop(world: World) -> None:
     matcher = world.server.app.components.matcher
     servicer = world.server.app.servicers.match
-    calls: list[bool] = []
-    original = matcher.search_faces
-
-    def search_faces(*args: Any, **kw: Any) -> Any:
-        calls.append(kw.get("wait", True))
-        return original(*args, **kw)
-
-    matcher.search_faces = search_faces
+    calls = _record_waits(matcher)
     placement = servicer.placement[f"search_faces:{WATCHLIST}"]
     saved = placement.cost_s, placement.probe_every
     placement.cost_s = 1.0  # as if a search took a second
