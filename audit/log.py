@@ -3,12 +3,14 @@
 Invariants (DESIGN.md §6; RFC 9162 §2.1; c2sp.org/tlog-checkpoint):
 
 * One writer thread owns the leaf table. It drains a queue of pending appends, gives them the
-  next contiguous indexes, inserts them in one transaction (SQLite ``synchronous=FULL``,
-  PostgreSQL default durability), and only after the commit returns does it add them to the
-  in-memory tree and resolve the callers. An append therefore returns only when durable.
+  next contiguous indexes, inserts them with the subtree hashes they complete in one
+  transaction (SQLite ``synchronous=FULL``, PostgreSQL default durability), and only after the
+  commit returns does it publish the new tree size and resolve the callers. An append
+  therefore returns only when durable. The tree lives in the database
+  (:mod:`centinela.audit.stored_tree`): memory does not grow with the log.
 * If the database fails, every waiter of that batch gets ``AuditUnavailable`` (fail closed: no
   result may be served without its audit record), the writer drops its connection and, before
-  the next batch, reloads the size and any leaves it does not hold from the database, so an
+  the next batch, publishes any leaves the database holds beyond its size, so an
   index is never given twice. A store that holds fewer leaves than the tree already published
   is tampering: the log refuses every further append.
 * Before signing a checkpoint the log proves, with an RFC 9162 consistency proof checked
@@ -46,8 +48,9 @@ from centinela.audit.checkpoint import (
 )
 from centinela.audit.entry import AuditEvent, validate_entry_bytes
 from centinela.audit.keys import load_or_create_hmac_key, load_or_create_signing_key
-from centinela.audit.merkle import MerkleTree, verify_consistency
+from centinela.audit.merkle import SubtreeHashes, verify_consistency
 from centinela.audit.store import Companion, LeafStore
+from centinela.audit.stored_tree import StoredTree
 from centinela.errors import (
     AppendOnlyViolation,
     AuditUnavailable,
@@ -120,8 +123,7 @@ class AuditLog:
         self._every_n = checkpoint_every_entries
         self._every_s = checkpoint_every_seconds
         self._max_batch = max_batch
-        self._tree = MerkleTree()
-        self._lock = threading.Lock()  # guards the tree
+        self._tree = StoredTree(self.store)
         self._cp_lock = threading.RLock()  # serialises checkpoint signing
         self._last_cp: SignedCheckpoint | None = None
         self._last_cp_time = time.monotonic()
@@ -168,15 +170,15 @@ class AuditLog:
         return log
 
     def load(self) -> None:
-        """Load every leaf hash from the store and check it against the last checkpoint."""
-        tree = MerkleTree.from_packed(self.store.packed_leaf_hashes())
+        """Open the stored tree (every subtree checked against the leaves) and check it
+        against the last checkpoint."""
+        tree = StoredTree.load(self.store)
         stored = self.store.latest_checkpoint()
         last: SignedCheckpoint | None = None
         if stored is not None:
             last = open_checkpoint(stored.note, [self._verifier], origin=self.origin)
-            _check_extends(tree, last)
-        with self._lock:
-            self._tree = tree
+            _check_extends(tree.view(), last)
+        self._tree = tree
         self._last_cp = last
         self._last_cp_time = time.monotonic()
         self._loaded = True
@@ -325,8 +327,13 @@ class AuditLog:
             if self._conn is None:
                 self._conn = self.store.engine.connect()
             first = self._tree.size
+            growth = self._tree.grow([b[1] for b in batch])
             self.store.append_batch(
-                self._conn, first, [(b[0], b[1]) for b in batch], [b[4] for b in batch]
+                self._conn,
+                first,
+                [(b[0], b[1]) for b in batch],
+                [b[4] for b in batch],
+                growth.subtrees,
             )
         except Exception as exc:  # fail closed whatever broke
             self._needs_reload = True
@@ -336,10 +343,7 @@ class AuditLog:
             err.__cause__ = exc
             results = [err] * len(batch)
         else:
-            tree = self._tree
-            with self._lock:
-                for item in batch:
-                    tree.append(item[1])
+            self._tree.apply(growth)
             results = [AppendReceipt(first + i, item[1].hex()) for i, item in enumerate(batch)]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, object]]] = {}
         for item, res in zip(batch, results, strict=True):
@@ -385,10 +389,7 @@ class AuditLog:
             _log.critical("audit_store_truncated", stored=stored, committed=have)
             raise AppendOnlyViolation(self._fault)
         if stored > have:
-            packed = self.store.packed_leaf_hashes(have)
-            with self._lock:
-                for off in range(0, len(packed), 32):
-                    self._tree.append(packed[off : off + 32])
+            self._tree.catch_up()
         self._needs_reload = False
 
     def _drop_conn(self) -> None:
@@ -429,15 +430,15 @@ class AuditLog:
             StorageError, AppendOnlyViolation: the database failed or refused the row.
         """
         with self._cp_lock:
-            with self._lock:
-                size = self._tree.size
-                root = self._tree.root(size)
-                last = self._last_cp
-                proof = (
-                    self._tree.consistency_proof(last.size, size)
-                    if last is not None and 0 < last.size <= size
-                    else []
-                )
+            view = self._tree.view()
+            size = view.size
+            root = view.root()
+            last = self._last_cp
+            proof = (
+                view.consistency_proof(last.size, size)
+                if last is not None and 0 < last.size <= size
+                else []
+            )
             if last is not None:
                 if last.size > size:
                     raise InconsistentCheckpointError(
@@ -476,14 +477,12 @@ class AuditLog:
         return self._tree.size
 
     def root(self, size: int | None = None) -> bytes:
-        """Root hash at ``size`` (default: now)."""
-        with self._lock:
-            return self._tree.root(size)
+        """Root hash at ``size`` (default: now). May read the database: not on the loop."""
+        return self._tree.view().root(size)
 
     def leaf_hash(self, index: int) -> bytes:
-        """The leaf hash at ``index``."""
-        with self._lock:
-            return self._tree.leaf(index)
+        """The leaf hash at ``index``. May read the database: not on the loop."""
+        return self._tree.view().leaf(index)
 
     def entries(self, start: int, end: int) -> list[bytes]:
         """Entry bytes ``[start, end)`` (end is clamped to the durable size)."""
@@ -494,26 +493,24 @@ class AuditLog:
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """RFC 9162 inclusion proof of leaf ``index`` in the tree of ``size``."""
-        with self._lock:
-            return self._tree.inclusion_proof(index, size)
+        return self._tree.view().inclusion_proof(index, size)
 
     def consistency_proof(self, m: int, n: int) -> list[bytes]:
         """RFC 9162 consistency proof between sizes ``m`` and ``n`` (0 < m <= n)."""
-        with self._lock:
-            return self._tree.consistency_proof(m, n)
+        return self._tree.view().consistency_proof(m, n)
 
     def packed_leaf_hashes(self, start: int, end: int) -> bytes:
         """Leaf hashes ``[start, end)`` concatenated, 32 bytes each."""
-        with self._lock:
-            return self._tree.packed_leaves(start, end)
+        if not 0 <= start <= end <= self.size:
+            raise ValueError("bad leaf range")
+        return self.store.packed_leaf_hashes(start, end)
 
     def compact_range(self, size: int) -> list[bytes]:
         """Perfect-subtree hashes covering ``[0, size)``, largest first."""
-        with self._lock:
-            return self._tree.compact_range(size)
+        return self._tree.view().compact_range(size)
 
 
-def _check_extends(tree: MerkleTree, cp: SignedCheckpoint) -> None:
+def _check_extends(tree: SubtreeHashes, cp: SignedCheckpoint) -> None:
     if tree.size < cp.size:
         raise InconsistentCheckpointError(
             f"the store holds {tree.size} leaves but checkpoint size {cp.size} was signed: "

@@ -9,9 +9,13 @@ Invariants (RFC 9162 §2.1):
   §2.1.3.2 and §2.1.4.2 do, with the same bounds the transparency-dev/merkle verifier applies:
   a proof of the wrong length, an index at or beyond the size, a size1 larger than size2 or a
   non-empty proof between equal sizes is rejected before any hashing.
-* :class:`MerkleTree` keeps every perfect subtree hash of the log (one flat ``bytearray`` per
-  level, 32 bytes a node), so an append costs amortised O(1) hashes and any root or proof at any
-  earlier size costs O(log n) lookups. Earlier sizes never change: the tree only grows.
+* Roots and proofs are computed by :class:`SubtreeHashes` from the hashes of perfect subtrees
+  alone (every range the §2.1.1 recursion produces is a run of aligned perfect subtrees), so
+  any store of those hashes answers them. :class:`MerkleTree` keeps every one in memory (one
+  flat ``bytearray`` per level, 32 bytes a node): an append costs amortised O(1) hashes and
+  any root or proof at any earlier size O(log n) lookups. It serves the offline verifier and
+  the tests; the server's log keeps its tree in the database
+  (:mod:`centinela.audit.stored_tree`). Earlier sizes never change: the tree only grows.
 """
 
 from __future__ import annotations
@@ -40,12 +44,142 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return _sha256(NODE_PREFIX + left + right).digest()
 
 
+def fold_levels(packed: bytes | bytearray) -> list[bytes]:
+    """Every level of the perfect tree over ``2**k`` concatenated node hashes, bottom first.
+
+    ``out[0]`` is ``packed`` itself and ``out[k]`` the single root hash; ``out[h]`` holds the
+    hashes of the aligned subtrees of ``2**h`` input nodes, 32 bytes each, in order.
+    """
+    count = len(packed) // HASH_SIZE
+    if count == 0 or count & (count - 1) or len(packed) % HASH_SIZE:
+        raise ValueError("fold_levels needs a power-of-two number of 32-byte hashes")
+    sha = _sha256
+    level = bytes(packed)
+    out = [level]
+    while len(level) > HASH_SIZE:
+        level = b"".join(
+            [sha(NODE_PREFIX + level[i : i + 64]).digest() for i in range(0, len(level), 64)]
+        )
+        out.append(level)
+    return out
+
+
 def _split(n: int) -> int:
     """The largest power of two strictly smaller than ``n`` (n >= 2)."""
     return 1 << ((n - 1).bit_length() - 1)
 
 
-class MerkleTree:
+class SubtreeHashes:
+    """Roots and RFC 9162 proofs of a tree known by the hashes of its perfect subtrees.
+
+    A subclass gives :attr:`size` and ``_perfect(level, index)``: the hash of the perfect
+    subtree of ``2**level`` leaves that starts at leaf ``index * 2**level`` (it is only asked
+    for subtrees that lie wholly below :attr:`size`).
+    """
+
+    __slots__ = ()
+
+    @property
+    def size(self) -> int:
+        """Number of leaves."""
+        raise NotImplementedError
+
+    def _perfect(self, level: int, index: int) -> bytes:
+        raise NotImplementedError
+
+    def leaf(self, index: int) -> bytes:
+        """The leaf hash at ``index``."""
+        if not 0 <= index < self.size:
+            raise IndexError("leaf index out of range")
+        return self._perfect(0, index)
+
+    def range_hash(self, start: int, end: int) -> bytes:
+        """MTH of leaves ``[start, end)``; ``start`` must be aligned as RFC 9162 splits are.
+
+        The range is cut into perfect subtrees of decreasing size, each aligned (true for every
+        range that the §2.1.1 recursion produces), and folded from the right.
+        """
+        if start == end:
+            return EMPTY_ROOT
+        pieces: list[bytes] = []
+        pos = start
+        remaining = end - start
+        while remaining:
+            level = remaining.bit_length() - 1
+            width = 1 << level
+            if pos & (width - 1):
+                raise ValueError("range is not aligned to a perfect-subtree boundary")
+            pieces.append(self._perfect(level, pos >> level))
+            pos += width
+            remaining -= width
+        acc = pieces[-1]
+        for piece in reversed(pieces[:-1]):
+            acc = _sha256(NODE_PREFIX + piece + acc).digest()
+        return acc
+
+    def root(self, size: int | None = None) -> bytes:
+        """The root at ``size`` (default: the whole tree)."""
+        size = self.size if size is None else size
+        if not 0 <= size <= self.size:
+            raise ValueError("tree size out of range")
+        return self.range_hash(0, size)
+
+    def compact_range(self, size: int) -> list[bytes]:
+        """Hashes of the perfect subtrees covering ``[0, size)``, largest first."""
+        if not 0 <= size <= self.size:
+            raise ValueError("tree size out of range")
+        out: list[bytes] = []
+        pos = 0
+        for level in range(size.bit_length() - 1, -1, -1):
+            if size >> level & 1:
+                out.append(self._perfect(level, pos >> level))
+                pos += 1 << level
+        return out
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """PATH(index, D[size]) of RFC 9162 §2.1.3.1, lowest node first."""
+        if not 0 <= index < size <= self.size:
+            raise ValueError("inclusion proof needs 0 <= index < size <= tree size")
+        top_down: list[bytes] = []
+        start, end = 0, size
+        while end - start > 1:
+            k = _split(end - start)
+            mid = start + k
+            if index < mid:
+                top_down.append(self.range_hash(mid, end))
+                end = mid
+            else:
+                top_down.append(self.range_hash(start, mid))
+                start = mid
+        top_down.reverse()
+        return top_down
+
+    def consistency_proof(self, m: int, n: int) -> list[bytes]:
+        """PROOF(m, D[n]) of RFC 9162 §2.1.4.1 (empty when m == n), lowest node first."""
+        if not 0 < m <= n <= self.size:
+            raise ValueError("consistency proof needs 0 < m <= n <= tree size")
+        top_down: list[bytes] = []
+        start, end, keep = 0, n, True
+        while True:
+            width = end - start
+            if m == width:
+                if not keep:
+                    top_down.append(self.range_hash(start, end))
+                break
+            k = _split(width)
+            if m <= k:
+                top_down.append(self.range_hash(start + k, end))
+                end = start + k
+            else:
+                top_down.append(self.range_hash(start, start + k))
+                start += k
+                m -= k
+                keep = False
+        top_down.reverse()
+        return top_down
+
+
+class MerkleTree(SubtreeHashes):
     """An append-only Merkle tree held in memory, with roots and proofs at any size.
 
     ``levels[k]`` holds, 32 bytes each, the hashes of the complete subtrees of 2**k leaves in
@@ -110,12 +244,6 @@ class MerkleTree:
         for leaf in leaves:
             self.append(leaf)
 
-    def leaf(self, index: int) -> bytes:
-        """The leaf hash at ``index``."""
-        if not 0 <= index < self._size:
-            raise IndexError("leaf index out of range")
-        return bytes(self._levels[0][index * HASH_SIZE : (index + 1) * HASH_SIZE])
-
     def packed_leaves(self, start: int = 0, end: int | None = None) -> bytes:
         """Leaf hashes ``[start, end)`` concatenated."""
         end = self._size if end is None else end
@@ -124,91 +252,6 @@ class MerkleTree:
     def _perfect(self, level: int, index: int) -> bytes:
         off = index * HASH_SIZE
         return bytes(self._levels[level][off : off + HASH_SIZE])
-
-    def range_hash(self, start: int, end: int) -> bytes:
-        """MTH of leaves ``[start, end)``; ``start`` must be aligned as RFC 9162 splits are.
-
-        The range is cut into perfect subtrees of decreasing size, each aligned (true for every
-        range that the §2.1.1 recursion produces), and folded from the right.
-        """
-        if start == end:
-            return EMPTY_ROOT
-        pieces: list[bytes] = []
-        pos = start
-        remaining = end - start
-        while remaining:
-            level = remaining.bit_length() - 1
-            width = 1 << level
-            if pos & (width - 1):
-                raise ValueError("range is not aligned to a perfect-subtree boundary")
-            pieces.append(self._perfect(level, pos >> level))
-            pos += width
-            remaining -= width
-        acc = pieces[-1]
-        for piece in reversed(pieces[:-1]):
-            acc = _sha256(NODE_PREFIX + piece + acc).digest()
-        return acc
-
-    def root(self, size: int | None = None) -> bytes:
-        """The root at ``size`` (default: the whole tree)."""
-        size = self._size if size is None else size
-        if not 0 <= size <= self._size:
-            raise ValueError("tree size out of range")
-        return self.range_hash(0, size)
-
-    def compact_range(self, size: int) -> list[bytes]:
-        """Hashes of the perfect subtrees covering ``[0, size)``, largest first."""
-        if not 0 <= size <= self._size:
-            raise ValueError("tree size out of range")
-        out: list[bytes] = []
-        pos = 0
-        for level in range(size.bit_length() - 1, -1, -1):
-            if size >> level & 1:
-                out.append(self._perfect(level, pos >> level))
-                pos += 1 << level
-        return out
-
-    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        """PATH(index, D[size]) of RFC 9162 §2.1.3.1, lowest node first."""
-        if not 0 <= index < size <= self._size:
-            raise ValueError("inclusion proof needs 0 <= index < size <= tree size")
-        top_down: list[bytes] = []
-        start, end = 0, size
-        while end - start > 1:
-            k = _split(end - start)
-            mid = start + k
-            if index < mid:
-                top_down.append(self.range_hash(mid, end))
-                end = mid
-            else:
-                top_down.append(self.range_hash(start, mid))
-                start = mid
-        top_down.reverse()
-        return top_down
-
-    def consistency_proof(self, m: int, n: int) -> list[bytes]:
-        """PROOF(m, D[n]) of RFC 9162 §2.1.4.1 (empty when m == n), lowest node first."""
-        if not 0 < m <= n <= self._size:
-            raise ValueError("consistency proof needs 0 < m <= n <= tree size")
-        top_down: list[bytes] = []
-        start, end, keep = 0, n, True
-        while True:
-            width = end - start
-            if m == width:
-                if not keep:
-                    top_down.append(self.range_hash(start, end))
-                break
-            k = _split(width)
-            if m <= k:
-                top_down.append(self.range_hash(start + k, end))
-                end = start + k
-            else:
-                top_down.append(self.range_hash(start, start + k))
-                start += k
-                m -= k
-                keep = False
-        top_down.reverse()
-        return top_down
 
 
 # --- pure functions over a list of leaf hashes ---------------------------------------------

@@ -13,6 +13,10 @@ Invariants (DESIGN.md §6):
 * ``audit_checkpoints`` holds every signed checkpoint (note text verbatim), also append-only;
   the database refuses a checkpoint smaller than an earlier one, a second checkpoint of the
   same size with another root (a split view), and one beyond the number of leaves.
+* ``audit_subtrees`` holds the hashes of perfect subtrees at the levels the stored tree keeps
+  (:mod:`centinela.audit.stored_tree`): derived data, written in the transaction of the leaf
+  that completes each subtree, so it never runs ahead of or behind the leaves; insert-only
+  like the rest, and checked against the leaves at every start.
 * Only :class:`~centinela.audit.log.AuditLog`'s single writer appends leaves; this module does
   the SQL and nothing else.
 """
@@ -182,9 +186,45 @@ def _privileges_v2(conn: Connection) -> None:
             conn.exec_driver_sql(stmt)
 
 
+_SQLITE_V3 = [
+    """CREATE TABLE audit_subtrees (
+        level INTEGER NOT NULL CHECK (level > 0),
+        idx INTEGER NOT NULL CHECK (idx >= 0),
+        hash BLOB NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER audit_subtrees_no_update BEFORE UPDATE ON audit_subtrees
+       BEGIN SELECT RAISE(ABORT, 'audit_subtrees is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER audit_subtrees_no_delete BEFORE DELETE ON audit_subtrees
+       BEGIN SELECT RAISE(ABORT, 'audit_subtrees is append-only: DELETE refused'); END""",
+]
+
+_PG_V3 = [
+    """CREATE TABLE audit_subtrees (
+        level SMALLINT NOT NULL CHECK (level > 0),
+        idx BIGINT NOT NULL CHECK (idx >= 0),
+        hash BYTEA NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    )""",
+    """CREATE TRIGGER audit_subtrees_no_change BEFORE UPDATE OR DELETE ON audit_subtrees
+       FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()""",
+    """CREATE TRIGGER audit_subtrees_no_truncate BEFORE TRUNCATE ON audit_subtrees
+       FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()""",
+    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_subtrees FROM PUBLIC",
+    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_subtrees FROM CURRENT_USER",
+]
+
+
+def _create_subtrees_v3(conn: Connection) -> None:
+    for stmt in _SQLITE_V3 if is_sqlite(conn) else _PG_V3:
+        conn.exec_driver_sql(stmt)
+
+
 MIGRATIONS = [
     Migration(1, "audit leaves and checkpoints, append-only", _create_v1),
     Migration(2, "PostgreSQL: no UPDATE, DELETE or TRUNCATE on audit tables", _privileges_v2),
+    # Existing logs get their subtree hashes at the next start (StoredTree.load backfills).
+    Migration(3, "audit subtree hashes: the Merkle tree on disk", _create_subtrees_v3),
 ]
 
 
@@ -224,6 +264,10 @@ class LeafStore:
             "INSERT INTO audit_leaves (idx, entry, leaf_hash, created_at) "  # noqa: S608
             f"VALUES ({mark}, {mark}, {mark}, {mark})"
         )
+        self._insert_subtree = (
+            "INSERT INTO audit_subtrees (level, idx, hash) "  # noqa: S608
+            f"VALUES ({mark}, {mark}, {mark})"
+        )
         self._insert_cp = (
             "INSERT INTO audit_checkpoints (seq, tree_size, root_hash, note, created_at) "  # noqa: S608
             f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark})"
@@ -245,8 +289,13 @@ class LeafStore:
         first_index: int,
         rows: Sequence[tuple[bytes, bytes]],
         companions: Sequence[Companion | None] = (),
+        subtrees: Sequence[tuple[int, int, bytes]] = (),
     ) -> None:
         """Insert ``(entry, leaf_hash)`` rows at ``first_index``… in one durable transaction.
+
+        ``subtrees`` are the ``(level, index, hash)`` rows of the perfect subtrees these
+        leaves complete (see :mod:`centinela.audit.stored_tree`), written in the same
+        transaction.
 
         ``companions[i]``, when given, runs inside the same transaction with the connection
         and the index of row ``i``: rows that must exist if and only if the entry does
@@ -266,6 +315,8 @@ class LeafStore:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 conn.exec_driver_sql(self._insert_leaf, params)
+                if subtrees:
+                    conn.exec_driver_sql(self._insert_subtree, list(subtrees))
                 _run_companions(conn, first_index, companions)
         except sa.exc.SQLAlchemyError as exc:
             if _is_append_only_refusal(exc):
@@ -310,45 +361,107 @@ class LeafStore:
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"audit size read failed: {exc.__class__.__name__}") from exc
 
-    def packed_leaf_hashes(self, start: int = 0, chunk: int = 200_000) -> bytes:
-        """Leaf hashes from ``start`` to the end, concatenated (32 bytes each), index order.
+    def add_subtrees(self, rows: Sequence[tuple[int, int, bytes]]) -> None:
+        """Insert ``(level, index, hash)`` subtree rows in a transaction of their own.
 
-        Reads the covering index through the driver's cursor: a million leaves in about a
-        second on SQLite.
+        Only for subtrees the stored leaves already complete (a log from before the table
+        existed, filled in at start): the writer stores new ones with their leaves.
 
         Raises:
-            AppendOnlyViolation: the stored indexes have a gap (rows were removed).
+            AppendOnlyViolation: a row at that position exists already.
             StorageError: the database failed.
         """
-        parts: list[bytes] = []
+        if not rows:
+            return
+        try:
+            with self.engine.connect() as conn:
+                if self.sqlite:
+                    conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    conn.exec_driver_sql(self._insert_subtree, list(rows))
+        except sa.exc.IntegrityError as exc:
+            raise AppendOnlyViolation("the store already holds one of these subtrees") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit subtree write failed: {exc.__class__.__name__}") from exc
+
+    def count(self, level: int) -> int:
+        """Number of stored nodes at ``level`` (0: leaves), as the next index."""
+        if level == 0:
+            return self.size()
+        try:
+            with self.engine.connect() as conn:
+                n = conn.exec_driver_sql(
+                    "SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_subtrees "  # noqa: S608
+                    f"WHERE level = {self._mark}",
+                    (level,),
+                ).scalar_one()
+            return int(n)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"audit subtree read failed: {exc.__class__.__name__}") from exc
+
+    def iter_packed(
+        self, level: int, start: int, end: int | None = None, chunk: int = 200_000
+    ) -> Iterator[bytes]:
+        """Stored hashes at ``level`` (0: the leaf hashes) from ``start`` on, in chunks.
+
+        Each chunk is up to ``chunk`` hashes concatenated, 32 bytes each, in index order; the
+        chunks stop at ``end`` (exclusive) or where the stored nodes end, whichever is first.
+        Reads through the driver's cursor (the leaves' covering index: a million leaf hashes
+        in about a second on SQLite).
+
+        Raises:
+            AppendOnlyViolation: the stored indexes have a gap (rows were removed), or a
+                hash is not 32 bytes.
+            StorageError: the database failed.
+        """
+        mark = self._mark
+        if level == 0:
+            sql = (
+                "SELECT idx, leaf_hash FROM audit_leaves "  # noqa: S608 - placeholders only
+                f"WHERE idx >= {mark} AND idx < {mark} ORDER BY idx LIMIT {int(chunk)}"
+            )
+            where: tuple[int, ...] = ()
+        else:
+            sql = (
+                "SELECT idx, hash FROM audit_subtrees "  # noqa: S608 - placeholders only
+                f"WHERE level = {mark} AND idx >= {mark} AND idx < {mark} "
+                f"ORDER BY idx LIMIT {int(chunk)}"
+            )
+            where = (level,)
+        stop = (1 << 62) if end is None else end
         expected = start
-        sql = (
-            "SELECT idx, leaf_hash FROM audit_leaves "  # noqa: S608 - placeholders only
-            f"WHERE idx >= {self._mark} ORDER BY idx LIMIT {int(chunk)}"
-        )
         try:
             with self.engine.connect() as conn:
                 cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                 try:
-                    while True:
-                        cursor.execute(sql, (expected,))
+                    while expected < stop:
+                        cursor.execute(sql, (*where, expected, stop))
                         rows = cursor.fetchall()
                         if not rows:
                             break
                         if rows[0][0] != expected or rows[-1][0] != expected + len(rows) - 1:
-                            raise AppendOnlyViolation(f"audit leaves have a gap after {expected}")
-                        parts.append(b"".join([bytes(r[1]) for r in rows]))
+                            raise AppendOnlyViolation(
+                                f"stored audit hashes of level {level} have a gap after {expected}"
+                            )
+                        out = b"".join([bytes(r[1]) for r in rows])
+                        if len(out) != len(rows) * 32:
+                            raise AppendOnlyViolation("a stored audit hash is not 32 bytes")
                         expected += len(rows)
+                        yield out
                 finally:
                     cursor.close()
         except AppendOnlyViolation:
             raise
         except Exception as exc:  # SQLAlchemy's or, through the raw cursor, the driver's
-            raise StorageError(f"audit leaf read failed: {exc.__class__.__name__}") from exc
-        out = b"".join(parts)
-        if len(out) != (expected - start) * 32:
-            raise AppendOnlyViolation("a stored leaf hash is not 32 bytes")
-        return out
+            raise StorageError(f"audit hash read failed: {exc.__class__.__name__}") from exc
+
+    def packed(self, level: int, start: int, end: int | None = None) -> bytes:
+        """Stored hashes at ``level`` in ``[start, end)`` concatenated (see :meth:`iter_packed`)."""
+        return b"".join(self.iter_packed(level, start, end))
+
+    def packed_leaf_hashes(self, start: int = 0, end: int | None = None) -> bytes:
+        """Leaf hashes from ``start`` to ``end`` (default: the last), concatenated."""
+        return self.packed(0, start, end)
 
     def iter_entries(self, start: int, end: int, chunk: int = 10_000) -> Iterator[bytes]:
         """Entry bytes for indexes ``[start, end)``, in order.

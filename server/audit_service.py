@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from centinela.audit.checkpoint import SignedCheckpoint
 from centinela.audit.entry import AuditEvent, EventType
+from centinela.audit.merkle import leaf_hash
 from centinela.errors import InvalidArgument
 from centinela.server.audit_query import (
     EventFilter,
@@ -131,7 +132,10 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         return cp.size, cp
 
     def _event(self, index: int, entry: bytes) -> pb.AuditEvent:
-        return pb.AuditEvent(index=index, entry=entry, leaf_hash=self.c.audit.leaf_hash(index))
+        # Hashed from the entry, not looked up: the tree's leaves are in the database, and
+        # this runs on the event loop. The entry came from the same table; a verifier
+        # recomputes it either way.
+        return pb.AuditEvent(index=index, entry=entry, leaf_hash=leaf_hash(entry))
 
     # ---- GetCheckpoint -----------------------------------------------------------------
 
@@ -220,7 +224,7 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         return pb.GetInclusionProofResponse(
             index=index,
             tree_size=size,
-            leaf_hash=self.c.audit.leaf_hash(index),
+            leaf_hash=leaf_hash(entry),
             hashes=proof,
             entry=entry,
             root_hash=root,

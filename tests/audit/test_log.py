@@ -19,6 +19,7 @@ from centinela.audit.checkpoint import Verifier, open_checkpoint
 from centinela.audit.entry import AuditEvent, EventType
 from centinela.audit.log import AuditLog
 from centinela.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
+from centinela.audit.stored_tree import Growth
 from centinela.errors import AuditUnavailable, InconsistentCheckpointError, InvalidArgument
 from centinela.storage import is_sqlite, make_engine
 
@@ -299,16 +300,21 @@ def test_key_files_are_private(tmp_path: Path) -> None:
 def test_a_bug_in_the_writer_fails_closed_instead_of_hanging(
     engine: Engine, signing_key: Ed25519PrivateKey
 ) -> None:
-    """An unexpected error in the writer thread (here: the in-memory tree) used to kill the
-    thread, and every later append waited forever. Now each waiter gets AuditUnavailable."""
+    """An unexpected error in the writer thread (here: publishing the tree after a commit)
+    used to kill the thread, and every later append waited forever. Now each waiter gets
+    AuditUnavailable."""
     log = AuditLog.open(engine, signing_key, ORIGIN, checkpoint_every_seconds=3600)
     try:
         assert log.append_blocking(sample_entry(0)).index == 0
+        real = log._tree
 
         class Broken:
             size = log.size
 
-            def append(self, _leaf: bytes) -> None:
+            def grow(self, leaves: list[bytes]) -> Growth:
+                return real.grow(leaves)
+
+            def apply(self, _growth: Growth) -> None:
                 raise RuntimeError("a bug")
 
         log._tree = Broken()  # type: ignore[assignment]
