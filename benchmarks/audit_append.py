@@ -181,10 +181,11 @@ def bench_db_load(n: int, work: Path, key: Ed25519PrivateKey) -> tuple[float, fl
     log.load()
     upgrade = time.perf_counter() - t0
     assert log.size == n
-    tracemalloc.start()
     t0 = time.perf_counter()
     log.load()
     took = time.perf_counter() - t0
+    tracemalloc.start()  # a third start, traced (tracing slows it several-fold)
+    log.load()
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert log.size == n
