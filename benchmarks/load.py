@@ -1,11 +1,12 @@
 """Overload: MatchFace driven at 10x its measured capacity, with per-call deadlines.
 
     python benchmarks/load.py [--quick] [--templates N] [--factor 10] [--deadline-ms 1000]
-                              [--max-in-flight N] [--max-pending N]
+                              [--max-in-flight N] [--max-pending N] [--max-streams N] [--pin]
 
 A real server runs in a subprocess (the real MatchService on a synthetic watchlist, as
 ``_bench_server.py`` builds it, R14 ceilings lifted) with the admission bounds given
-(``max_concurrent_rpcs`` and ``max_pending_rpcs``, default the server's defaults; see
+(``max_concurrent_rpcs``, ``max_pending_rpcs`` and ``max_streams_per_connection``, default the
+server's defaults; see
 ``centinela.server.admission``). This process then
 
 1. measures capacity with a closed loop (concurrency 4, 8, 16, 32; quick: 8, 32): capacity is
@@ -85,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
         listen="127.0.0.1:0",
         max_concurrent_rpcs=args.max_in_flight,
         max_pending_rpcs=args.max_pending,
+        max_streams_per_connection=args.max_streams,
         policy_bundle=str(bench_bundle(args.data_dir)),
         shutdown_grace_s=2.0,
     )
@@ -111,7 +113,13 @@ def pin_this_process(cpu: int) -> None:
 
 
 def start_server(
-    data_dir: Path, templates: int, max_in_flight: int, max_pending: int, *, pin: bool = False
+    data_dir: Path,
+    templates: int,
+    max_in_flight: int,
+    max_pending: int,
+    *,
+    max_streams: int = 0,
+    pin: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
     port_file = data_dir / "port"
     port_file.unlink(missing_ok=True)
@@ -129,6 +137,8 @@ def start_server(
             str(max_in_flight),
             "--max-pending",
             str(max_pending),
+            "--max-streams",
+            str(max_streams),
             "--port-file",
             str(port_file),
         ],
@@ -222,6 +232,8 @@ class Run:
     offered: int = 0
     codes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     latencies: list[float] = dataclasses.field(default_factory=list)
+    #: The first error message seen per unexpected code (what went wrong, for the report).
+    details: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok_per_s(self) -> float:
@@ -235,9 +247,11 @@ class Run:
             "resource_exhausted_per_s": round(self.codes["RESOURCE_EXHAUSTED"] / self.seconds, 1),
             "deadline_exceeded_per_s": round(self.codes["DEADLINE_EXCEEDED"] / self.seconds, 1),
             "backlog_dropped_per_s": round(self.codes[DROPPED] / self.seconds, 1),
+            "refused_stream_per_s": round(self.codes[REFUSED] / self.seconds, 1),
             "ok_share": round(self.codes["OK"] / self.offered, 4) if self.offered else 0.0,
             "other_errors": other,
             "other_codes": {k: n for k, n in self.codes.items() if k not in _EXPECTED},
+            "other_details": self.details,
             "p50_ms": round(1000 * percentile(self.latencies, 0.50), 2),
             "p99_ms": round(1000 * percentile(self.latencies, 0.99), 2),
         }
@@ -245,7 +259,11 @@ class Run:
 
 #: A call gRPC core refused unstarted (the waiting queue was full): CANCELLED, no request id.
 DROPPED = "CANCELLED_BY_BACKLOG"
-_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED}
+#: A stream the server reset unstarted, past its connection's stream bound (HTTP/2
+#: REFUSED_STREAM, error code 7; the client sees UNAVAILABLE). Opened in the moment after the
+#: client cancelled one the server had not yet closed.
+REFUSED = "REFUSED_STREAM"
+_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED}
 
 
 async def _one(call: Any, payload: bytes, deadline: float | None, run: Run) -> None:
@@ -257,6 +275,10 @@ async def _one(call: Any, payload: bytes, deadline: float | None, run: Run) -> N
         trailers: Any = err.trailing_metadata() or ()
         if code == "CANCELLED" and not any(m[0] == "x-request-id" for m in trailers):
             code = DROPPED  # refused by gRPC before it reached the service
+        elif code == "UNAVAILABLE" and "error code 7" in str(err.details()):
+            code = REFUSED
+        if code not in _EXPECTED:
+            run.details.setdefault(code, str(err.details())[:200])
         run.codes[code] += 1
         return
     run.latencies.append(time.perf_counter() - t0)
@@ -473,12 +495,13 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     print(
         f"\nMatchFace at {args.factor:g}x capacity, {cores} ({args.templates:,} listed; "
         f"max_concurrent_rpcs {args.max_in_flight}, "
-        f"max_pending_rpcs {args.max_pending}; deadline {args.deadline_ms:g} ms; "
+        f"max_pending_rpcs {args.max_pending}; max_streams_per_connection "
+        f"{args.max_streams or 'unlimited'}; deadline {args.deadline_ms:g} ms; "
         f"load average {os.getloadavg()[0]:.1f})"
     )
     print(
         f"{'phase':<24} {'offered/s':>9} {'ok/s':>6} {'exhausted/s':>11} {'dropped/s':>9} "
-        f"{'deadline/s':>10} {'other':>5} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'deadline/s':>10} {'refused/s':>9} {'other':>5} {'p50 ms':>7} {'p99 ms':>7}"
     )
     rows = [
         (f"1x closed loop (c={res['base_concurrency']})", base),
@@ -491,12 +514,14 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         print(
             f"{name:<24} {r['offered_per_s']:>9.0f} {r['ok_per_s']:>6.0f} "
             f"{r['resource_exhausted_per_s']:>11.0f} {r['backlog_dropped_per_s']:>9.0f} "
-            f"{r['deadline_exceeded_per_s']:>10.0f} {r['other_errors']:>5} "
+            f"{r['deadline_exceeded_per_s']:>10.0f} {r['refused_stream_per_s']:>9.0f} "
+            f"{r['other_errors']:>5} "
             f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}"
         )
     print(
         "exhausted = RESOURCE_EXHAUSTED (max_concurrent_rpcs); dropped = CANCELLED by gRPC "
-        "before the service (max_pending_rpcs); deadline = DEADLINE_EXCEEDED"
+        "before the service (max_pending_rpcs); deadline = DEADLINE_EXCEEDED; refused = "
+        "REFUSED_STREAM (UNAVAILABLE: past max_streams_per_connection, the client retries)"
     )
     print(
         f"capacity {res['capacity_per_s']:.0f}/s; offered target {res['target_per_s']:.0f}/s; "
@@ -511,6 +536,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "pinned": args.pin,
         "max_concurrent_rpcs": args.max_in_flight,
         "max_pending_rpcs": args.max_pending,
+        "max_streams_per_connection": args.max_streams,
         "deadline_ms": args.deadline_ms,
         "factor": args.factor,
         "capacity_per_s": res["capacity_per_s"],
@@ -521,8 +547,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "shed_resource_exhausted_per_s": over["resource_exhausted_per_s"],
         "shed_backlog_cancelled_per_s": over["backlog_dropped_per_s"],
         "shed_deadline_exceeded_per_s": over["deadline_exceeded_per_s"],
+        "shed_refused_stream_per_s": over["refused_stream_per_s"],
         "other_errors": sum(r["other_errors"] for _, r in rows),
         "other_codes": {k: v for _, r in rows for k, v in r["other_codes"].items()},
+        "other_details": {k: v for _, r in rows for k, v in r["other_details"].items()},
         "p50_ms_1x": base["p50_ms"],
         "p99_ms_1x": base["p99_ms"],
         "p50_ms_overload": over["p50_ms"],
@@ -542,11 +570,15 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def default_limits() -> tuple[int, int]:
+def default_limits() -> tuple[int, int, int]:
     from centinela.config import Settings
 
     defaults = Settings()
-    return defaults.max_concurrent_rpcs, defaults.max_pending_rpcs
+    return (
+        defaults.max_concurrent_rpcs,
+        defaults.max_pending_rpcs,
+        defaults.max_streams_per_connection,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-pending", type=int, default=0, help="max_pending_rpcs (server default)"
+    )
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=-1,
+        help="max_streams_per_connection (server default)",
     )
     parser.add_argument("--overload-seconds", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=0.0)
@@ -576,9 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    in_flight, pending = default_limits()
+    in_flight, pending, streams = default_limits()
     args.max_in_flight = args.max_in_flight or in_flight
     args.max_pending = args.max_pending or pending
+    args.max_streams = streams if args.max_streams < 0 else args.max_streams
     if args.serve:
         asyncio.run(serve(args))
         return 0
@@ -602,7 +641,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--pin needs two CPUs")
         pin_this_process(CLIENT_CPU)  # the probe client, started later, inherits it
     proc, port = start_server(
-        data_dir, args.templates, args.max_in_flight, args.max_pending, pin=args.pin
+        data_dir,
+        args.templates,
+        args.max_in_flight,
+        args.max_pending,
+        max_streams=args.max_streams,
+        pin=args.pin,
     )
     try:
         res = asyncio.run(measure(args, data_dir, proc.pid, port))

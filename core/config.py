@@ -56,6 +56,14 @@ class Settings:
     #: Calls waiting for the server's event loop beyond which gRPC refuses new ones (clients
     #: see CANCELLED); bounds the queueing delay under overload (``centinela.server.admission``).
     max_pending_rpcs: int = 64
+    #: HTTP/2 streams one client connection may have open at once (0: no limit). Beyond it
+    #: the client's own transport holds new calls until a stream ends, so a connection that
+    #: floods costs the server nothing past its share. 100 is RFC 9113's recommended floor: a
+    #: gateway that multiplexes many porticos' day-long StreamMatch streams over one
+    #: connection must not find its next stream held forever. Where every client is one
+    #: portico, 8 keeps the latency of the others under a 10x flood from one of them
+    #: (README, performance; ``centinela.server.admission``).
+    max_streams_per_connection: int = 100
     #: Grace period for in-flight calls on SIGTERM, in seconds.
     shutdown_grace_s: float = 10.0
     #: Directory of the key-encryption keys (embedded key provider); default under data_dir.

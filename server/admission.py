@@ -1,6 +1,17 @@
 """Admission under overload: bound the queue in front of the service, not only the work in it.
 
-Two bounds shed what the server cannot serve in time:
+Three bounds shed what the server cannot serve in time:
+
+* **Streams per connection** (``max_streams_per_connection``, HTTP/2
+  SETTINGS_MAX_CONCURRENT_STREAMS, here): a client connection may have that many calls open
+  at once; its own transport holds the rest until a stream ends, or until their deadline.
+  A client that floods therefore queues in its own process and costs the server nothing
+  beyond its share, where every call it sends past the bounds below still costs the server
+  a TLS record, an HTTP/2 stream and a refusal: at 10x the capacity of one core that work
+  left 39 % of the capacity for answers (``benchmarks/load.py --pin``). A stream the client
+  opens before it has seen the limit, or right after cancelling one the server has not yet
+  closed, is reset with REFUSED_STREAM (the client sees UNAVAILABLE: nothing was decided,
+  and ``centinela.clients`` retries it). A StreamMatch is one stream whatever it carries.
 
 * **In flight** (``max_concurrent_rpcs``, :class:`InFlight`, kept by
   :class:`~centinela.server.interceptors.CentinelaInterceptor`): beyond it work that reached
@@ -36,6 +47,8 @@ log = get_logger("server.admission")
 #: gRPC core channel arguments (``src/core/server/server.h``).
 MAX_PENDING = "grpc.server.max_pending_requests"
 MAX_PENDING_HARD = "grpc.server.max_pending_requests_hard_limit"
+#: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS the server announces on every connection.
+MAX_STREAMS = "grpc.max_concurrent_streams"
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -50,10 +63,15 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         raise ConfigError("max_pending_rpcs must be at least 2")
     if not 0.0 <= settings.admission_target_ms < 3_600_000:
         raise ConfigError("admission_target_ms must be 0 (off) or a positive number of ms")
-    return [
+    if settings.max_streams_per_connection < 0:
+        raise ConfigError("max_streams_per_connection must be 0 (no limit) or positive")
+    options = [
         (MAX_PENDING, settings.max_pending_rpcs // 2),
         (MAX_PENDING_HARD, settings.max_pending_rpcs),
     ]
+    if settings.max_streams_per_connection:
+        options.append((MAX_STREAMS, settings.max_streams_per_connection))
+    return options
 
 
 #: The adaptive limit never goes below this many units.

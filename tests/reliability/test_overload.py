@@ -1,8 +1,12 @@
 """Overload is shed at once, and what is admitted is served (issue 9, point 5).
 
-Two bounds (``centinela.server.admission``), each driven into its limit deterministically
+Three bounds (``centinela.server.admission``), each driven into its limit deterministically
 rather than by racing a load generator:
 
+* **streams per connection** (``max_streams_per_connection``): with the audit's write lock
+  held (below), calls past the bound on one connection never reach the server: they wait in
+  the client's transport while another connection's calls are admitted, and every one is
+  answered when the lock goes.
 * **in flight** (``max_concurrent_rpcs``): the database's write lock is held by this test
   (a real SQLite lock on the server's own database, as a slow disk or a long transaction
   would hold it), so admitted MatchFace calls wait inside the service for their audit entry;
@@ -34,8 +38,11 @@ from centinela.config import Settings
 from centinela.server.demo import populate
 from centinela.server.interceptors import CentinelaInterceptor
 from centinela.server.testing import ServerThread
+from centinela.v1.match_service_pb2_grpc import MatchServiceStub
 
 from ._proc import lifted_bundle
+
+LOCAL_POOL = "grpc.use_local_subchannel_pool"
 
 
 def _outcome(future: Any) -> str:
@@ -205,4 +212,35 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
         for answers in streams:
             assert list(answers) == []
         _wait(lambda: interceptor.in_flight == 0 and interceptor.admission.waiting == 0)
+        world.close()
+
+
+def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, max_streams_per_connection=2, max_concurrent_rpcs=64)
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        # Two connections (a local subchannel pool each, not one shared connection).
+        flood, other = (
+            MatchServiceStub(server.channel("muni-miraflores", **{LOCAL_POOL: 1})) for _ in range(2)
+        )
+        for stub in (flood, other):  # connected: the client has seen the server's SETTINGS
+            stub.MatchFace(world.face_request(world.stranger()), timeout=30)
+        interceptor = _interceptor(server)
+        lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # admitted calls wait for their audit entry
+        try:
+            flooded = [
+                flood.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
+                for k in range(6)
+            ]
+            _wait(lambda: interceptor.in_flight == 2)
+            time.sleep(0.5)  # the other four would have reached the service by now
+            assert interceptor.in_flight == 2  # they wait in the client, costing nothing
+            beside = other.MatchFace.future(world.face_request(world.stranger()), timeout=60)
+            _wait(lambda: interceptor.in_flight == 3)  # another connection is not held up
+            assert not any(f.done() for f in [*flooded, beside])
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert [_outcome(f) for f in [*flooded, beside]] == ["OK"] * 7
         world.close()

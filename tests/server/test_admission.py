@@ -7,10 +7,18 @@ The live behaviour under load is measured by ``benchmarks/load.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from centinela.errors import ResourceExhausted
-from centinela.server.admission import InFlight
+from centinela.config import Settings
+from centinela.errors import ConfigError, ResourceExhausted
+from centinela.server.admission import (
+    MAX_PENDING_HARD,
+    MAX_STREAMS,
+    InFlight,
+    server_options,
+)
 
 
 def _limiter(ceiling: int = 256, target_s: float = 0.1, floor: int = 32) -> InFlight:
@@ -156,3 +164,19 @@ def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> N
         assert f.count == 1
 
     asyncio.run(scenario())
+
+
+def test_server_options_carry_the_bounds_and_refuse_bad_ones(tmp_path: Path) -> None:
+    base = Settings(data_dir=tmp_path)
+    options = dict(server_options(base))
+    assert options[MAX_STREAMS] == base.max_streams_per_connection == 100
+    assert options[MAX_PENDING_HARD] == base.max_pending_rpcs
+    unlimited = dict(server_options(Settings(data_dir=tmp_path, max_streams_per_connection=0)))
+    assert MAX_STREAMS not in unlimited  # gRPC's own default: no limit
+    for bad in (
+        {"max_streams_per_connection": -1},
+        {"max_pending_rpcs": 1},
+        {"max_concurrent_rpcs": 0},
+    ):
+        with pytest.raises(ConfigError):
+            server_options(Settings(data_dir=tmp_path, **bad))  # type: ignore[arg-type]
