@@ -9,9 +9,10 @@ Three bounds shed what the server cannot serve in time:
   beyond its share, where every call it sends past the bounds below still costs the server
   a TLS record, an HTTP/2 stream and a refusal: at 10x the capacity of one core that work
   left 39 % of the capacity for answers (``benchmarks/load.py --pin``). A stream the client
-  opens before it has seen the limit, or right after cancelling one the server has not yet
-  closed, is reset with REFUSED_STREAM (the client sees UNAVAILABLE: nothing was decided,
-  and ``centinela.clients`` retries it). A StreamMatch is one stream whatever it carries.
+  opens in the instant another ends or is cancelled, before the server has counted that one
+  closed (or before the client has seen the limit), is reset unstarted with REFUSED_STREAM,
+  in C: the client sees UNAVAILABLE, nothing was decided, and ``centinela.clients`` sends it
+  again. A StreamMatch is one stream whatever it carries.
 
 * **In flight** (``max_concurrent_rpcs``, :class:`InFlight`, kept by
   :class:`~centinela.server.interceptors.CentinelaInterceptor`): beyond it work that reached

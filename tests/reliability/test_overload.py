@@ -55,8 +55,10 @@ def _outcome(future: Any) -> str:
     code = cast(Any, err).code().name
     ids = [v for k, v in cast(Any, err).trailing_metadata() or () if k == "x-request-id"]
     outcome = "DROPPED" if code == "CANCELLED" and not ids else str(code)
-    # Both sheds decided nothing: the client library sends them again (with backoff).
-    assert retryable(err) == (outcome in ("DROPPED", "RESOURCE_EXHAUSTED")), outcome
+    if code == "UNAVAILABLE" and "error code 7" in str(cast(Any, err).details()):
+        outcome = "REFUSED"  # HTTP/2 REFUSED_STREAM: reset unstarted, past the stream bound
+    # The sheds decided nothing: the client library sends them again (with backoff).
+    assert retryable(err) == (outcome in ("DROPPED", "RESOURCE_EXHAUSTED", "REFUSED")), outcome
     return outcome
 
 
@@ -242,5 +244,14 @@ def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> 
         finally:
             lock.execute("ROLLBACK")
             lock.close()
-        assert [_outcome(f) for f in [*flooded, beside]] == ["OK"] * 7
+        # The three in the service are answered. The four that waited are answered too, but
+        # one that the client sent in the instant a stream ended, before the server counted it
+        # closed, may be reset unstarted (REFUSED_STREAM: decided nothing, sent again).
+        outcomes = [_outcome(f) for f in [*flooded, beside]]
+        assert outcomes.count("OK") >= 3, outcomes
+        assert set(outcomes) <= {"OK", "REFUSED"}, outcomes
+        for k, outcome in enumerate(outcomes[:6]):
+            if outcome == "REFUSED":
+                again = flood.MatchFace(world.face_request(world.stranger(seed=k)), timeout=60)
+                assert again.decision.decision_id
         world.close()
