@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from centinela.audit.entry import AuditEvent, Caller, EventType
 from centinela.audit.log import AuditLog
-from centinela.storage import make_engine
+from centinela.storage import is_sqlite, make_engine
 
 ORIGIN = "test.centinela.local/audit"
 
@@ -47,3 +47,18 @@ def sample_entry(i: int) -> bytes:
         rule_ids=["R1", "R5"],
         time=dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=i),
     ).encode()
+
+
+def rewrite_leaf_hash(engine: Engine, index: int, new_hash: bytes) -> None:
+    """What a DBA with the owner's rights can do: drop the update trigger, rewrite a leaf."""
+    with engine.begin() as conn:
+        if is_sqlite(engine):
+            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_update")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_change ON audit_leaves")
+        conn.exec_driver_sql(
+            "UPDATE audit_leaves SET leaf_hash = %s WHERE idx = %s"
+            if not is_sqlite(engine)
+            else "UPDATE audit_leaves SET leaf_hash = ? WHERE idx = ?",
+            (new_hash, index),
+        )

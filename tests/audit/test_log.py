@@ -23,7 +23,7 @@ from centinela.audit.stored_tree import Growth
 from centinela.errors import AuditUnavailable, InconsistentCheckpointError, InvalidArgument
 from centinela.storage import is_sqlite, make_engine
 
-from .conftest import ORIGIN, sample_entry
+from .conftest import ORIGIN, rewrite_leaf_hash, sample_entry
 
 
 def _wait_for(cond: Any, what: str, limit: float = 20.0) -> None:
@@ -259,14 +259,7 @@ def test_tampered_store_does_not_open(engine: Engine, signing_key: Ed25519Privat
     for i in range(10):
         log.append_blocking(sample_entry(i))
     log.close()
-    with engine.begin() as conn:
-        if is_sqlite(engine):
-            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_update")
-        else:
-            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_change ON audit_leaves")
-        conn.execute(
-            sa.text("UPDATE audit_leaves SET leaf_hash = :h WHERE idx = 3"), {"h": leaf_hash(b"{}")}
-        )
+    rewrite_leaf_hash(engine, 3, leaf_hash(b"{}"))
     with pytest.raises(InconsistentCheckpointError):
         AuditLog.open(engine, signing_key, ORIGIN)
 

@@ -21,9 +21,9 @@ from centinela.audit.merkle import MerkleTree, verify_consistency, verify_inclus
 from centinela.audit.store import LeafStore
 from centinela.audit.stored_tree import StoredTree
 from centinela.errors import AppendOnlyViolation, VerificationError
-from centinela.storage import is_sqlite, make_engine
+from centinela.storage import make_engine
 
-from .conftest import ORIGIN, sample_entry
+from .conftest import ORIGIN, rewrite_leaf_hash, sample_entry
 
 
 def _leaf(i: int) -> bytes:
@@ -169,16 +169,7 @@ def test_a_rewritten_leaf_below_a_stored_subtree_does_not_open(
 
     asyncio.run(fill())
     log.close()
-    with engine.begin() as conn:
-        if is_sqlite(engine):
-            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_update")
-        else:
-            conn.exec_driver_sql("DROP TRIGGER audit_leaves_no_change ON audit_leaves")
-            conn.exec_driver_sql("GRANT UPDATE ON audit_leaves TO CURRENT_USER")
-        conn.execute(
-            sa.text("UPDATE audit_leaves SET leaf_hash = :h WHERE idx = 3"),
-            {"h": hashlib.sha256(b"\x00{}").digest()},
-        )
+    rewrite_leaf_hash(engine, 3, hashlib.sha256(b"\x00{}").digest())
     with pytest.raises(VerificationError, match="level 8, index 0"):
         AuditLog.open(engine, signing_key, ORIGIN)
 

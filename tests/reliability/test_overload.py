@@ -24,10 +24,11 @@ The load tool ``benchmarks/load.py`` measures the same at 10x capacity.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -80,6 +81,19 @@ def _settings(tmp_path: Path, **limits: int) -> Settings:
     )
 
 
+@contextlib.contextmanager
+def _audit_write_lock(settings: Settings) -> Iterator[None]:
+    """Hold the write lock of the server's own SQLite database (as a slow disk or a long
+    transaction would): admitted calls wait inside the service for their audit entry."""
+    lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
 def _interceptor(server: ServerThread) -> CentinelaInterceptor:
     assert server.server is not None
     return server.server.interceptor
@@ -91,9 +105,7 @@ def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path)
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
         interceptor = _interceptor(server)
-        lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")  # the write lock: audit appends wait for it
-        try:
+        with _audit_write_lock(settings):  # admitted calls wait for their audit entry
             admitted = [
                 stub.MatchFace.future(world.face_request(world.genuine(0, seed=k)), timeout=60)
                 for k in range(4)
@@ -107,9 +119,6 @@ def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path)
             codes = [_outcome(f) for f in shed]
             assert codes == ["RESOURCE_EXHAUSTED"] * 8
             assert not any(f.done() for f in admitted)
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
         answers = [f.result() for f in admitted]
         assert all(a.decision.decision_id and a.alert for a in answers)
         _wait(lambda: interceptor.in_flight == 0)
@@ -185,9 +194,7 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
             _wait(lambda: interceptor.in_flight == 0)  # six open streams, no unit held
             assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision
 
-            lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
-            lock.execute("BEGIN IMMEDIATE")  # admitted calls wait for their audit entry
-            try:
+            with _audit_write_lock(settings):  # admitted calls wait for their audit entry
                 admitted = [
                     stub.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
                     for k in range(4)
@@ -199,9 +206,6 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
                 refused = stub.MatchFace.future(world.face_request(world.stranger()), timeout=60)
                 assert _outcome(refused) == "RESOURCE_EXHAUSTED"
                 assert not waited.done()
-            finally:
-                lock.execute("ROLLBACK")
-                lock.close()
             assert [_outcome(f) for f in admitted] == ["OK"] * 4
             answer = waited.result(timeout=60)
             assert (answer.sequence, answer.WhichOneof("result")) == (10, "face")
@@ -228,9 +232,7 @@ def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> 
         for stub in (flood, other):  # connected: the client has seen the server's SETTINGS
             stub.MatchFace(world.face_request(world.stranger()), timeout=30)
         interceptor = _interceptor(server)
-        lock = sqlite3.connect(str(settings.data_dir / "centinela.db"), isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")  # admitted calls wait for their audit entry
-        try:
+        with _audit_write_lock(settings):  # admitted calls wait for their audit entry
             flooded = [
                 flood.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
                 for k in range(6)
@@ -241,9 +243,6 @@ def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> 
             beside = other.MatchFace.future(world.face_request(world.stranger()), timeout=60)
             _wait(lambda: interceptor.in_flight == 3)  # another connection is not held up
             assert not any(f.done() for f in [*flooded, beside])
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
         # The three in the service are answered. The four that waited are answered too, but
         # one that the client sent in the instant a stream ended, before the server counted it
         # closed, may be reset unstarted (REFUSED_STREAM: decided nothing, sent again).
