@@ -113,6 +113,7 @@ class AuditLog:
         checkpoint_every_entries: int = 1000,
         checkpoint_every_seconds: float = 10.0,
         max_batch: int = 4096,
+        verify_at_open: bool = False,
     ) -> None:
         if checkpoint_every_entries < 1 or checkpoint_every_seconds <= 0 or max_batch < 1:
             raise ValueError("checkpoint intervals and max_batch must be positive")
@@ -134,6 +135,14 @@ class AuditLog:
         self._fault: str | None = None
         self._closed = False
         self._loaded = False
+        self._verify_at_open = verify_at_open
+        self._verify_size = 0
+        self._verify_stop = threading.Event()
+        self._verify_thread: threading.Thread | None = None
+        #: Whether every stored subtree agreed with the leaves when the log last opened: None
+        #: while the check runs beside the service, True, or False (the log then refuses
+        #: every append).
+        self.history_verified: bool | None = None
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -147,8 +156,13 @@ class AuditLog:
         checkpoint_every_entries: int = 1000,
         checkpoint_every_seconds: float = 10.0,
         max_batch: int = 4096,
+        verify_at_open: bool = False,
     ) -> AuditLog:
-        """Migrate the tables, load and check the tree, and start the writer.
+        """Migrate the tables, open and check the tree, and start the writer.
+
+        The tree's last signed root is checked before this returns; the check of every stored
+        subtree against the leaves (O(n), ~1 s a million entries) runs beside the service and
+        faults the log if the store was altered, or here first with ``verify_at_open``.
 
         Raises:
             StorageError: the database failed.
@@ -163,6 +177,7 @@ class AuditLog:
             checkpoint_every_entries=checkpoint_every_entries,
             checkpoint_every_seconds=checkpoint_every_seconds,
             max_batch=max_batch,
+            verify_at_open=verify_at_open,
         )
         log.store.migrate()
         log.load()
@@ -170,15 +185,19 @@ class AuditLog:
         return log
 
     def load(self) -> None:
-        """Open the stored tree (every subtree checked against the leaves) and check it
-        against the last checkpoint."""
-        tree = StoredTree.load(self.store)
+        """Open the stored tree and check it against the last checkpoint (and, with
+        ``verify_at_open``, every stored subtree against the leaves)."""
+        tree = StoredTree.open(self.store)
         stored = self.store.latest_checkpoint()
         last: SignedCheckpoint | None = None
         if stored is not None:
             last = open_checkpoint(stored.note, [self._verifier], origin=self.origin)
             _check_extends(tree.view(), last)
+        if self._verify_at_open:
+            tree.verify(tree.size)
+            self.history_verified = True
         self._tree = tree
+        self._verify_size = tree.size
         self._last_cp = last
         self._last_cp_time = time.monotonic()
         self._loaded = True
@@ -194,12 +213,45 @@ class AuditLog:
                 target=self._run, name="centinela-audit-writer", daemon=True
             )
             self._thread.start()
+        if self.history_verified is None and self._verify_thread is None:
+            self._verify_stop.clear()
+            self._verify_thread = threading.Thread(
+                target=self._verify_history, name="centinela-audit-verify", daemon=True
+            )
+            self._verify_thread.start()
+
+    def _verify_history(self) -> None:
+        """Check every stored subtree of the log as opened against its leaves, beside the
+        service; an alteration faults the log (fail closed), a database error is retried."""
+        delay = 1.0
+        while not self._verify_stop.is_set():
+            try:
+                done = self._tree.verify(self._verify_size, self._verify_stop)
+            except VerificationError as exc:
+                self.history_verified = False
+                self._fault = "the audit store was altered behind the server: refusing"
+                # The message names a level and an index, never an entry's content.
+                _log.critical("audit_store_altered", error=str(exc))
+                return
+            except Exception as exc:  # the database: try again, the service goes on
+                _log.error("audit_history_check_failed", error=exc.__class__.__name__)
+                self._verify_stop.wait(delay)
+                delay = min(60.0, delay * 2)
+                continue
+            if done:
+                self.history_verified = True
+                _log.info("audit_history_verified", entries=self._verify_size)
+            return
 
     def close(self) -> None:
         """Flush pending appends, cut a final checkpoint, stop the writer."""
         if self._thread is None:
             return
         self._closed = True
+        self._verify_stop.set()
+        if self._verify_thread is not None:
+            self._verify_thread.join(30)
+            self._verify_thread = None
         self._queue.put(_CLOSE)
         self._thread.join()
         self._thread = None

@@ -18,9 +18,11 @@ Invariants (RFC 9162 §2.1; DESIGN.md §6):
   commit. The table therefore never runs ahead of or behind the leaves, and readers, which
   work on an immutable :class:`TreeView` of a published size, only ever ask the database for
   committed tiles.
-* :meth:`StoredTree.load` recomputes every stored subtree from the leaves and refuses to open
-  a store whose subtree hashes disagree with them, or that holds subtrees of leaves it does not
-  have; subtrees that are missing (a log written before the table existed) are filled in.
+* :meth:`StoredTree.open` reads O(log n) rows: each stored level's count (a subtree of leaves
+  the store does not have is refused) and its open tile. :meth:`StoredTree.verify` recomputes
+  every stored subtree from the leaves (O(n), ~1 s a million) and is what the log runs beside
+  the service after each start; :meth:`StoredTree.load` does the same before opening and fills
+  in the subtrees that are missing (a log written before the table existed).
 """
 
 from __future__ import annotations
@@ -97,6 +99,32 @@ class StoredTree:
         self._cache_lock = threading.Lock()
 
     @classmethod
+    def open(
+        cls,
+        store: LeafStore,
+        *,
+        tile_height: int = TILE_HEIGHT,
+        cache_tiles: int = DEFAULT_CACHE_TILES,
+    ) -> StoredTree:
+        """Open the tree the store holds, in O(log n) reads: each stored level's count is
+        checked and its open tile read; the leaves are not re-read (:meth:`verify` does that,
+        the log runs it beside the service). A store whose subtree table is incomplete (a log
+        written before it existed) is opened by :meth:`load`, which fills it in.
+
+        Raises:
+            AppendOnlyViolation: the store holds subtrees of leaves it does not have, or an
+                index has a gap.
+            StorageError: the database failed.
+        """
+        tree = cls(store, tile_height=tile_height, cache_tiles=cache_tiles)
+        size = store.size()
+        for level, count in tree._levels(size):
+            if level and store.count(level) < count:
+                return cls.load(store, tile_height=tile_height, cache_tiles=cache_tiles)
+        tree._state = _State(size, tree._read_tails(size))
+        return tree
+
+    @classmethod
     def load(
         cls,
         store: LeafStore,
@@ -104,7 +132,8 @@ class StoredTree:
         tile_height: int = TILE_HEIGHT,
         cache_tiles: int = DEFAULT_CACHE_TILES,
     ) -> StoredTree:
-        """Open the tree the store holds, checking every stored subtree against the leaves.
+        """Open the tree the store holds, checking every stored subtree against the leaves
+        first and filling in those that are missing (O(n): about 1 s a million leaves).
 
         Raises:
             AppendOnlyViolation: a stored subtree disagrees with the leaves, the store holds
@@ -113,36 +142,67 @@ class StoredTree:
         """
         tree = cls(store, tile_height=tile_height, cache_tiles=cache_tiles)
         size = store.size()
-        h, w = tree.tile_height, tree._width
-        tails: list[tuple[bytes, ...]] = []
+        tree._scan(size, fill=True)
+        tree._state = _State(size, tree._read_tails(size))
+        return tree
+
+    def verify(self, size: int, stop: threading.Event | None = None) -> bool:
+        """Recompute every stored subtree of the first ``size`` leaves from the leaves.
+
+        Read-only, and safe beside the writer (it reads only tiles complete at ``size``).
+        Returns False if ``stop`` was set before the end, True when all agreed.
+
+        Raises:
+            AppendOnlyViolation: a stored subtree disagrees with the leaves or is missing.
+            StorageError: the database failed.
+        """
+        return self._scan(size, fill=False, stop=stop)
+
+    def _levels(self, size: int) -> list[tuple[int, int]]:
+        """``(level, nodes at that level)`` for every stored level, and the first empty one;
+        refuses stored subtrees beyond what ``size`` leaves complete."""
+        out = []
         level, count = 0, size
         while True:
-            if level and store.count(level) > count:
+            if level and self.store.count(level) > count:
                 raise AppendOnlyViolation(
                     f"the audit store holds subtrees of level {level} beyond its {size} "
                     "leaves: leaves were removed"
                 )
+            out.append((level, count))
             if count == 0:
-                break
-            open_at = count - count % w
-            if open_at:
-                tree._check_next_level(level, open_at)
-            tail = store.packed(level, open_at, count)
+                return out
+            level += self.tile_height
+            count >>= self.tile_height
+
+    def _read_tails(self, size: int) -> tuple[tuple[bytes, ...], ...]:
+        tails = []
+        for level, count in self._levels(size)[:-1]:
+            open_at = count - count % self._width
+            tail = self.store.packed(level, open_at, count)
             if len(tail) != (count - open_at) * HASH_SIZE:
                 raise AppendOnlyViolation(f"stored audit hashes of level {level} end early")
             tails.append(_split32(tail))
-            level += h
-            count >>= h
-        tree._state = _State(size, tuple(tails))
-        return tree
+        return tuple(tails)
 
-    def _check_next_level(self, level: int, end: int) -> None:
+    def _scan(self, size: int, *, fill: bool, stop: threading.Event | None = None) -> bool:
+        for level, count in self._levels(size)[:-1]:
+            open_at = count - count % self._width
+            if open_at and not self._check_next_level(level, open_at, fill=fill, stop=stop):
+                return False
+        return True
+
+    def _check_next_level(
+        self, level: int, end: int, *, fill: bool, stop: threading.Event | None
+    ) -> bool:
         """Fold the complete tiles of ``level`` below ``end`` and check them one level up."""
         h, w = self.tile_height, self._width
         up = level + h
         tile_bytes = w * HASH_SIZE
         done = 0
         for n, chunk in enumerate(self.store.iter_packed(level, 0, end, chunk=_LOAD_CHUNK)):
+            if stop is not None and stop.is_set():
+                return False
             if len(chunk) % tile_bytes:
                 break  # ends early: refused below
             first = done // w
@@ -162,16 +222,21 @@ class StoredTree:
                     f"the stored subtree hash at level {up}, index {first + bad // HASH_SIZE}, "
                     "disagrees with the leaves: the audit store was altered"
                 )
-            if have < len(computed):  # written before the table existed: fill it in
-                missing = computed[have:]
+            if have < len(computed):
                 base = first + have // HASH_SIZE
+                if not fill:
+                    raise AppendOnlyViolation(
+                        f"the stored subtree at level {up}, index {base}, is missing"
+                    )
+                # Written before the table existed: fill it in.
                 self.store.add_subtrees(
-                    [(up, base + k, h32) for k, h32 in enumerate(_split32(missing))]
+                    [(up, base + k, h32) for k, h32 in enumerate(_split32(computed[have:]))]
                 )
-            if n % 64 == 63:  # every 4M nodes: a long start says how far it is
-                _log.info("audit_tree_loading", level=level, nodes=done, of=end)
+            if n % 64 == 63:  # every 4M nodes: a long check says how far it is
+                _log.info("audit_tree_checking", level=level, nodes=done, of=end)
         if done != end:
             raise AppendOnlyViolation(f"stored audit hashes of level {level} end early")
+        return True
 
     # --- the writer ----------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ import asyncio
 import gc
 import hashlib
 import tempfile
+import time
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +22,7 @@ from centinela.audit.log import AuditLog
 from centinela.audit.merkle import MerkleTree, verify_consistency, verify_inclusion
 from centinela.audit.store import LeafStore
 from centinela.audit.stored_tree import StoredTree
-from centinela.errors import AppendOnlyViolation, VerificationError
+from centinela.errors import AppendOnlyViolation, AuditUnavailable, VerificationError
 from centinela.storage import make_engine
 
 from .conftest import ORIGIN, rewrite_leaf_hash, sample_entry
@@ -90,9 +92,11 @@ def test_every_root_and_proof_matches_the_in_memory_tree(batches: list[int], hei
                 reference.extend(_leaf(i) for i in range(size, size + count))
                 size += count
                 _same_answers(tree, reference, sorted({1, size // 2, size - 1, size}))
-            reopened = StoredTree.load(store, tile_height=height)
             sizes = [*range(1, size + 1, max(1, size // 17)), size]
-            _same_answers(reopened, reference, sizes)
+            _same_answers(StoredTree.load(store, tile_height=height), reference, sizes)
+            opened = StoredTree.open(store, tile_height=height)  # the tails only, no scan
+            _same_answers(opened, reference, sizes)
+            assert opened.verify(size)
         finally:
             engine.dispose()
 
@@ -118,7 +122,9 @@ def test_a_log_written_before_the_table_is_filled_in(engine: Engine) -> None:
     tree = StoredTree(store, tile_height=2)
     _grow(tree, 0, 100, subtrees=False)
     assert store.count(2) == 0
-    loaded = StoredTree.load(store, tile_height=2)
+    with pytest.raises(AppendOnlyViolation, match="missing"):
+        tree.verify(100)  # the check beside the service never writes
+    loaded = StoredTree.open(store, tile_height=2)  # sees the gap: loads in full, fills in
     assert [store.count(level) for level in (2, 4, 6, 8)] == [25, 6, 1, 0]
     reference = MerkleTree(_leaf(i) for i in range(100))
     _same_answers(loaded, reference, [1, 64, 99, 100])
@@ -158,20 +164,38 @@ def test_subtree_rows_cannot_be_changed_or_removed(engine: Engine) -> None:
     assert store.count(2) == 2
 
 
-def test_a_rewritten_leaf_below_a_stored_subtree_does_not_open(
+def test_a_rewritten_leaf_below_a_stored_subtree_faults_the_log(
     engine: Engine, signing_key: Ed25519PrivateKey
 ) -> None:
-    """A DBA drops the trigger and rewrites a leaf that a stored subtree already covers."""
+    """A DBA drops the trigger and rewrites a leaf that a stored subtree already covers (the
+    signed root, read from the stored subtrees, still matches). With ``verify_at_open`` the
+    log does not open; by default it opens at once and the check beside the service faults
+    it: every append is then refused."""
     log = AuditLog.open(engine, signing_key, ORIGIN)
 
     async def fill() -> None:
         await asyncio.gather(*(log.append(sample_entry(i)) for i in range(600)))
 
     asyncio.run(fill())
+    _wait_for(lambda: log.history_verified is True)
     log.close()
     rewrite_leaf_hash(engine, 3, hashlib.sha256(b"\x00{}").digest())
     with pytest.raises(VerificationError, match="level 8, index 0"):
-        AuditLog.open(engine, signing_key, ORIGIN)
+        AuditLog.open(engine, signing_key, ORIGIN, verify_at_open=True)
+    log = AuditLog.open(engine, signing_key, ORIGIN)
+    try:
+        _wait_for(lambda: log.history_verified is False)
+        with pytest.raises(AuditUnavailable, match="altered"):
+            log.append_blocking(sample_entry(700), timeout=30)
+    finally:
+        log.close()
+
+
+def _wait_for(cond: Callable[[], bool], limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def test_the_log_holds_no_memory_per_entry(engine: Engine, signing_key: Ed25519PrivateKey) -> None:
