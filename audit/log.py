@@ -524,6 +524,11 @@ class AuditLog:
     # --- reads ---------------------------------------------------------------------------
 
     @property
+    def fault(self) -> str | None:
+        """Why the log refuses every append (altered store, writer failure), or None."""
+        return self._fault
+
+    @property
     def size(self) -> int:
         """Number of durable entries."""
         return self._tree.size

@@ -49,6 +49,8 @@ from centinela.v1 import (
 )
 
 log = get_logger("server")
+#: How often health follows the components' readiness, in seconds.
+READINESS_INTERVAL_S = 1.0
 
 SERVICE_NAMES = (
     match_service_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
@@ -109,6 +111,7 @@ class CentinelaServer:
         identity: Callable[[grpc.aio.ServicerContext[Any, Any]], Caller] | None = None,
         on_stop: Callable[[], Any] | None = None,
         extra_handlers: Sequence[Any] = (),
+        readiness: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self._extra_handlers = tuple(extra_handlers)
@@ -123,6 +126,8 @@ class CentinelaServer:
         self._on_stop = on_stop
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._readiness = readiness
+        self._watch: asyncio.Task[None] | None = None
 
     def _credentials(self) -> grpc.ServerCredentials:
         files = ensure_tls_material(self.settings)
@@ -180,15 +185,39 @@ class CentinelaServer:
             raise ConfigError(f"cannot listen on {listen}: address in use or invalid")
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self._readiness is not None:
+            self._watch = asyncio.create_task(self._watch_readiness(self._readiness))
         log.info("server.started", listen=listen, port=self.port, version=__version__)
         return self.port
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_readiness(self, readiness: Callable[[], str | None]) -> None:
+        """Health follows the components: NOT_SERVING while one cannot answer (the audit log
+        refusing appends), so a load balancer sends calls elsewhere instead of to a server
+        that can only answer UNAVAILABLE."""
+        serving = True
+        while True:
+            reason = readiness()
+            if (reason is None) != serving:
+                serving = reason is None
+                status = health_pb2.HealthCheckResponse
+                await self._set_health(status.SERVING if serving else status.NOT_SERVING)
+                if serving:
+                    log.info("server.ready_again")
+                else:
+                    log.critical("server.not_serving", reason=reason)
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let calls in flight finish, close components."""
         if self._server is None or self._stopped.is_set():
             return
+        if self._watch is not None:
+            self._watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         if self._on_stop is not None:
@@ -208,7 +237,7 @@ async def run(settings: Settings, *, banner: bool = True) -> None:
     from centinela.server.wiring import build_application
 
     app = await build_application(settings)
-    server = CentinelaServer(settings, app.servicers, on_stop=app.close)
+    server = CentinelaServer(settings, app.servicers, on_stop=app.close, readiness=app.unready)
     port = await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

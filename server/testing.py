@@ -48,7 +48,9 @@ class ServerThread:
             self.app = await build_application(self.settings)
         else:
             self.app = await self.build(self.settings)
-        self.server = CentinelaServer(self.settings, self.app.servicers, on_stop=self.app.close)
+        self.server = CentinelaServer(
+            self.settings, self.app.servicers, on_stop=self.app.close, readiness=self.app.unready
+        )
         return await self.server.start()
 
     def call(self, coro_fn: Callable[[], Any], timeout: float = 60) -> Any:

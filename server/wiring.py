@@ -49,6 +49,10 @@ class Application:
     servicers: Servicers
     components: Components
 
+    def unready(self) -> str | None:
+        """Why the service cannot answer a match now (the audit log refuses appends), or None."""
+        return self.components.audit.fault
+
     def reload(self) -> None:
         """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""
         results = self.components.policy.reload()
