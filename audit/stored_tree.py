@@ -118,10 +118,10 @@ class StoredTree:
         """
         tree = cls(store, tile_height=tile_height, cache_tiles=cache_tiles)
         size = store.size()
-        for level, count in tree._levels(size):
-            if level and store.count(level) < count:
-                return cls.load(store, tile_height=tile_height, cache_tiles=cache_tiles)
-        tree._state = _State(size, tree._read_tails(size))
+        levels = tree._stored_levels(size)
+        if any(stored < count for _, count, stored in levels[1:]):
+            return cls.load(store, tile_height=tile_height, cache_tiles=cache_tiles)
+        tree._state = _State(size, tree._read_tails(levels))
         return tree
 
     @classmethod
@@ -142,15 +142,17 @@ class StoredTree:
         """
         tree = cls(store, tile_height=tile_height, cache_tiles=cache_tiles)
         size = store.size()
+        levels = tree._stored_levels(size)
         tree._scan(size, fill=True)
-        tree._state = _State(size, tree._read_tails(size))
+        tree._state = _State(size, tree._read_tails(levels))
         return tree
 
     def verify(self, size: int, stop: threading.Event | None = None) -> bool:
         """Recompute every stored subtree of the first ``size`` leaves from the leaves.
 
-        Read-only, and safe beside the writer (it reads only tiles complete at ``size``).
-        Returns False if ``stop`` was set before the end, True when all agreed.
+        Read-only, and safe beside the writer: it reads only tiles complete at ``size``, and
+        what the writer stored since is not its business. Returns False if ``stop`` was set
+        before the end, True when all agreed.
 
         Raises:
             AppendOnlyViolation: a stored subtree disagrees with the leaves or is missing.
@@ -159,25 +161,34 @@ class StoredTree:
         return self._scan(size, fill=False, stop=stop)
 
     def _levels(self, size: int) -> list[tuple[int, int]]:
-        """``(level, nodes at that level)`` for every stored level, and the first empty one;
-        refuses stored subtrees beyond what ``size`` leaves complete."""
+        """``(level, nodes at that level)`` for every stored level that ``size`` leaves reach,
+        then the first level they do not."""
         out = []
         level, count = 0, size
         while True:
-            if level and self.store.count(level) > count:
-                raise AppendOnlyViolation(
-                    f"the audit store holds subtrees of level {level} beyond its {size} "
-                    "leaves: leaves were removed"
-                )
             out.append((level, count))
             if count == 0:
                 return out
             level += self.tile_height
             count >>= self.tile_height
 
-    def _read_tails(self, size: int) -> tuple[tuple[bytes, ...], ...]:
+    def _stored_levels(self, size: int) -> list[tuple[int, int, int]]:
+        """:meth:`_levels` with the nodes stored at each level, for opening a store of
+        ``size`` leaves: one that holds subtrees beyond them lost leaves."""
+        out = []
+        for level, count in self._levels(size):
+            stored = self.store.count(level) if level else size
+            if stored > count:
+                raise AppendOnlyViolation(
+                    f"the audit store holds subtrees of level {level} beyond its {size} "
+                    "leaves: leaves were removed"
+                )
+            out.append((level, count, stored))
+        return out
+
+    def _read_tails(self, levels: list[tuple[int, int, int]]) -> tuple[tuple[bytes, ...], ...]:
         tails = []
-        for level, count in self._levels(size)[:-1]:
+        for level, count, _ in levels[:-1]:
             open_at = count - count % self._width
             tail = self.store.packed(level, open_at, count)
             if len(tail) != (count - open_at) * HASH_SIZE:

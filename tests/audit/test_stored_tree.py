@@ -240,3 +240,15 @@ def test_the_tile_cache_is_bounded(engine: Engine) -> None:
         view.inclusion_proof(index, 300)
         assert len(tree._cache) <= 5
     assert len(tree._cache) == 5
+
+
+def test_the_check_beside_the_writer_ignores_what_came_after_it_started(engine: Engine) -> None:
+    """The log checks the tree as opened while the writer goes on: subtrees the writer has
+    stored since are not 'beyond the leaves' of the size being checked."""
+    store = _fresh_store(engine)
+    tree = StoredTree(store, tile_height=2)
+    _grow(tree, 0, 40)
+    opened = StoredTree.open(store, tile_height=2)
+    _grow(opened, 40, 100)  # the writer goes on: new subtrees at every stored level
+    assert opened.verify(40)
+    assert opened.verify(140)
