@@ -56,7 +56,7 @@ import numpy as np
 
 from centinela.matcher import synth
 from centinela.server import certs
-from centinela.server.demo import MIRA_SITE, ts
+from centinela.server.demo import LAV_SITE, MIRA_SITE, ts
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -65,6 +65,10 @@ METHOD = "/centinela.v1.MatchService/MatchFace"
 INFO = "/centinela.v1.MatchService/GetServerInfo"
 PLACEHOLDER = b"0" * 32
 CHANNELS = 4
+#: The load generator's certificate and site, and the probe client's: another municipality,
+#: so the server's per-caller queues (``centinela.server.admission``) tell them apart.
+FLOOD = ("muni-miraflores", MIRA_SITE)
+PROBE = ("muni-la-victoria", LAV_SITE)
 
 
 # ---- the server (a subprocess of this script) ---------------------------------------------
@@ -87,6 +91,10 @@ async def serve(args: argparse.Namespace) -> None:
         max_concurrent_rpcs=args.max_in_flight,
         max_pending_rpcs=args.max_pending,
         max_streams_per_connection=args.max_streams,
+        admission_max_wait_ms=args.max_wait_ms,
+        admission_queue_per_caller=args.queue_per_caller,
+        admission_target_ms=args.target_ms,
+        admission_floor=args.floor,
         policy_bundle=str(bench_bundle(args.data_dir)),
         shutdown_grace_s=2.0,
     )
@@ -119,8 +127,10 @@ def start_server(
     max_pending: int,
     *,
     max_streams: int = 0,
+    admission: tuple[float, int, float, int] = (-1.0, 0, -1.0, 0),
     pin: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
+    max_wait_ms, queue_per_caller, target_ms, floor = admission
     port_file = data_dir / "port"
     port_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
@@ -139,6 +149,14 @@ def start_server(
             str(max_pending),
             "--max-streams",
             str(max_streams),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--queue-per-caller",
+            str(queue_per_caller),
+            "--target-ms",
+            str(target_ms),
+            "--floor",
+            str(floor),
             "--port-file",
             str(port_file),
         ],
@@ -169,7 +187,7 @@ def rss_mb(pid: int) -> float:
 class Payloads:
     """MatchFace request bytes; each call gets a fresh client request id spliced in."""
 
-    def __init__(self, model_id: str, listed: int, n: int = 200) -> None:
+    def __init__(self, model_id: str, listed: int, n: int = 200, site: str = FLOOD[1]) -> None:
         identities = synth.identities(min(listed, 2000), seed=5)
         strangers = synth.strangers(n, seed=4242)
         rng = np.random.default_rng(1)
@@ -183,7 +201,7 @@ class Payloads:
             raw = mpb.MatchFaceRequest(
                 context=c.RequestContext(
                     purpose=c.PURPOSE_WANTED_PERSON,
-                    site_id=MIRA_SITE,
+                    site_id=site,
                     capture_time=ts(dt.datetime.now(dt.UTC)),
                     client_request_id=PLACEHOLDER.decode(),
                 ),
@@ -202,8 +220,8 @@ class Payloads:
 # ---- driving ------------------------------------------------------------------------------
 
 
-def channels(data_dir: Path, port: int) -> list[Any]:
-    files = certs.client_files(data_dir / "certs", "muni-miraflores")
+def channels(data_dir: Path, port: int, identity: str = FLOOD[0]) -> list[Any]:
+    files = certs.client_files(data_dir / "certs", identity)
     cert, key, ca = files.read()
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
@@ -339,8 +357,10 @@ async def open_loop(
     return run
 
 
-async def connect(data_dir: Path, port: int, n: int = 200) -> tuple[list[Any], Payloads]:
-    chans = channels(data_dir, port)
+async def connect(
+    data_dir: Path, port: int, n: int = 200, who: tuple[str, str] = FLOOD
+) -> tuple[list[Any], Payloads]:
+    chans = channels(data_dir, port, who[0])
     info_call = chans[0].unary_unary(
         INFO,
         request_serializer=mpb.GetServerInfoRequest.SerializeToString,
@@ -348,14 +368,14 @@ async def connect(data_dir: Path, port: int, n: int = 200) -> tuple[list[Any], P
     )
     info = await info_call(mpb.GetServerInfoRequest(), timeout=30)
     gallery = info.galleries[0]
-    return chans, Payloads(gallery.model_id, gallery.size, n)
+    return chans, Payloads(gallery.model_id, gallery.size, n, who[1])
 
 
 async def probe(args: argparse.Namespace) -> None:
     """``--probe``: a light, well-behaved client (closed loop at concurrency 2, the same
     deadline) in its own process, so that its latencies are not those of a saturated load
     generator. Says ``ready``, waits for a line on stdin, runs, prints one JSON row."""
-    chans, payloads = await connect(args.data_dir, args.port, 50)
+    chans, payloads = await connect(args.data_dir, args.port, 50, PROBE)
     calls = [ch.unary_unary(METHOD) for ch in chans[:1]]
     await closed_loop(calls, payloads, 1, 0.5)
     print("ready", flush=True)
@@ -496,7 +516,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"\nMatchFace at {args.factor:g}x capacity, {cores} ({args.templates:,} listed; "
         f"max_concurrent_rpcs {args.max_in_flight}, "
         f"max_pending_rpcs {args.max_pending}; max_streams_per_connection "
-        f"{args.max_streams or 'unlimited'}; deadline {args.deadline_ms:g} ms; "
+        f"{args.max_streams or 'unlimited'}; admission wait {args.max_wait_ms:g} ms, "
+        f"queue per caller {args.queue_per_caller}, target {args.target_ms:g} ms, "
+        f"floor {args.floor}; "
+        f"deadline {args.deadline_ms:g} ms; "
         f"load average {os.getloadavg()[0]:.1f})"
     )
     print(
@@ -537,6 +560,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "max_concurrent_rpcs": args.max_in_flight,
         "max_pending_rpcs": args.max_pending,
         "max_streams_per_connection": args.max_streams,
+        "admission_max_wait_ms": args.max_wait_ms,
+        "admission_queue_per_caller": args.queue_per_caller,
+        "admission_target_ms": args.target_ms,
+        "admission_floor": args.floor,
         "deadline_ms": args.deadline_ms,
         "factor": args.factor,
         "capacity_per_s": res["capacity_per_s"],
@@ -570,7 +597,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def default_limits() -> tuple[int, int, int]:
+def default_limits() -> tuple[int, int, int, float, int, float, int]:
     from centinela.config import Settings
 
     defaults = Settings()
@@ -578,6 +605,10 @@ def default_limits() -> tuple[int, int, int]:
         defaults.max_concurrent_rpcs,
         defaults.max_pending_rpcs,
         defaults.max_streams_per_connection,
+        defaults.admission_max_wait_ms,
+        defaults.admission_queue_per_caller,
+        defaults.admission_target_ms,
+        defaults.admission_floor,
     )
 
 
@@ -599,6 +630,22 @@ def main(argv: list[str] | None = None) -> int:
         default=-1,
         help="max_streams_per_connection (server default)",
     )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=-1.0,
+        help="admission_max_wait_ms (server default)",
+    )
+    parser.add_argument(
+        "--queue-per-caller",
+        type=int,
+        default=0,
+        help="admission_queue_per_caller (server default)",
+    )
+    parser.add_argument(
+        "--target-ms", type=float, default=-1.0, help="admission_target_ms (server default)"
+    )
+    parser.add_argument("--floor", type=int, default=0, help="admission_floor (server default)")
     parser.add_argument("--overload-seconds", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=0.0)
     parser.add_argument("--keep", type=Path, help="reuse/keep the data dir under this directory")
@@ -614,10 +661,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    in_flight, pending, streams = default_limits()
+    in_flight, pending, streams, wait_ms, per_caller, target_ms, floor = default_limits()
+    args.floor = args.floor or floor
     args.max_in_flight = args.max_in_flight or in_flight
     args.max_pending = args.max_pending or pending
     args.max_streams = streams if args.max_streams < 0 else args.max_streams
+    args.max_wait_ms = wait_ms if args.max_wait_ms < 0 else args.max_wait_ms
+    args.queue_per_caller = args.queue_per_caller or per_caller
+    args.target_ms = target_ms if args.target_ms < 0 else args.target_ms
     if args.serve:
         asyncio.run(serve(args))
         return 0
@@ -646,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_in_flight,
         args.max_pending,
         max_streams=args.max_streams,
+        admission=(args.max_wait_ms, args.queue_per_caller, args.target_ms, args.floor),
         pin=args.pin,
     )
     try:

@@ -53,6 +53,15 @@ class Settings:
     #: the limit within it the limit grows back (up to ``max_concurrent_rpcs``). 0 turns the
     #: adaptation off (a fixed ceiling). See ``centinela.server.admission``.
     admission_target_ms: float = 100.0
+    #: The adaptive in-flight limit never shrinks below this many units.
+    admission_floor: int = 32
+    #: How long a call past the in-flight limit may wait for a unit, in milliseconds, in its
+    #: caller's queue (units go round robin to the callers that wait); then
+    #: RESOURCE_EXHAUSTED. 0 refuses at the limit at once (``centinela.server.admission``).
+    admission_max_wait_ms: float = 250.0
+    #: Calls one client certificate may have waiting at the in-flight limit; beyond it they
+    #: are refused at once (RESOURCE_EXHAUSTED), so a flood's queue stays bounded.
+    admission_queue_per_caller: int = 128
     #: Calls waiting for the server's event loop beyond which gRPC refuses new ones (clients
     #: see CANCELLED); bounds the queueing delay under overload (``centinela.server.admission``).
     max_pending_rpcs: int = 64

@@ -15,9 +15,12 @@ Three bounds shed what the server cannot serve in time:
   again. A StreamMatch is one stream whatever it carries.
 
 * **In flight** (``max_concurrent_rpcs``, :class:`InFlight`, kept by
-  :class:`~centinela.server.interceptors.CentinelaInterceptor`): beyond it work that reached
-  the service is answered at once with RESOURCE_EXHAUSTED. A unit is a call, or one probe of
-  a StreamMatch (an open, idle stream holds none).
+  :class:`~centinela.server.interceptors.CentinelaInterceptor`): work past the (adaptive)
+  limit waits in a queue per caller (client certificate), and freed units go round robin to
+  the callers that wait, so one client's flood costs every other client one turn, not the
+  flood's length. A call waits at most ``admission_max_wait_ms`` and a caller may have
+  ``admission_queue_per_caller`` waiting; past either it gets RESOURCE_EXHAUSTED. A unit is
+  a call, or one probe of a StreamMatch (an open, idle stream holds none).
 * **Waiting** (``max_pending_rpcs``, here): calls the transport accepted but the server's
   event loop has not picked up yet. When the loop is saturated (10x the capacity on a small
   machine), this queue, not the work in flight, decides the latency: gRPC's own defaults let
@@ -64,6 +67,14 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         raise ConfigError("max_pending_rpcs must be at least 2")
     if not 0.0 <= settings.admission_target_ms < 3_600_000:
         raise ConfigError("admission_target_ms must be 0 (off) or a positive number of ms")
+    if not 0.0 <= settings.admission_max_wait_ms < 3_600_000:
+        raise ConfigError(
+            "admission_max_wait_ms must be 0 (refuse at once) or a positive number of ms"
+        )
+    if settings.admission_floor < 1:
+        raise ConfigError("admission_floor must be at least 1")
+    if settings.admission_queue_per_caller < 1:
+        raise ConfigError("admission_queue_per_caller must be at least 1")
     if settings.max_streams_per_connection < 0:
         raise ConfigError("max_streams_per_connection must be 0 (no limit) or positive")
     options = [
@@ -80,14 +91,32 @@ MIN_LIMIT = 32
 
 
 class InFlight:
-    """Work admitted and not yet answered, against an adaptive in-flight limit.
+    """Work admitted and not yet answered, against an adaptive in-flight limit, with the
+    work past the limit waiting in a queue **per caller**, served in turn.
 
     A unit is a unary call, a client-streamed import, an export, or **one message** of a
     StreamMatch: a portico's stream stays open all day and is idle between captures, so it
     holds a unit only while one of its probes is being decided (a thousand open streams must
-    not lock unary callers out). A call at the limit is refused (RESOURCE_EXHAUSTED); a
-    stream's probe at the limit waits for a unit (:meth:`acquire`), and its stream is not
-    read meanwhile: backpressure, as HTTP/2 flow control means it.
+    not lock unary callers out).
+
+    **Past the limit, work waits, fairly** (:meth:`acquire`). Each caller (a client
+    certificate) has its own queue; when a unit frees it goes to the caller whose turn it is,
+    round robin over the callers that wait, first come first served within one caller's
+    queue. So a client that floods gets, while it floods, one unit in turn with every other
+    client that waits, whatever its share of the arrivals: a portico with two calls waiting
+    beside a flood with a hundred waits for one hand-over, not for the hundred. This is
+    fair queueing (Demers, Keshav and Shenker; deficit round robin with equal costs) over
+    callers, the partitioned limiter of Netflix's concurrency-limits without fixed shares.
+    A waiting call is held on its own stream: it costs the server a coroutine and its
+    request, not the CPU of a refusal and a resend, and with ``max_streams_per_connection``
+    a flooding connection's further calls then wait in its own transport.
+
+    A call waits at most ``max_wait_s`` (then RESOURCE_EXHAUSTED, and its deadline may end it
+    first), and one caller may have at most ``queue_per_caller`` calls waiting (beyond, they
+    are refused at once): memory stays bounded whatever a client sends. ``max_wait_s`` 0
+    refuses at the limit at once. A stream's probe waits without either bound (its stream is
+    not read meanwhile: backpressure, as HTTP/2 flow control means it; one probe at a time
+    per stream).
 
     **Adaptive limit.** A fixed ceiling keeps memory bounded but not latency: at ten times
     the capacity, 256 calls in flight on a loop that serves ~300/s each wait ~0.9 s. So the
@@ -95,9 +124,7 @@ class InFlight:
     flight that the loop can serve within ``target_s``), per window of at least
     ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
 
-    * mean above ``target_s``: the limit shrinks by a quarter (never below ``floor``, 32 by
-      default: the concurrency one client process drives, so a service that is slower than
-      the target even when idle still serves that many at once);
+    * mean above ``target_s``: the limit shrinks by a quarter (never below ``floor``);
     * otherwise, if the limit was reached in the window (demand wants more): it grows by an
       eighth (at least one; never above ``ceiling``).
 
@@ -115,6 +142,8 @@ class InFlight:
         *,
         target_s: float = 0.0,
         floor: int = MIN_LIMIT,
+        max_wait_s: float = 0.0,
+        queue_per_caller: int = 128,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
@@ -122,14 +151,24 @@ class InFlight:
         self.limit = ceiling
         self.floor = min(floor, ceiling)
         self.target_s = target_s
+        self.max_wait_s = max_wait_s
+        self.queue_per_caller = queue_per_caller
         self.count = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting = 0
+        #: Each waiting caller's queue, and the callers in turn order (each once).
+        self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._turns: collections.deque[str] = collections.deque()
         self._reset(clock())
 
     @property
     def waiting(self) -> int:
-        """Stream probes waiting for a unit."""
-        return len(self._waiters)
+        """Calls and stream probes waiting for a unit."""
+        return self._waiting
+
+    def waiting_for(self, caller: str) -> int:
+        """What one caller has waiting."""
+        queue = self._queues.get(caller)
+        return len(queue) if queue else 0
 
     def _reset(self, now: float) -> None:
         self._window_start = now
@@ -137,52 +176,100 @@ class InFlight:
         self._total_s = 0.0
         self._saturated = False
 
-    def check(self) -> None:
-        """Refuse new work at the limit, without taking a unit (a stream that opens).
+    def enter(self) -> None:
+        """Take a unit at once, or refuse.
 
         Raises:
             ResourceExhausted: the limit is reached.
         """
-        if self.count >= self.limit:
+        if self.count >= self.limit or self._waiting:
             self._saturated = True
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
-
-    def enter(self) -> None:
-        """Take a unit.
-
-        Raises:
-            ResourceExhausted: the limit is reached.
-        """
-        self.check()
         self.count += 1
         if self.count >= self.limit:
             self._saturated = True
 
-    async def acquire(self) -> None:
-        """Take a unit, waiting for one at the limit (first come, first served).
+    async def acquire(self, caller: str = "", *, stream: bool = False) -> None:
+        """Take a unit, waiting in ``caller``'s queue at the limit.
 
-        For the probes of a stream: while one waits, its stream is not read, so HTTP/2 flow
-        control holds the portico back (backpressure) instead of a probe being refused.
+        A call (``stream`` false) waits at most ``max_wait_s`` and is refused when its
+        caller already has ``queue_per_caller`` waiting; a stream's probe waits unbounded.
+
+        Raises:
+            ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
         """
-        if self.count < self.limit and not self._waiters:
+        if not stream and self.max_wait_s <= 0:
             self.enter()
             return
+        if self.count < self.limit and not self._waiting:
+            self.count += 1
+            if self.count >= self.limit:
+                self._saturated = True
+            return
         self._saturated = True
+        queue = self._queues.get(caller)
+        if not stream and queue is not None and len(queue) >= self.queue_per_caller:
+            raise ResourceExhausted(
+                f"this client already has {len(queue)} calls waiting at the server's "
+                "concurrency limit; retry with backoff"
+            )
+        if queue is None:
+            queue = self._queues[caller] = collections.deque()
+            self._turns.append(caller)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        queue.append(waiter)
+        self._waiting += 1
+        timer = (
+            None
+            if stream
+            else asyncio.get_running_loop().call_later(
+                self.max_wait_s, self._expire, caller, waiter
+            )
+        )
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.leave()  # handed a unit just as the stream went away: give it back
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.leave()  # handed a unit just as the call went away: give it back
             else:
-                self._waiters.remove(waiter)
+                self._discard(caller, waiter)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _discard(self, caller: str, waiter: asyncio.Future[None]) -> None:
+        queue = self._queues.get(caller)
+        if queue is None or waiter not in queue:
+            return  # already handed over or expired
+        queue.remove(waiter)
+        self._waiting -= 1
+        if not queue:
+            del self._queues[caller]
+            self._turns.remove(caller)
+
+    def _expire(self, caller: str, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        self._discard(caller, waiter)
+        waiter.set_exception(
+            ResourceExhausted(
+                f"waited {self.max_wait_s * 1000:g} ms at the server's concurrency limit; "
+                "retry with backoff"
+            )
+        )
 
     def _hand_over(self) -> None:
-        while self._waiters and self.count < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+        while self._turns and self.count < self.limit:
+            caller = self._turns.popleft()
+            queue = self._queues[caller]
+            waiter = queue.popleft()
+            self._waiting -= 1
+            if queue:
+                self._turns.append(caller)  # its next call after every other caller's
+            else:
+                del self._queues[caller]
+            if not waiter.done():  # a cancelled one (its task not yet resumed) takes none
                 self.count += 1
                 waiter.set_result(None)
 

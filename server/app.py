@@ -120,6 +120,9 @@ class CentinelaServer:
             identity or TlsIdentity.from_settings(settings),
             max_concurrent=settings.max_concurrent_rpcs,
             admission_target_s=settings.admission_target_ms / 1000.0,
+            admission_floor=settings.admission_floor,
+            admission_max_wait_s=settings.admission_max_wait_ms / 1000.0,
+            admission_queue_per_caller=settings.admission_queue_per_caller,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0

@@ -22,6 +22,14 @@ class CallState:
     #: The server's in-flight ceiling (a StreamMatch takes a unit per message).
     admission: InFlight | None = None
 
+    @property
+    def share(self) -> str:
+        """Whose queue this call waits in at the in-flight limit: its client certificate
+        (its name where no fingerprint is known); calls without a caller share one."""
+        if self.caller is None:
+            return ""
+        return self.caller.fingerprint or self.caller.name
+
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
     "centinela_call", default=None

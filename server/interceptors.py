@@ -18,8 +18,9 @@ Invariants:
 * Policy denials carry their rule ids in a ``google.rpc.Status`` with an ``ErrorInfo`` detail
   (``grpc-status-details-bin``) and in the ``x-centinela-rule-ids`` trailer.
 * Beyond ``max_concurrent`` units of work in flight (a call, or one message of a long-lived
-  stream: :class:`~centinela.server.admission.InFlight`), new work is shed with
-  RESOURCE_EXHAUSTED.
+  stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
+  queue, served round robin with the other callers' (identity is therefore resolved first),
+  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from centinela.errors import (
 )
 from centinela.logs import get_logger
 from centinela.server import certs
-from centinela.server.admission import InFlight
+from centinela.server.admission import MIN_LIMIT, InFlight
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
 
@@ -274,9 +275,18 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         *,
         max_concurrent: int = 256,
         admission_target_s: float = 0.0,
+        admission_floor: int = MIN_LIMIT,
+        admission_max_wait_s: float = 0.0,
+        admission_queue_per_caller: int = 128,
     ) -> None:
         self._identity = identity
-        self.admission = InFlight(max_concurrent, target_s=admission_target_s)
+        self.admission = InFlight(
+            max_concurrent,
+            target_s=admission_target_s,
+            floor=admission_floor,
+            max_wait_s=admission_max_wait_s,
+            queue_per_caller=admission_queue_per_caller,
+        )
 
     @property
     def in_flight(self) -> int:
@@ -304,8 +314,6 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     ) -> CallState:
         request_id = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
         state = CallState(request_id=request_id, method=method, admission=self.admission)
-        if method not in LONG_LIVED:  # a stream that opens takes no unit: never refused here
-            self.admission.check()
         if protected:
             try:
                 state.caller = self._identity(context)
@@ -387,7 +395,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
                     _check_decoded(request)
-                    interceptor.admission.enter()
+                    await interceptor.admission.acquire(state.share)
                     entered = time.perf_counter()
                     try:
                         result = inner_uu(request, context)
@@ -432,7 +440,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     if not streaming_request:
                         _check_decoded(request)
                     if holds_unit:
-                        interceptor.admission.enter()
+                        await interceptor.admission.acquire(state.share)
                     try:
                         async for item in inner_s(request, context):
                             yield item
@@ -472,7 +480,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             try:
                 state = interceptor._begin(context, method, protected, rid)
                 token = set_call(state)
-                interceptor.admission.enter()
+                await interceptor.admission.acquire(state.share)
                 try:
                     result = inner_su(_decoded(request_iterator), context)
                     if inspect.isawaitable(result):

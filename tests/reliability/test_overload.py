@@ -9,8 +9,11 @@ rather than by racing a load generator:
   answered when the lock goes.
 * **in flight** (``max_concurrent_rpcs``): the database's write lock is held by this test
   (a real SQLite lock on the server's own database, as a slow disk or a long transaction
-  would hold it), so admitted MatchFace calls wait inside the service for their audit entry;
-  once the limit is reached, further calls get RESOURCE_EXHAUSTED from the service at once;
+  would hold it), so admitted MatchFace calls wait inside the service for their audit entry.
+  Past the limit calls wait in their caller's queue and units go round robin to the callers
+  that wait: a flooding client's further calls are refused at once past its queue bound, and
+  another client's call is admitted in its turn, not after the flood's queue. With the wait
+  off (``admission_max_wait_ms`` 0), calls past the limit get RESOURCE_EXHAUSTED at once;
   when the lock goes, every admitted call is answered.
 * **waiting** (``max_pending_rpcs``): the server's event loop is made to stall (a blocking
   call on it, as a long GC pause or a saturated loop would); calls keep arriving and gRPC
@@ -36,7 +39,7 @@ import grpc
 
 from centinela.clients.retry import retryable
 from centinela.config import Settings
-from centinela.server.demo import populate
+from centinela.server.demo import LAV_SITE, populate
 from centinela.server.interceptors import CentinelaInterceptor
 from centinela.server.testing import ServerThread
 from centinela.v1.match_service_pb2_grpc import MatchServiceStub
@@ -70,7 +73,7 @@ def _wait(check: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def _settings(tmp_path: Path, **limits: int) -> Settings:
+def _settings(tmp_path: Path, **limits: float) -> Settings:
     """A server with the R14 ceilings lifted and the admission bounds given."""
     return Settings(
         data_dir=tmp_path / "data",
@@ -100,7 +103,7 @@ def _interceptor(server: ServerThread) -> CentinelaInterceptor:
 
 
 def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, max_concurrent_rpcs=4)
+    settings = _settings(tmp_path, max_concurrent_rpcs=4, admission_max_wait_ms=0)
     with ServerThread(settings) as server:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
@@ -123,6 +126,46 @@ def test_calls_beyond_the_in_flight_limit_get_resource_exhausted(tmp_path: Path)
         assert all(a.decision.decision_id and a.alert for a in answers)
         _wait(lambda: interceptor.in_flight == 0)
         assert stub.MatchFace(world.face_request(world.stranger()), timeout=30).decision.decision_id
+        world.close()
+
+
+def test_past_the_limit_calls_wait_and_each_caller_is_served_in_turn(tmp_path: Path) -> None:
+    """One unit in flight (so the audit order is the admission order), the audit's write lock
+    held: a flooding client's calls wait in its own queue, past its bound they are refused at
+    once, and another client's call waiting behind them is admitted second, not after them."""
+    settings = _settings(
+        tmp_path,
+        max_concurrent_rpcs=1,
+        admission_max_wait_ms=60_000,
+        admission_queue_per_caller=5,
+    )
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        flood, other = world.stub("muni-miraflores"), world.stub("muni-la-victoria")
+        interceptor = _interceptor(server)
+        admission = interceptor.admission
+        with _audit_write_lock(settings):
+            first = flood.MatchFace.future(world.face_request(world.stranger(seed=0)), timeout=60)
+            _wait(lambda: interceptor.in_flight == 1)
+            queued = [
+                flood.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
+                for k in range(1, 6)
+            ]
+            _wait(lambda: admission.waiting == 5)
+            past = flood.MatchFace.future(world.face_request(world.stranger(seed=9)), timeout=60)
+            assert _outcome(past) == "RESOURCE_EXHAUSTED"  # its queue is full: at once
+            theirs = other.MatchFace.future(
+                world.face_request(world.stranger(seed=20), site=LAV_SITE), timeout=60
+            )
+            _wait(lambda: admission.waiting == 6)
+            assert not any(f.done() for f in [first, *queued, theirs])
+        flood_at = [f.result().decision.audit_index for f in [first, *queued]]
+        their_at = theirs.result().decision.audit_index
+        # Admission order: the flood's first, its next (the turn was its), then the other
+        # client, then the rest of the flood. First come, first served would put it last.
+        assert sorted(flood_at) == flood_at
+        assert flood_at[1] < their_at < flood_at[2], (flood_at, their_at)
+        _wait(lambda: interceptor.in_flight == 0 and admission.waiting == 0)
         world.close()
 
 
@@ -171,7 +214,7 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
 
     from centinela.v1 import match_service_pb2 as mpb
 
-    settings = _settings(tmp_path, max_concurrent_rpcs=4)
+    settings = _settings(tmp_path, max_concurrent_rpcs=4, admission_max_wait_ms=0)
     with ServerThread(settings) as server, ThreadPoolExecutor(1) as reader:
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")

@@ -7,7 +7,10 @@ The live behaviour under load is measured by ``benchmarks/load.py``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,14 +118,11 @@ def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
     f.enter()
     with pytest.raises(ResourceExhausted):
         f.enter()
-    with pytest.raises(ResourceExhausted):
-        f.check()
     f.leave()
-    f.check()
+    f.enter()
 
 
 def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> None:
-    import asyncio
 
     async def scenario() -> None:
         f = InFlight(2, floor=2)
@@ -131,7 +131,7 @@ def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> N
         got: list[str] = []
 
         async def probe(name: str) -> None:
-            await f.acquire()
+            await f.acquire(stream=True)
             got.append(name)
 
         first = asyncio.create_task(probe("first"))
@@ -156,7 +156,7 @@ def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> N
         # Handed a unit at the moment it is cancelled: the unit is given back.
         f.enter()
         f.enter()
-        racing = asyncio.create_task(f.acquire())
+        racing = asyncio.create_task(f.acquire(stream=True))
         await asyncio.sleep(0)
         f.leave()  # hands the unit to `racing` (its future is done, the task not yet run)
         racing.cancel()
@@ -164,6 +164,104 @@ def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> N
         assert f.count == 1
 
     asyncio.run(scenario())
+
+
+def _run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+def test_units_go_round_robin_to_the_callers_that_wait() -> None:
+    """A flood's hundred waiting calls cost a client with two waiting one turn each, not the
+    hundred: freed units alternate between the callers that wait (FIFO within one)."""
+
+    async def scenario() -> None:
+        f = InFlight(2, floor=2, max_wait_s=60.0, queue_per_caller=1000)
+        f.enter()
+        f.enter()
+        order: list[str] = []
+
+        async def call(caller: str, n: int) -> None:
+            await f.acquire(caller)
+            order.append(f"{caller}{n}")
+
+        tasks = [asyncio.create_task(call("flood", n)) for n in range(100)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call("portico", n)) for n in range(2)]
+        tasks += [asyncio.create_task(call("other", n)) for n in range(1)]
+        await asyncio.sleep(0)
+        assert (f.waiting, f.waiting_for("flood"), f.waiting_for("portico")) == (103, 100, 2)
+        for _ in range(103):
+            f.leave()  # one unit frees, one waiter is handed it
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order[:6] == ["flood0", "portico0", "other0", "flood1", "portico1", "flood2"]
+        assert order[6:] == [f"flood{n}" for n in range(3, 100)]
+        assert (f.count, f.waiting) == (2, 0)
+
+    _run(scenario)
+
+
+def test_a_call_waits_at_most_max_wait_and_a_callers_queue_is_bounded() -> None:
+    async def scenario() -> None:
+        f = InFlight(1, floor=1, max_wait_s=0.05, queue_per_caller=2)
+        f.enter()
+        waiting = [asyncio.create_task(f.acquire("flood")) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhausted, match="already has 2 calls waiting"):
+            await f.acquire("flood")  # its queue is full: refused at once
+        other = asyncio.create_task(f.acquire("portico"))  # another caller's is not
+        await asyncio.sleep(0)
+        assert (f.waiting, f.waiting_for("portico")) == (3, 1)
+        results = await asyncio.gather(*waiting, other, return_exceptions=True)
+        assert all(isinstance(r, ResourceExhausted) and "waited 50 ms" in str(r) for r in results)
+        assert (f.count, f.waiting) == (1, 0)  # nothing handed out, nothing left queued
+        f.leave()
+        await f.acquire("flood")  # below the limit again: at once
+        assert f.count == 1
+
+    _run(scenario)
+
+
+def test_no_wait_refuses_at_the_limit_and_a_stream_probe_ignores_the_bounds() -> None:
+    async def scenario() -> None:
+        f = InFlight(1, floor=1, max_wait_s=0.0, queue_per_caller=1)
+        await f.acquire("a")
+        with pytest.raises(ResourceExhausted, match="concurrency limit"):
+            await f.acquire("a")
+        probes = [asyncio.create_task(f.acquire("a", stream=True)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert f.waiting_for("a") == 3  # past queue_per_caller, and no timer
+        with pytest.raises(ResourceExhausted):
+            f.enter()  # nobody jumps a queue that waits
+        for task in probes:
+            f.leave()
+            await task
+        assert (f.count, f.waiting) == (1, 0)
+
+    _run(scenario)
+
+
+def test_a_waiter_cancelled_or_expired_gives_back_nothing_it_did_not_take() -> None:
+    async def scenario() -> None:
+        f = InFlight(1, floor=1, max_wait_s=60.0)
+        f.enter()
+        gone = asyncio.create_task(f.acquire("a"))
+        kept = asyncio.create_task(f.acquire("b"))
+        await asyncio.sleep(0)
+        gone.cancel()  # cancelled, its task not yet resumed: the hand-over skips it
+        f.leave()
+        await asyncio.gather(gone, return_exceptions=True)
+        await kept
+        assert (f.count, f.waiting) == (1, 0)
+        # Handed a unit at the moment its call is cancelled: the unit comes back.
+        racing = asyncio.create_task(f.acquire("a"))
+        await asyncio.sleep(0)
+        f.leave()
+        racing.cancel()
+        await asyncio.gather(racing, return_exceptions=True)
+        assert (f.count, f.waiting) == (0, 0)
+
+    _run(scenario)
 
 
 def test_server_options_carry_the_bounds_and_refuse_bad_ones(tmp_path: Path) -> None:
@@ -177,6 +275,8 @@ def test_server_options_carry_the_bounds_and_refuse_bad_ones(tmp_path: Path) -> 
         {"max_streams_per_connection": -1},
         {"max_pending_rpcs": 1},
         {"max_concurrent_rpcs": 0},
+        {"admission_max_wait_ms": -1.0},
+        {"admission_queue_per_caller": 0},
     ):
         with pytest.raises(ConfigError):
-            server_options(Settings(data_dir=tmp_path, **bad))  # type: ignore[arg-type]
+            server_options(Settings(data_dir=tmp_path, **bad))
