@@ -160,6 +160,17 @@ class InFlight:
         self._turns: collections.deque[str] = collections.deque()
         self._reset(clock())
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InFlight:
+        """The limit, adaptation and queues a server's settings give."""
+        return cls(
+            settings.max_concurrent_rpcs,
+            target_s=settings.admission_target_ms / 1000.0,
+            floor=settings.admission_floor,
+            max_wait_s=settings.admission_max_wait_ms / 1000.0,
+            queue_per_caller=settings.admission_queue_per_caller,
+        )
+
     @property
     def waiting(self) -> int:
         """Calls and stream probes waiting for a unit."""
@@ -198,13 +209,8 @@ class InFlight:
         Raises:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
         """
-        if not stream and self.max_wait_s <= 0:
-            self.enter()
-            return
-        if self.count < self.limit and not self._waiting:
-            self.count += 1
-            if self.count >= self.limit:
-                self._saturated = True
+        if (self.count < self.limit and not self._waiting) or (not stream and self.max_wait_s <= 0):
+            self.enter()  # a free unit, or (no wait) a refusal at the limit
             return
         self._saturated = True
         queue = self._queues.get(caller)
@@ -240,9 +246,12 @@ class InFlight:
 
     def _discard(self, caller: str, waiter: asyncio.Future[None]) -> None:
         queue = self._queues.get(caller)
-        if queue is None or waiter not in queue:
+        if queue is None:
             return  # already handed over or expired
-        queue.remove(waiter)
+        try:
+            queue.remove(waiter)
+        except ValueError:
+            return
         self._waiting -= 1
         if not queue:
             del self._queues[caller]

@@ -118,11 +118,7 @@ class CentinelaServer:
         self.servicers = servicers or Servicers()
         self.interceptor = CentinelaInterceptor(
             identity or TlsIdentity.from_settings(settings),
-            max_concurrent=settings.max_concurrent_rpcs,
-            admission_target_s=settings.admission_target_ms / 1000.0,
-            admission_floor=settings.admission_floor,
-            admission_max_wait_s=settings.admission_max_wait_ms / 1000.0,
-            admission_queue_per_caller=settings.admission_queue_per_caller,
+            admission.InFlight.from_settings(settings),
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0

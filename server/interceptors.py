@@ -17,7 +17,7 @@ Invariants:
   data that must not reach a caller, so only the exception's class is logged.
 * Policy denials carry their rule ids in a ``google.rpc.Status`` with an ``ErrorInfo`` detail
   (``grpc-status-details-bin``) and in the ``x-centinela-rule-ids`` trailer.
-* Beyond ``max_concurrent`` units of work in flight (a call, or one message of a long-lived
+* Beyond the limit of units of work in flight (a call, or one message of a long-lived
   stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
   queue, served round robin with the other callers' (identity is therefore resolved first),
   and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound.
@@ -50,7 +50,7 @@ from centinela.errors import (
 )
 from centinela.logs import get_logger
 from centinela.server import certs
-from centinela.server.admission import MIN_LIMIT, InFlight
+from centinela.server.admission import InFlight
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
 
@@ -272,21 +272,10 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     def __init__(
         self,
         identity: IdentityResolver,
-        *,
-        max_concurrent: int = 256,
-        admission_target_s: float = 0.0,
-        admission_floor: int = MIN_LIMIT,
-        admission_max_wait_s: float = 0.0,
-        admission_queue_per_caller: int = 128,
+        admission: InFlight,
     ) -> None:
         self._identity = identity
-        self.admission = InFlight(
-            max_concurrent,
-            target_s=admission_target_s,
-            floor=admission_floor,
-            max_wait_s=admission_max_wait_s,
-            queue_per_caller=admission_queue_per_caller,
-        )
+        self.admission = admission
 
     @property
     def in_flight(self) -> int:
