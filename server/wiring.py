@@ -10,6 +10,7 @@ bundle and of the configuration is durable before the first call is served; shut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -92,6 +93,8 @@ class Application:
         c.executor.shutdown(wait=True)
         await asyncio.to_thread(c.audit.close)
         c.idempotency.close()
+        _close_engine(c.policy.active)
+        _close_engine(c.policy.shadow)
         self.engine.dispose()
 
 
@@ -106,13 +109,27 @@ def _engine_for(settings: Settings, bundle: Bundle) -> PolicyEngine:
 
 
 def build_components(settings: Settings) -> Components:
-    """Create every component (blocking; run it in a thread from async code)."""
+    """Create every component (blocking; run it in a thread from async code).
+
+    If any step fails, what the earlier steps opened is closed again, in reverse order (the
+    audit writer, the matcher's catch-up thread, the executor, the database pool), so a
+    failed start leaves no threads or connections behind.
+    """
+    with contextlib.ExitStack() as undo:
+        components = _build_components(settings, undo)
+        undo.pop_all()
+    return components
+
+
+def _build_components(settings: Settings, undo: contextlib.ExitStack) -> Components:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = make_engine(settings.effective_database_url)
+    undo.callback(engine.dispose)
     keys_dir = settings.effective_keys_dir
     records = Records(engine)
     alerts = AlertStore(engine)
     idem = IdempotencyStore(engine)
+    undo.callback(idem.close)
 
     audit = AuditLog.open(
         engine,
@@ -121,15 +138,16 @@ def build_components(settings: Settings) -> Components:
         checkpoint_every_entries=settings.checkpoint_every_entries,
         checkpoint_every_seconds=settings.checkpoint_every_seconds,
     )
+    undo.callback(audit.close)
     digester = Digester(load_or_create_hmac_key(keys_dir / "audit-hmac.key"))
 
     active_bundle = Bundle.load(settings.policy_bundle)
     active = _engine_for(settings, active_bundle)
-    shadow = (
-        _engine_for(settings, Bundle.load(settings.shadow_bundle))
-        if (settings.shadow_bundle)
-        else None
-    )
+    undo.callback(_close_engine, active)
+    shadow = None
+    if settings.shadow_bundle:
+        shadow = _engine_for(settings, Bundle.load(settings.shadow_bundle))
+        undo.callback(_close_engine, shadow)
     policy = PolicyService(active, shadow)
     face_model_id = settings.effective_face_model_id
     models = {"pnp_watchlist": face_model_id, "reniec_registry": face_model_id}
@@ -139,6 +157,7 @@ def build_components(settings: Settings) -> Components:
     snapshot_dir = settings.effective_snapshot_dir
     snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     matcher = Matcher(store, galleries=default_galleries(face_model_id), snapshot_dir=snapshot_dir)
+    undo.callback(matcher.stop)
     matcher.start(
         lambda p: (
             log.info("matcher.start", phase=p.phase, gallery=p.gallery, done=p.done, total=p.total)
@@ -149,6 +168,7 @@ def build_components(settings: Settings) -> Components:
     matcher.run_in_background()
 
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="centinela")
+    undo.callback(executor.shutdown, wait=False)
     pipeline = Pipeline(policy, audit, digester, bundle_name=active_bundle.name, executor=executor)
     view = WatchlistView(records)
     view.refresh()
@@ -181,6 +201,13 @@ def build_components(settings: Settings) -> Components:
         )
     )
     return components
+
+
+def _close_engine(engine: PolicyEngine | None) -> None:
+    """Release what a policy engine holds (the OPA client's HTTP session), if anything."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
 
 
 def build_servicers(components: Components) -> Servicers:
