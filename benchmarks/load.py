@@ -57,6 +57,7 @@ import numpy as np
 from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import LAV_SITE, MIRA_SITE, ts
+from centinela.server.testing import spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -132,8 +133,7 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], int]:
     max_wait_ms, queue_per_caller, target_ms, floor = admission
     port_file = data_dir / "port"
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(
+    return spawn_serving(
         [
             sys.executable,
             "-m",
@@ -160,17 +160,14 @@ def start_server(
             "--port-file",
             str(port_file),
         ],
+        port_file,
         cwd=ROOT,
         stderr=sys.stderr,
         # In the child before exec: every thread the server ever starts inherits it.
         preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CPU})) if pin else None,
+        what="load server",
+        timeout_s=7200,
     )
-    deadline = time.monotonic() + 7200
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("load server failed to start")
-        time.sleep(0.2)
-    return proc, int(port_file.read_text())
 
 
 def rss_mb(pid: int) -> float:

@@ -41,6 +41,7 @@ from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
+from centinela.server.testing import spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -49,28 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(data_dir: Path, templates: int) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = data_dir / "port"
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "_bench_server.py"),
-            "--data-dir",
-            str(data_dir),
-            "--templates",
-            str(templates),
-            "--port-file",
-            str(port_file),
-        ],
-        stderr=sys.stderr,
+    argv = [sys.executable, str(ROOT / "benchmarks" / "_bench_server.py"), "--data-dir"]
+    argv += [str(data_dir), "--templates", str(templates), "--port-file", str(data_dir / "port")]
+    return spawn_serving(
+        argv, data_dir / "port", what="benchmark server", timeout_s=7200, stderr=sys.stderr
     )
-    deadline = time.monotonic() + 7200
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("benchmark server failed to start")
-        time.sleep(0.5)
-    time.sleep(0.2)
-    return proc, int(port_file.read_text())
 
 
 def channel(data_dir: Path, port: int) -> Any:

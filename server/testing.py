@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,37 @@ def secure_channel(target: str, files: certs.TlsFiles, **options: Any) -> grpc.C
     opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     opts += list(options.items())
     return grpc.secure_channel(target, creds, options=opts)
+
+
+def spawn_serving(
+    argv: Sequence[str],
+    port_file: Path,
+    *,
+    what: str = "server",
+    timeout_s: float = 120.0,
+    **popen: Any,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``argv`` (a server that writes its bound port to ``port_file`` once it serves)
+    and return the process and that port.
+
+    ``popen`` goes to :class:`subprocess.Popen` (``stderr``, ``cwd``, ``preexec_fn`` …).
+
+    Raises:
+        RuntimeError: the process exited, or did not serve within ``timeout_s``; it is
+            killed in the second case.
+    """
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(list(argv), **popen)
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before serving")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{what} did not serve within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    # write_text creates the file before it writes the number: an empty read is that instant.
+    while not (text := port_file.read_text().strip()):
+        time.sleep(0.05)
+    return proc, int(text)

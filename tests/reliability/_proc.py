@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from centinela.policy.bundle import packaged_root
+from centinela.server.testing import spawn_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 #: How long a server may take to start (a busy 2-core machine, migrations, index load).
@@ -33,27 +34,16 @@ def start_bench_server(data_dir: Path, templates: int = 200) -> tuple[subprocess
     """``benchmarks/_bench_server.py`` on ``data_dir`` (watchlist of ``templates`` synthetic
     people, R14 ceilings lifted); returns the process and its port once it serves."""
     port_file = data_dir / "port"
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "_bench_server.py"),
-            "--data-dir",
-            str(data_dir),
-            "--templates",
-            str(templates),
-            "--port-file",
-            str(port_file),
-        ],
+    argv = [sys.executable, str(ROOT / "benchmarks" / "_bench_server.py"), "--data-dir"]
+    argv += [str(data_dir), "--templates", str(templates), "--port-file", str(port_file)]
+    return spawn_serving(
+        argv,
+        port_file,
+        what="bench server",
+        timeout_s=START_TIMEOUT_S,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_file.exists():
-        assert proc.poll() is None, "server died at start"
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.2)
-    return proc, int(port_file.read_text())
 
 
 def start_serve(
