@@ -524,6 +524,11 @@ class AuditLog:
     # --- reads ---------------------------------------------------------------------------
 
     @property
+    def history_checked_size(self) -> int:
+        """The size the history check covers: the log's size when it was opened."""
+        return self._verify_size
+
+    @property
     def fault(self) -> str | None:
         """Why the log refuses every append (altered store, writer failure), or None."""
         return self._fault

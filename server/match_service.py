@@ -85,6 +85,14 @@ _MODES = {
 }
 
 
+#: ``AuditLog.history_verified`` as the API reports it.
+_HISTORY_CHECK = {
+    None: pb.AUDIT_HISTORY_CHECK_RUNNING,
+    True: pb.AUDIT_HISTORY_CHECK_PASSED,
+    False: pb.AUDIT_HISTORY_CHECK_FAILED,
+}
+
+
 def _gallery_names(values: Any, *, allowed: tuple[str, ...], field: str) -> list[str]:
     names: list[str] = []
     for i, g in enumerate(values):
@@ -857,6 +865,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             caller_org=caller.org,
             caller_kind=caller.kind,
             caller_roles=list(caller.roles),
+            audit_history_check=_HISTORY_CHECK[c.audit.history_verified],
+            audit_history_checked_size=c.audit.history_checked_size,
         )
 
     def _framework(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from centinela.config import Settings
 from centinela.errors import AuditUnavailable
 from centinela.server.demo import populate
 from centinela.server.testing import ServerThread
+from centinela.v1 import match_service_pb2 as mpb
+from centinela.v1 import match_service_pb2_grpc as mgrpc
 
 STATUS = health_pb2.HealthCheckResponse
 
@@ -25,6 +27,14 @@ def _health(server: ServerThread) -> int:
     with server.channel("compliance") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+
+
+def _info(server: ServerThread) -> mpb.GetServerInfoResponse:
+    with server.channel("compliance") as ch:
+        info: mpb.GetServerInfoResponse = mgrpc.MatchServiceStub(ch).GetServerInfo(
+            mpb.GetServerInfoRequest(), timeout=10
+        )
+        return info
 
 
 def _entry(i: int) -> AuditEvent:
@@ -68,6 +78,7 @@ def test_an_altered_audit_store_turns_health_to_not_serving(settings: Settings) 
         return
     try:
         _wait_not_serving(server)
+        assert _info(server).audit_history_check == mpb.AUDIT_HISTORY_CHECK_FAILED
         world = populate(server, registry=False)
         with pytest.raises(grpc.RpcError) as err:
             world.stub("muni-miraflores").MatchFace(
@@ -77,6 +88,27 @@ def test_an_altered_audit_store_turns_health_to_not_serving(settings: Settings) 
         world.close()
     finally:
         server.stop()
+
+
+def test_server_info_reports_the_history_check_of_the_log_as_opened(settings: Settings) -> None:
+    with ServerThread(settings) as server:
+        assert server.app is not None
+        for i in range(300):
+            server.app.components.audit.append_blocking(_entry(i))
+    db = sqlite3.connect(str(settings.data_dir / "centinela.db"))
+    (opened_size,) = db.execute("SELECT COUNT(*) FROM audit_leaves").fetchone()
+    db.close()
+    with ServerThread(settings) as server:
+        deadline = time.monotonic() + 30
+        info = _info(server)
+        while info.audit_history_check == mpb.AUDIT_HISTORY_CHECK_RUNNING:
+            assert time.monotonic() < deadline, "the history check did not finish"
+            time.sleep(0.05)
+            info = _info(server)
+        assert info.audit_history_check == mpb.AUDIT_HISTORY_CHECK_PASSED
+        # What was there when the server opened the log: not its own start entry.
+        assert info.audit_history_checked_size == opened_size > 300
+        assert info.audit_size > opened_size
 
 
 def test_a_faulted_audit_log_turns_health_to_not_serving_and_matches_unavailable(

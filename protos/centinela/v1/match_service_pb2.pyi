@@ -77,6 +77,36 @@ ALERT_STATE_REJECTED: AlertState.ValueType  # 4
 """Rejected as a false alarm."""
 Global___AlertState: _TypeAlias = AlertState  # noqa: Y015
 
+class _AuditHistoryCheck:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditHistoryCheckEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditHistoryCheck.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_HISTORY_CHECK_UNSPECIFIED: _AuditHistoryCheck.ValueType  # 0
+    """Not reported."""
+    AUDIT_HISTORY_CHECK_RUNNING: _AuditHistoryCheck.ValueType  # 1
+    """Still reading the leaves (about a second per million entries)."""
+    AUDIT_HISTORY_CHECK_PASSED: _AuditHistoryCheck.ValueType  # 2
+    """Every stored subtree agreed with the leaves."""
+    AUDIT_HISTORY_CHECK_FAILED: _AuditHistoryCheck.ValueType  # 3
+    """The store was altered: the log refuses appends, and with them every decision."""
+
+class AuditHistoryCheck(_AuditHistoryCheck, metaclass=_AuditHistoryCheckEnumTypeWrapper):
+    """The check, run beside the service after each start, that every stored subtree of the
+    audit log agrees with the leaves (an alteration of the database behind the server).
+    """
+
+AUDIT_HISTORY_CHECK_UNSPECIFIED: AuditHistoryCheck.ValueType  # 0
+"""Not reported."""
+AUDIT_HISTORY_CHECK_RUNNING: AuditHistoryCheck.ValueType  # 1
+"""Still reading the leaves (about a second per million entries)."""
+AUDIT_HISTORY_CHECK_PASSED: AuditHistoryCheck.ValueType  # 2
+"""Every stored subtree agreed with the leaves."""
+AUDIT_HISTORY_CHECK_FAILED: AuditHistoryCheck.ValueType  # 3
+"""The store was altered: the log refuses appends, and with them every decision."""
+Global___AuditHistoryCheck: _TypeAlias = AuditHistoryCheck  # noqa: Y015
+
 @_typing.final
 class MatchFaceRequest(_message.Message):
     """One face to match."""
@@ -727,6 +757,8 @@ class GetServerInfoResponse(_message.Message):
     CALLER_ORG_FIELD_NUMBER: _builtins.int
     CALLER_KIND_FIELD_NUMBER: _builtins.int
     CALLER_ROLES_FIELD_NUMBER: _builtins.int
+    AUDIT_HISTORY_CHECK_FIELD_NUMBER: _builtins.int
+    AUDIT_HISTORY_CHECKED_SIZE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Centinela version."""
     policy_bundle: _builtins.str
@@ -745,6 +777,10 @@ class GetServerInfoResponse(_message.Message):
     """The caller as the server sees it: organisation."""
     caller_kind: _builtins.str
     """The caller as the server sees it: kind (municipality, pnp, reniec, compliance)."""
+    audit_history_check: Global___AuditHistoryCheck.ValueType
+    """The check of the audit log's stored history against its leaves since this start."""
+    audit_history_checked_size: _builtins.int
+    """How many entries that check covers (the log's size when the server opened it)."""
     @_builtins.property
     def galleries(self) -> _containers.RepeatedCompositeFieldContainer[Global___GalleryInfo]:
         """The galleries."""
@@ -767,10 +803,12 @@ class GetServerInfoResponse(_message.Message):
         caller_org: _builtins.str = ...,
         caller_kind: _builtins.str = ...,
         caller_roles: _abc.Iterable[_builtins.str] | None = ...,
+        audit_history_check: Global___AuditHistoryCheck.ValueType = ...,
+        audit_history_checked_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_size", b"audit_size", "caller_kind", b"caller_kind", "caller_org", b"caller_org", "caller_roles", b"caller_roles", "facial_matching_enabled", b"facial_matching_enabled", "galleries", b"galleries", "policy_bundle", b"policy_bundle", "policy_bundle_digest", b"policy_bundle_digest", "shadow_bundle", b"shadow_bundle", "shadow_bundle_digest", b"shadow_bundle_digest", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_history_check", b"audit_history_check", "audit_history_checked_size", b"audit_history_checked_size", "audit_size", b"audit_size", "caller_kind", b"caller_kind", "caller_org", b"caller_org", "caller_roles", b"caller_roles", "facial_matching_enabled", b"facial_matching_enabled", "galleries", b"galleries", "policy_bundle", b"policy_bundle", "policy_bundle_digest", b"policy_bundle_digest", "shadow_bundle", b"shadow_bundle", "shadow_bundle_digest", b"shadow_bundle_digest", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
