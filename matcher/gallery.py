@@ -468,6 +468,11 @@ class FaceGallery:
                 return []
             kq = min(live, max(k + CANDIDATE_MARGIN, 2 * k))
             labels, dists = self._knn(q32, kq)
+            # HNSW gives its candidates best first. When even the best cannot reach the
+            # threshold, no filtering, wider search or re-scoring can change the (empty)
+            # answer: most probes are of nobody listed, and this skips all of that for them.
+            if len(dists) == 0 or 1.0 - float(dists[0]) < min_score - RESCORE_SLACK:
+                return []
             ok = self._allowed(labels, now_ts, exclude_objectors, exempt_subjects)
             could_miss = len(labels) and (1.0 - float(dists[-1])) >= min_score
             if int(ok.sum()) < min(k, len(labels)) and could_miss and kq < live:

@@ -74,6 +74,20 @@ def test_threshold_filters_everything_below(
     assert hits == []
 
 
+def test_a_threshold_at_the_best_exact_score_keeps_it_and_one_just_above_drops_it(
+    gallery: FaceGallery, population: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # The float32 score HNSW ranks by may sit a hair below the exact one: a probe whose best
+    # candidate is exactly at the threshold must still come back (nothing is dropped on the
+    # approximate score alone), and one a hair under the threshold must not.
+    _templates, probes = population
+    for i in (7, 11, 23):
+        (best,) = gallery.search(probes[i], k=1, min_score=-1.0, now=NOW)
+        (again,) = gallery.search(probes[i], k=1, min_score=best.score, now=NOW)
+        assert again == best
+        assert gallery.search(probes[i], k=1, min_score=best.score + 1e-9, now=NOW) == []
+
+
 def test_hit_recall_against_exact_search(
     gallery: FaceGallery, population: tuple[np.ndarray, np.ndarray]
 ) -> None:
