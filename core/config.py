@@ -70,8 +70,9 @@ class Settings:
     #: floods costs the server nothing past its share. 100 is RFC 9113's recommended floor: a
     #: gateway that multiplexes many porticos' day-long StreamMatch streams over one
     #: connection must not find its next stream held forever. Where every client is one
-    #: portico, 8 keeps the latency of the others under a 10x flood from one of them
-    #: (README, performance; ``centinela.server.admission``).
+    #: portico, 8 keeps the others' calls under a 10x flood from one of them, as long as
+    #: this bound times the connections one client opens stays below half of
+    #: ``max_pending_rpcs`` (README, performance; ``centinela.server.admission``).
     max_streams_per_connection: int = 100
     #: Grace period for in-flight calls on SIGTERM, in seconds.
     shutdown_grace_s: float = 10.0
