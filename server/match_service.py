@@ -254,7 +254,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         self,
         request: Any,
         rpc: str,
-        compute: Callable[[Any, Caller, CallState], Awaitable[Message]],
+        compute: Callable[[Any, Caller, CallState], Awaitable[M]],
         cls: type[M],
         *,
         call: CallState | None = None,
@@ -262,19 +262,22 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         """Answer ``request`` with ``compute``, once per client request id (stored answer)."""
         caller = current_caller()
         state = call or current_call()
+        answered: list[M] = []
 
         async def run() -> bytes:
             msg = await compute(request, caller, state)
+            answered.append(msg)
             return bytes(msg.SerializeToString())
 
-        data, _replayed = await self.c.idempotency.run(
+        data, replayed = await self.c.idempotency.run(
             caller.name,
             request.context.client_request_id,
             rpc,
             run,
             request=request.SerializeToString(deterministic=True),
         )
-        return cls.FromString(data)
+        # A replay (stored, or a concurrent duplicate's) is read back from its bytes.
+        return cls.FromString(data) if replayed or not answered else answered[-1]
 
     def _info(self, decision: Decision, decision_id: str, index: int) -> common_pb2.DecisionInfo:
         return decision_info(decision, decision_id, index, self.c.bundle_name)

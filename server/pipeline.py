@@ -260,12 +260,19 @@ class Pipeline:
         if extra is not None:
             parts.append(extra)
         key = current_key()
+        built: list[Message] = []
         if key is not None:
-            parts.append(IdempotencyStore.companion(key, lambda i: respond(i).SerializeToString()))
+
+            def stored(index: int) -> bytes:
+                # Built once, in the writer's transaction: the caller gets this very message.
+                built.append(respond(index))
+                return bytes(built[-1].SerializeToString())
+
+            parts.append(IdempotencyStore.companion(key, stored))
 
         companion = Companions(tuple(parts)) if parts else None
         (receipt,) = await self.append(event, companion=companion)
-        return respond(receipt.index)
+        return built[-1] if built else respond(receipt.index)
 
     def event(
         self,
