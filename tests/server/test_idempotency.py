@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+from typing import Any
 
 import pytest
 
 from centinela.errors import FailedPrecondition, StorageError
-from centinela.server.idempotency import RETENTION, IdempotencyStore, current_key
+from centinela.server.idempotency import RETENTION, IdempotencyStore, SeenKeys, current_key
 from centinela.storage import make_engine, write_transaction
 
 
@@ -51,6 +53,11 @@ def test_answer_stored_reused_refused_and_pruned(db_url: str) -> None:
     store.engine.dispose()
 
 
+def _reader(store: IdempotencyStore) -> Any:
+    """The store's own SQLite connection (None until its first read)."""
+    return store._reader
+
+
 def test_sqlite_lookup_on_the_loop_recovers_from_a_broken_connection(sqlite_url: str) -> None:
     store = IdempotencyStore(make_engine(sqlite_url))
     assert store.inline  # SQLite: read on the event loop, on a connection of its own
@@ -59,8 +66,10 @@ def test_sqlite_lookup_on_the_loop_recovers_from_a_broken_connection(sqlite_url:
         return _store_answer(store, 3)
 
     async def scenario() -> None:
-        await store.run("muni", "req-00000002", "MatchFace", compute, b"A")
-        store._reader.dbapi_connection.close()  # the reader dies under the store's feet
+        await store.run("muni", "req-00000002", "MatchFace", compute, b"A")  # no read: new id
+        assert _reader(store) is None
+        assert (await store.run("muni", "req-00000002", "MatchFace", compute, b"A"))[1]
+        _reader(store).dbapi_connection.close()  # the reader dies under the store's feet
         with pytest.raises(StorageError):
             await store.run("muni", "req-00000002", "MatchFace", compute, b"A")
         # The next look-up reconnects and finds the stored answer.
@@ -78,3 +87,88 @@ def test_other_databases_are_read_from_a_thread(pg_url: str) -> None:
     store = IdempotencyStore(make_engine(pg_url))
     assert not store.inline
     store.engine.dispose()
+
+
+def test_an_answer_stored_before_a_restart_is_found_after_it(db_url: str) -> None:
+    engine = make_engine(db_url)
+    first = IdempotencyStore(engine)
+    calls = 0
+
+    async def compute() -> bytes:
+        nonlocal calls
+        calls += 1
+        return _store_answer(first, 5)
+
+    asyncio.run(first.run("muni", "req-00000009", "MatchFace", compute, b"A"))
+    first.close()
+    # A new process: its filter of stored keys is read from the table, so the retry reads
+    # the stored answer instead of deciding (and auditing) again.
+    again = IdempotencyStore(engine)
+    assert SeenKeys.digest("muni", "req-00000009") in again.seen
+    answer = asyncio.run(again.run("muni", "req-00000009", "MatchFace", compute, b"A"))
+    assert answer == (b"answer-5", True)
+    assert calls == 1
+    again.close()
+    engine.dispose()
+
+
+def test_new_request_ids_are_answered_without_reading_the_table(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = IdempotencyStore(make_engine(sqlite_url))
+    reads: list[str] = []
+    real = store._fetch
+
+    def counted(caller: str, rid: str) -> tuple[Any, ...] | None:
+        reads.append(rid)
+        return real(caller, rid)
+
+    monkeypatch.setattr(store, "_fetch", counted)
+
+    async def scenario() -> None:
+        for i in range(50):
+            rid = f"req-{i:08d}"
+            await store.run("muni", rid, "MatchFace", functools.partial(_compute, store, i), b"A")
+        assert reads == []
+        # A retry is read back from the table.
+        assert (await store.run("muni", "req-00000007", "MatchFace", _never, b"A")) == (
+            b"answer-7",
+            True,
+        )
+        assert reads == ["req-00000007"]
+
+    asyncio.run(scenario())
+    store.close()
+    store.engine.dispose()
+
+
+async def _compute(store: IdempotencyStore, index: int) -> bytes:
+    return _store_answer(store, index)
+
+
+async def _never() -> bytes:
+    raise AssertionError("a stored answer must be replayed, not computed")
+
+
+def test_seen_keys_never_miss_a_key_and_forget_only_what_a_prune_deleted() -> None:
+    now = [1_000_000.0]
+    seen = SeenKeys(capacity=100, clock=lambda: now[0])
+    keys = [SeenKeys.digest("muni", f"req-{i:08d}") for i in range(5000)]
+    for i, key in enumerate(keys):
+        now[0] += 3.0  # 5,000 keys over ~4 hours, past each filter's capacity many times
+        seen.add(key)
+        assert key in seen, i
+    assert all(k in seen for k in keys)
+    assert len(seen) == 5000
+    assert sum(SeenKeys.digest("other", f"req-{i:08d}") in seen for i in range(5000)) < 250
+    # A prune whose cutoff is the last key's time deleted every row before it; the filters
+    # of the last two hours before that cutoff stay (an answer may be stored an hour after
+    # its key went in), so the newest keys are all still there.
+    cutoff = now[0]
+    seen.forget_before(cutoff)
+    recent = [k for i, k in enumerate(keys) if 1_000_000.0 + 3.0 * (i + 1) >= cutoff - 7200]
+    assert all(k in seen for k in recent)
+    assert len(seen) < 5000
+    # Much later, only the newest filter stays (new keys go into it).
+    seen.forget_before(cutoff + 10 * 86400)
+    assert keys[-1] in seen
