@@ -220,6 +220,8 @@ class Pipeline:
         """
         last = len(events) - 1
         try:
+            if last == 0:  # the usual case: no task and gathering future for one entry
+                return [await self.audit.append(events[0], companion=companion)]
             return list(
                 await asyncio.gather(
                     *(
