@@ -647,7 +647,7 @@ class Messages:
 
     def message(self, desc: descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
         """A message drawn field by field from its descriptor."""
-        cls = message_factory.GetMessageClass(desc)
+        cls: Any = message_factory.GetMessageClass(desc)  # stubs differ across releases
         if desc.full_name == "google.protobuf.Timestamp":
             return timestamps().map(lambda sn: cls(seconds=sn[0], nanos=sn[1]))
         fields = [
