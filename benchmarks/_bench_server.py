@@ -30,7 +30,7 @@ from centinela.config import Settings
 from centinela.matcher import synth
 from centinela.matcher.store import TemplateRecord
 from centinela.policy.bundle import packaged_root
-from centinela.server.app import CentinelaServer
+from centinela.server.app import CentinelaServer, freeze_startup_heap
 from centinela.server.demo import LAV_SITE, MIRA_SITE
 from centinela.server.records import RequisitionRecord, SiteRecord
 from centinela.server.wiring import build_application
@@ -132,6 +132,7 @@ async def main() -> None:
         settings, app.servicers, on_stop=app.close, extra_handlers=[echo_handler()]
     )
     port = await server.start()
+    freeze_startup_heap()  # as `centinela serve` does
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(1.0)))

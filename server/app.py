@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import signal
 import sys
@@ -238,6 +239,7 @@ async def run(settings: Settings, *, banner: bool = True) -> None:
     app = await build_application(settings)
     server = CentinelaServer(settings, app.servicers, on_stop=app.close, readiness=app.unready)
     port = await server.start()
+    freeze_startup_heap()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
@@ -246,6 +248,20 @@ async def run(settings: Settings, *, banner: bool = True) -> None:
     if banner:
         _print_banner(settings, port)
     await server.wait()
+
+
+def freeze_startup_heap() -> None:
+    """Exempt what start-up built from every later garbage collection (``gc.freeze``).
+
+    Modules, the policy engine and the components live as long as the process, and each
+    full collection walked them with the event loop stopped (~60 ms a pause on this
+    machine, several times a minute under load). Frozen objects are still freed by
+    reference counting; only reference cycles among them would never be collected, which
+    is why this runs once, after a collection, when start-up is done (not in tests).
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("server.heap_frozen", objects=gc.get_freeze_count())
 
 
 def _print_banner(settings: Settings, port: int) -> None:

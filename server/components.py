@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import operator
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,25 +28,43 @@ from centinela.server.idempotency import IdempotencyStore
 from centinela.server.pipeline import Pipeline
 from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
 
+_Row = tuple[Any, ...]
+
+
+def _row_of(cls: type[Any]) -> Callable[[Any], _Row]:
+    """A function giving a frozen record's fields as a plain tuple, in declaration order."""
+    return operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
+
+
+_requisition_row = _row_of(RequisitionRecord)
+_vehicle_row = _row_of(VehicleRecord)
+
 
 class WatchlistView:
-    """Active requisitorias by subject, vehicle reports by id, and sites, in memory."""
+    """Active requisitorias by subject, vehicle reports by id, and sites, in memory.
+
+    Requisitorias and vehicle reports are held as plain tuples of their fields, not as
+    record objects: a tuple of strings, times and flags is untracked by the cyclic garbage
+    collector, while each dataclass instance (and each list) is tracked, and a million of
+    them made every full collection a pause of over a second with the event loop stopped.
+    The record is rebuilt for the one subject a hit names.
+    """
 
     def __init__(self, records: Records) -> None:
         self._records = records
         self._lock = threading.Lock()
-        self._by_subject: dict[str, list[RequisitionRecord]] = {}
-        self._vehicles: dict[str, VehicleRecord] = {}
+        self._by_subject: dict[str, tuple[_Row, ...]] = {}
+        self._vehicles: dict[str, _Row] = {}
         self._sites: dict[str, SiteRecord] = {}
 
     def refresh(self) -> None:
         """Reload from the database (after a change, and at start)."""
-        reqs = self._records.list_requisitions()
-        by_subject: dict[str, list[RequisitionRecord]] = {}
-        for r in reqs:
+        by_subject: dict[str, tuple[_Row, ...]] = {}
+        for r in self._records.list_requisitions():
             if r.lifted_at is None:
-                by_subject.setdefault(r.subject_ref, []).append(r)
-        vehicles = {v.vehicle_id: v for v in self._records.list_vehicles()}
+                have = by_subject.get(r.subject_ref, ())
+                by_subject[r.subject_ref] = (*have, _requisition_row(r))
+        vehicles = {v.vehicle_id: _vehicle_row(v) for v in self._records.list_vehicles()}
         sites = {s.site_id: s for s in self._records.list_sites(limit=1_000_000)}
         with self._lock:
             self._by_subject, self._vehicles, self._sites = by_subject, vehicles, sites
@@ -52,13 +72,15 @@ class WatchlistView:
     def active_requisition(self, subject_ref: str, now: dt.datetime) -> RequisitionRecord | None:
         """The subject's active requisitoria expiring last, if any (R6)."""
         with self._lock:
-            live = [r for r in self._by_subject.get(subject_ref, ()) if r.state(now) == "ACTIVE"]
+            rows = self._by_subject.get(subject_ref, ())
+        live = [r for r in (RequisitionRecord(*row) for row in rows) if r.state(now) == "ACTIVE"]
         return max(live, key=lambda r: r.expires_at) if live else None
 
     def stolen_vehicle(self, vehicle_id: str) -> VehicleRecord | None:
         """The report if the vehicle is still reported stolen (R6)."""
         with self._lock:
-            v = self._vehicles.get(vehicle_id)
+            row = self._vehicles.get(vehicle_id)
+        v = VehicleRecord(*row) if row is not None else None
         return v if v is not None and v.stolen else None
 
     def site(self, site_id: str) -> SiteRecord | None:

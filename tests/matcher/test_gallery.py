@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import threading
 
 import numpy as np
@@ -374,3 +375,48 @@ def test_vectors_of_returns_a_subjects_templates(
     (vec,) = gallery.vectors_of("s9")
     assert np.allclose(vec, templates[9], atol=1e-6)
     assert gallery.vectors_of("nobody") == []
+
+
+def test_a_subjects_templates_survive_removal_compaction_and_snapshots() -> None:
+    """Subjects with several templates: the per-subject label table follows every change."""
+    g = FaceGallery("pnp_watchlist", "model-a", 512, compact_min=1, compact_ratio=0.01)
+    subjects = ["multi", "multi", "solo", "multi", "other"]
+    g.add_batch([f"t{i}" for i in range(5)], subjects, _SMALL[:5])
+    assert np.allclose(np.stack(g.vectors_of("multi")), _SMALL[[0, 1, 3]], atol=1e-6)
+    g.add([GalleryItem("t1", "multi", _SMALL[1])])  # re-adding a template changes nothing
+    assert len(g.vectors_of("multi")) == 3
+    assert g.remove("t1")
+    assert np.allclose(np.stack(g.vectors_of("multi")), _SMALL[[0, 3]], atol=1e-6)
+    assert g.set_objector("multi", True) == 2
+    assert g.search(_SMALL[0], k=5, min_score=0.9, now=NOW, exclude_objectors=True) == []
+    g.compact()
+    assert np.allclose(np.stack(g.vectors_of("multi")), _SMALL[[0, 3]], atol=1e-6)
+    meta, arrays = g.export_state()
+    copy = FaceGallery.from_state(meta, arrays)
+    assert np.allclose(np.stack(copy.vectors_of("multi")), _SMALL[[0, 3]], atol=1e-6)
+    assert copy.verify("solo", _SMALL[2]) == pytest.approx(1.0, abs=1e-5)
+    assert g.remove_many(["t0", "t3"]) == 2
+    assert g.vectors_of("multi") == []
+    assert g.verify("multi", _SMALL[0]) is None
+    assert g.verify("solo", _SMALL[2]) == pytest.approx(1.0, abs=1e-5)
+
+
+def _tracked_objects() -> int:
+    gc.collect()
+    return len(gc.get_objects())
+
+
+def test_a_gallery_adds_no_garbage_collected_object_per_template(
+    population: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """A full collection walks every GC-tracked object with the event loop stopped; the
+    gallery must not add one per template (a set per subject made a 100,000-template
+    watchlist cost ~130 ms per full collection, a million well over a second)."""
+    templates, _ = population
+    before = _tracked_objects()
+    g = _gallery(templates)
+    g.remove_many([f"t{i}" for i in range(0, N, 3)])
+    g.compact()
+    grown = _tracked_objects() - before
+    assert len(g) > N // 2
+    assert grown < N // 20, f"{grown} tracked objects for {len(g)} templates"

@@ -71,6 +71,7 @@ def test_first_run_creates_pki_and_stops_gracefully_on_sigterm(tmp_path: Path) -
     assert proc.returncode == 0, err
     assert "serving on" in out
     assert '"event": "server.stopped"' in err
+    assert '"event": "server.heap_frozen"' in err  # start-up's heap is out of every GC pass
 
 
 def test_insecure_dev_refuses_non_loopback(tmp_path: Path) -> None:

@@ -1,0 +1,93 @@
+"""The in-memory watchlist view the match path reads: what it answers, and what it costs
+the garbage collector."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gc
+
+from centinela.server.components import WatchlistView
+from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
+from centinela.storage import make_engine
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
+
+
+def _req(rid: str, subject: str, expires: dt.datetime) -> RequisitionRecord:
+    return RequisitionRecord(
+        rid,
+        subject,
+        "W-" + rid,
+        "Juzgado 1",
+        "ROBO_AGRAVADO",
+        NOW - dt.timedelta(days=1),
+        expires,
+        None,
+        "",
+        False,
+        ("tpl_" + rid,),
+    )
+
+
+def test_the_view_answers_active_requisitorias_and_stolen_vehicles(db_url: str) -> None:
+    records = Records(make_engine(db_url))
+    records.add_site(SiteRecord("site-1", "muni-miraflores", "lima", 2, "portico", True))
+    records.add_requisitions(
+        [
+            _req("req_a", "subj_1", NOW + dt.timedelta(days=3)),
+            _req("req_b", "subj_1", NOW + dt.timedelta(days=30)),
+            _req("req_c", "subj_1", NOW - dt.timedelta(hours=1)),  # expired
+            _req("req_d", "subj_2", NOW + dt.timedelta(days=30)),
+        ]
+    )
+    records.update_requisition("req_d", lifted_at=NOW - dt.timedelta(hours=2), lift_reason="x")
+    for vid, report in (("veh_1", "PR-1"), ("veh_2", "PR-2")):
+        records.add_vehicle(VehicleRecord(vid, report, "ABC-***", "ROBO", NOW, None))
+    records.recover_vehicle("veh_2", NOW)
+    view = WatchlistView(records)
+    view.refresh()
+
+    best = view.active_requisition("subj_1", NOW)
+    assert best == dataclasses.replace(
+        _req("req_b", "subj_1", NOW + dt.timedelta(days=30)), template_ids=("tpl_req_b",)
+    )
+    later = NOW + dt.timedelta(days=31)
+    assert view.active_requisition("subj_1", later) is None  # all expired by then (R6)
+    assert view.active_requisition("subj_2", NOW) is None  # lifted
+    assert view.active_requisition("nobody", NOW) is None
+    stolen = view.stolen_vehicle("veh_1")
+    assert stolen is not None
+    assert stolen.police_report_id == "PR-1"
+    assert view.stolen_vehicle("veh_2") is None  # recovered
+    assert view.stolen_vehicle("veh_9") is None
+    site = view.site("site-1")
+    assert site is not None
+    assert site.municipality == "muni-miraflores"
+
+
+def _tracked_objects() -> int:
+    gc.collect()
+    return len(gc.get_objects())
+
+
+def test_the_view_adds_no_garbage_collected_object_per_entry(sqlite_url: str) -> None:
+    """A full collection walks every GC-tracked object with the event loop stopped: the
+    view holds its entries as plain tuples, which the collector does not track (a record
+    object and a list per subject made a 100,000-entry watchlist cost ~130 ms of pause per
+    full collection together with the gallery's sets)."""
+    n = 3000
+    records = Records(make_engine(sqlite_url))
+    records.add_requisitions(
+        [_req(f"req_{i}", f"subj_{i}", NOW + dt.timedelta(days=30)) for i in range(n)]
+    )
+    for i in range(n // 3):
+        records.add_vehicle(VehicleRecord(f"veh_{i}", f"PR-{i}", "ABC-***", "ROBO", NOW, None))
+    WatchlistView(records).refresh()  # SQLAlchemy compiles and caches its statements once
+    view = WatchlistView(records)
+    before = _tracked_objects()
+    view.refresh()
+    grown = _tracked_objects() - before
+    assert view.active_requisition(f"subj_{n - 1}", NOW) is not None
+    assert view.stolen_vehicle(f"veh_{n // 3 - 1}") is not None
+    assert grown < n // 20, f"{grown} tracked objects for {n} requisitorias"
