@@ -25,7 +25,7 @@ import datetime as dt
 import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -105,30 +105,19 @@ class _Bloom:
         self._m = max(64, capacity * 15)
         self._bits = bytearray((self._m + 7) // 8)
 
+    def _positions(self, digest: bytes) -> Iterator[int]:
+        h1, h2, m = int.from_bytes(digest[:8]), int.from_bytes(digest[8:]) | 1, self._m
+        return ((h1 + i * h2) % m for i in range(self.PROBES))
+
     def add(self, digest: bytes) -> None:
-        h1, h2, m, bits = (
-            int.from_bytes(digest[:8]),
-            int.from_bytes(digest[8:]) | 1,
-            self._m,
-            self._bits,
-        )
-        for i in range(self.PROBES):
-            pos = (h1 + i * h2) % m
+        bits = self._bits
+        for pos in self._positions(digest):
             bits[pos >> 3] |= 1 << (pos & 7)
         self.count += 1
 
     def __contains__(self, digest: bytes) -> bool:
-        h1, h2, m, bits = (
-            int.from_bytes(digest[:8]),
-            int.from_bytes(digest[8:]) | 1,
-            self._m,
-            self._bits,
-        )
-        for i in range(self.PROBES):
-            pos = (h1 + i * h2) % m
-            if not bits[pos >> 3] & (1 << (pos & 7)):
-                return False
-        return True
+        bits = self._bits
+        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(digest))
 
 
 class SeenKeys:
