@@ -190,7 +190,8 @@ class PlateIndex:
         self._plate_of: dict[str, str] = {}
         self._label_of: dict[str, int] = {}
         self._ref_of: dict[int, str] = {}
-        self._by_plate: dict[str, set[str]] = {}
+        # Tuples, not sets: untracked by the cyclic GC (see FaceGallery._by_subject).
+        self._by_plate: dict[str, tuple[str, ...]] = {}
         self._next = 0
         self._deleted = 0
 
@@ -217,7 +218,7 @@ class PlateIndex:
                 self._plate_of[ref] = norm
                 self._label_of[ref] = label
                 self._ref_of[label] = ref
-                self._by_plate.setdefault(norm, set()).add(ref)
+                self._by_plate[norm] = (*self._by_plate.get(norm, ()), ref)
 
     def remove(self, ref: str) -> bool:
         """Unlist a plate (recovered or removed); False if it was not listed."""
@@ -229,9 +230,10 @@ class PlateIndex:
             self._deleted += 1
             del self._ref_of[label]
             norm = self._plate_of.pop(ref)
-            refs = self._by_plate[norm]
-            refs.discard(ref)
-            if not refs:
+            refs = tuple(r for r in self._by_plate[norm] if r != ref)
+            if refs:
+                self._by_plate[norm] = refs
+            else:
                 del self._by_plate[norm]
             return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -159,6 +160,33 @@ def test_candidates_found_among_many_plates() -> None:
         missed += f"veh_{i}" not in {h.ref for h in index.search(PlateRead(read))}
     assert checked > 100
     assert missed == 0
+
+
+def test_two_reports_of_one_plate_are_listed_and_unlisted_apart() -> None:
+    index = PlateIndex()
+    index.add("veh_1", "ABC-123")
+    index.add("veh_2", "ABC-123")  # the same plate reported twice (cloned plates)
+    index.add("veh_2", "ABC-123")  # listing it again changes nothing
+    assert sorted(h.ref for h in index.search(PlateRead("ABC-123"))) == ["veh_1", "veh_2"]
+    assert index.remove("veh_1")
+    assert [h.ref for h in index.search(PlateRead("ABC-123"))] == ["veh_2"]
+    index.add("veh_2", "DEF-456")  # moved to another plate
+    assert index.search(PlateRead("ABC-123")) == []
+    assert [h.ref for h in index.search(PlateRead("DEF-456"))] == ["veh_2"]
+
+
+def test_the_index_adds_no_garbage_collected_object_per_plate() -> None:
+    """A full collection walks every GC-tracked object with the event loop stopped; the
+    plate index must not add one per listed plate (a set each did)."""
+    gc.collect()
+    before = len(gc.get_objects())
+    index = PlateIndex()
+    for i in range(2000):
+        index.add(f"veh_{i}", f"{ALPHABET[i % 26]}{ALPHABET[(i // 26) % 26]}Z-{i % 1000:03d}")
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert len(index) == 2000
+    assert grown < 100, f"{grown} tracked objects for 2000 plates"
 
 
 @pytest.mark.parametrize(
