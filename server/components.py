@@ -60,11 +60,10 @@ class WatchlistView:
     def refresh(self) -> None:
         """Reload from the database (after a change, and at start)."""
         by_subject: dict[str, tuple[_Row, ...]] = {}
-        for r in self._records.list_requisitions():
-            if r.lifted_at is None:
-                have = by_subject.get(r.subject_ref, ())
-                by_subject[r.subject_ref] = (*have, _requisition_row(r))
-        vehicles = {v.vehicle_id: _vehicle_row(v) for v in self._records.list_vehicles()}
+        for r in self._records.each_requisition():  # not lifted; all of them, unpaged
+            have = by_subject.get(r.subject_ref, ())
+            by_subject[r.subject_ref] = (*have, _requisition_row(r))
+        vehicles = {v.vehicle_id: _vehicle_row(v) for v in self._records.each_vehicle()}
         sites = {s.site_id: s for s in self._records.list_sites(limit=1_000_000)}
         with self._lock:
             self._by_subject, self._vehicles, self._sites = by_subject, vehicles, sites

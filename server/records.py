@@ -22,7 +22,7 @@ import dataclasses
 import datetime as dt
 import json
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -503,6 +503,15 @@ class Records:
         q = q.offset(offset).limit(limit)
         return self._run(lambda conn: [_req(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
 
+    def each_requisition(
+        self, *, lifted: bool = False, batch: int = 10_000
+    ) -> Iterator[RequisitionRecord]:
+        """Every requisitoria (lifted ones only if ``lifted``), in id order, read ``batch``
+        rows at a time: no page limit, for the in-memory watchlist view."""
+        where = None if lifted else requisitions.c.lifted_at.is_(None)
+        for row in self._each(requisitions, requisitions.c.requisition_id, where, batch):
+            yield _req(row)
+
     # ---- vehicles -------------------------------------------------------------------------
 
     def get_vehicle(self, vehicle_id: str) -> VehicleRecord:
@@ -574,6 +583,30 @@ class Records:
         q = q.offset(offset).limit(limit)
         return self._run(lambda conn: [_veh(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
 
+    def each_vehicle(self, *, batch: int = 10_000) -> Iterator[VehicleRecord]:
+        """Every vehicle report, in id order, ``batch`` rows at a time (no page limit)."""
+        for row in self._each(vehicles, vehicles.c.vehicle_id, None, batch):
+            yield _veh(row)
+
+    def _each(self, table: sa.Table, key: Any, where: Any, batch: int) -> Iterator[Any]:
+        """All rows of ``table`` matching ``where``, by keyset pages on its unique ``key``."""
+        last: Any = None
+        while True:
+            q = table.select().order_by(key).limit(batch)
+            if where is not None:
+                q = q.where(where)
+            if last is not None:
+                q = q.where(key > last)
+
+            def page(conn: Connection, q: Any = q) -> list[Any]:
+                return list(conn.execute(q))
+
+            rows: list[Any] = self._run(page)
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = getattr(rows[-1], key.name)
+
     # ---- policy data ----------------------------------------------------------------------
 
     def policy_data(self) -> dict[str, Any]:
@@ -598,16 +631,27 @@ def _executes(statement: Any) -> Write:
     return Write(step)
 
 
-def page(items: Sequence[Any], token: str, size: int) -> tuple[list[Any], str]:
-    """Offset paging over an in-memory list; tokens are opaque offsets."""
+def page_of(fetch: Callable[[int, int], Sequence[T]], token: str, size: int) -> tuple[list[T], str]:
+    """One page of a listing; tokens are opaque offsets, page sizes 1-500 (0: 50).
+
+    ``fetch(offset, limit)`` reads at most ``limit`` items from ``offset`` on (in the
+    database, so a listing of any length pages through to its end); one more than the page
+    is read to know whether another page follows.
+    """
     size = 50 if size == 0 else min(size, 500)
     try:
         start = int(token) if token else 0
     except ValueError as exc:
         raise InvalidArgument("is not a token from a previous answer", field="page_token") from exc
-    chunk = list(items[start : start + size])
-    nxt = str(start + size) if start + size < len(items) else ""
-    return chunk, nxt
+    if start < 0:
+        raise InvalidArgument("is not a token from a previous answer", field="page_token")
+    items = list(fetch(start, size + 1))
+    return items[:size], (str(start + size) if len(items) > size else "")
+
+
+def page(items: Sequence[T], token: str, size: int) -> tuple[list[T], str]:
+    """:func:`page_of` over a list already in memory."""
+    return page_of(lambda offset, limit: items[offset : offset + limit], token, size)
 
 
 # ---- one writer at a time ------------------------------------------------------------------

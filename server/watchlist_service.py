@@ -45,6 +45,7 @@ from centinela.server.records import (
     mask_plate,
     new_id,
     page,
+    page_of,
     serialised,
 )
 from centinela.server.unimplemented import UnimplementedWatchlist
@@ -449,8 +450,14 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
 
         async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
             now = dt.datetime.now(dt.UTC)
-            items = await self._run(self.c.records.list_requisitions, state=state, now=now)
-            chunk, nxt = page(items, request.page_token, request.page_size)
+            chunk, nxt = await self._run(
+                page_of,
+                lambda offset, limit: self.c.records.list_requisitions(
+                    state=state, now=now, offset=offset, limit=limit
+                ),
+                request.page_token,
+                request.page_size,
+            )
             return Change(
                 pb.ListRequisitionsResponse(
                     requisitions=[requisition_pb(r, now) for r in chunk], next_page_token=nxt
@@ -534,8 +541,14 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         state = _VEH_FILTER.get(request.state, "")
 
         async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
-            items = await self._run(self.c.records.list_vehicles, state=state)
-            chunk, nxt = page(items, request.page_token, request.page_size)
+            chunk, nxt = await self._run(
+                page_of,
+                lambda offset, limit: self.c.records.list_vehicles(
+                    state=state, offset=offset, limit=limit
+                ),
+                request.page_token,
+                request.page_size,
+            )
             return Change(
                 pb.ListStolenVehiclesResponse(
                     vehicles=[vehicle_pb(v) for v in chunk], next_page_token=nxt
@@ -628,10 +641,14 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         self, request: pb.ListAuthorisationsRequest, context: Any
     ) -> pb.ListAuthorisationsResponse:
         async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
-            items = await self._run(
-                self.c.records.list_authorisations, include_revoked=request.include_revoked
+            chunk, nxt = await self._run(
+                page_of,
+                lambda offset, limit: self.c.records.list_authorisations(
+                    include_revoked=request.include_revoked, offset=offset, limit=limit
+                ),
+                request.page_token,
+                request.page_size,
             )
-            chunk, nxt = page(items, request.page_token, request.page_size)
             return Change(
                 pb.ListAuthorisationsResponse(
                     authorisations=[authorisation_pb(a) for a in chunk], next_page_token=nxt
@@ -698,8 +715,14 @@ class WatchlistServicer(UnimplementedWatchlist):  # type: ignore[misc]
         municipality = check_id(request.municipality, "municipality", required=False)
 
         async def work(caller: Caller, call: CallState, ctx: dict[str, Any]) -> Change:
-            items = await self._run(self.c.records.list_sites, municipality, limit=1_000_000)
-            chunk, nxt = page(items, request.page_token, request.page_size)
+            chunk, nxt = await self._run(
+                page_of,
+                lambda offset, limit: self.c.records.list_sites(
+                    municipality, offset=offset, limit=limit
+                ),
+                request.page_token,
+                request.page_size,
+            )
             return Change(
                 pb.ListSitesResponse(sites=[site_pb(s) for s in chunk], next_page_token=nxt),
                 metrics={"results": len(chunk)},

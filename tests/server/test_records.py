@@ -15,6 +15,7 @@ from centinela.server.records import (
     VehicleRecord,
     mask_plate,
     page,
+    page_of,
 )
 from centinela.storage import make_engine
 
@@ -122,3 +123,31 @@ def test_paging_tokens() -> None:
     assert tok3 == ""
     with pytest.raises(InvalidArgument):
         page(items, "garbage", 10)
+    with pytest.raises(InvalidArgument):
+        page(items, "-50", 10)
+    assert page(items[:100], "50", 50) == (items[50:100], "")  # exactly full: no next page
+
+
+def test_listings_page_in_the_database_to_their_end(db_url: str) -> None:
+    """Each page reads its own rows from the database (one more than the page, to know if
+    another follows), so a listing longer than any default limit pages to its end."""
+    records = Records(make_engine(db_url))
+    records.add_requisitions(
+        [_req(f"req_{i:03d}", NOW + dt.timedelta(days=9), f"W-{i}") for i in range(120)]
+    )
+    asked: list[tuple[int, int]] = []
+
+    def fetch(offset: int, limit: int) -> list[RequisitionRecord]:
+        asked.append((offset, limit))
+        return records.list_requisitions(offset=offset, limit=limit)
+
+    seen, token = [], ""
+    while True:
+        chunk, token = page_of(fetch, token, 50)
+        seen += [r.requisition_id for r in chunk]
+        if not token:
+            break
+    assert sorted(seen) == [f"req_{i:03d}" for i in range(120)]
+    assert len(set(seen)) == 120
+    assert asked == [(0, 51), (50, 51), (100, 51)]
+    records.engine.dispose()
