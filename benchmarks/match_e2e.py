@@ -102,13 +102,13 @@ async def drive(
     a round ends early if the payloads run out, and ``exhausted`` says so.
     """
     lat: list[float] = []
-    errors = 0
+    errors = alerts = 0
     stop = time.perf_counter() + seconds
     counter = 0
     exhausted = False
 
     async def worker(wid: int) -> None:
-        nonlocal errors, counter, exhausted
+        nonlocal errors, alerts, counter, exhausted
         i = wid
         while time.perf_counter() < stop:
             if not wrap and i >= len(payloads):
@@ -116,8 +116,9 @@ async def drive(
                 break
             t0 = time.perf_counter()
             try:
-                await call(payloads[i % len(payloads)])
+                answer = await call(payloads[i % len(payloads)])
                 lat.append(time.perf_counter() - t0)
+                alerts += bool(getattr(answer, "alert", False))
             except grpc.RpcError:
                 errors += 1
             i += concurrency
@@ -132,6 +133,7 @@ async def drive(
         "p50_ms": 1000 * lat[len(lat) // 2] if lat else float("nan"),
         "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else float("nan"),
         "errors": errors,
+        "alert_rate": alerts / len(lat) if lat else 0.0,
         "n": len(lat),
         "exhausted": exhausted,
     }
@@ -266,6 +268,7 @@ def main() -> None:
                 "p50_ms": round(m["p50_ms"], 3),
                 "p99_ms": round(m["p99_ms"], 3),
                 "match_errors": m["errors"],
+                "alert_rate": round(m["alert_rate"], 3),
                 "payloads_ran_out": m["exhausted"],
                 "stream_per_s": round(s["per_s"], 1),
                 "stream_gain": round(gain, 3),
@@ -291,6 +294,14 @@ def main() -> None:
             ),
         }
     )
+    for size_key, per in summary["per_size"].items():
+        rates = [v["alert_rate"] for v in per.values()]
+        if min(rates) < 0.05:  # one probe in ten is a listed person's
+            print(
+                f"WARNING: at {size_key} templates only {min(rates):.1%} of MatchFace answers "
+                "were alerts, against ~10% genuine probes: hits are being lost",
+                file=sys.stderr,
+            )
     print(json.dumps(summary, sort_keys=True))
 
 
