@@ -64,7 +64,7 @@ class WatchlistView:
             have = by_subject.get(r.subject_ref, ())
             by_subject[r.subject_ref] = (*have, _requisition_row(r))
         vehicles = {v.vehicle_id: _vehicle_row(v) for v in self._records.each_vehicle()}
-        sites = {s.site_id: s for s in self._records.list_sites(limit=1_000_000)}
+        sites = {s.site_id: s for s in self._records.each_site()}
         with self._lock:
             self._by_subject, self._vehicles, self._sites = by_subject, vehicles, sites
 

@@ -583,6 +583,16 @@ class Records:
         q = q.offset(offset).limit(limit)
         return self._run(lambda conn: [_veh(r) for r in conn.execute(q)])  # type: ignore[no-any-return]
 
+    def each_site(self, *, batch: int = 10_000) -> Iterator[SiteRecord]:
+        """Every site, in id order, ``batch`` rows at a time (no page limit)."""
+        for row in self._each(sites, sites.c.site_id, None, batch):
+            yield _site(row)
+
+    def each_authorisation(self, *, batch: int = 10_000) -> Iterator[AuthorisationRecord]:
+        """Every judicial authorisation, revoked ones too, in id order (no page limit)."""
+        for row in self._each(authorisations, authorisations.c.authorisation_id, None, batch):
+            yield _auth(row)
+
     def each_vehicle(self, *, batch: int = 10_000) -> Iterator[VehicleRecord]:
         """Every vehicle report, in id order, ``batch`` rows at a time (no page limit)."""
         for row in self._each(vehicles, vehicles.c.vehicle_id, None, batch):
@@ -614,10 +624,10 @@ class Records:
         return {
             "sites": {
                 s.site_id: {"municipality": s.municipality, "region": s.region, "active": s.active}
-                for s in self.list_sites(limit=1_000_000)
+                for s in self.each_site()
             },
             "authorisations": {
-                a.authorisation_id: a.to_policy() for a in self.list_authorisations()
+                a.authorisation_id: a.to_policy() for a in self.each_authorisation()
             },
         }
 

@@ -116,6 +116,10 @@ def test_records_are_read_through_to_the_end_a_batch_at_a_time(db_url: str) -> N
     assert len(list(records.each_requisition(lifted=True, batch=7))) == 20
     assert len(list(records.each_requisition(batch=17))) == 17  # a last batch exactly full
     assert [v.vehicle_id for v in records.each_vehicle(batch=3)] == [f"veh_{i}" for i in range(8)]
+    for i in range(5):
+        records.add_site(SiteRecord(f"site-{i}", "muni-miraflores", "lima", 2, "", True))
+    assert [s.site_id for s in records.each_site(batch=2)] == [f"site-{i}" for i in range(5)]
+    assert set(records.policy_data()["sites"]) == {f"site-{i}" for i in range(5)}
 
 
 def test_the_view_holds_every_requisitoria_past_a_listing_page(sqlite_url: str) -> None:
