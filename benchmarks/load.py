@@ -82,7 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
     from benchmarks._bench_server import bench_bundle, echo_handler, populate
     from centinela import logs
     from centinela.config import Settings
-    from centinela.server.app import CentinelaServer
+    from centinela.server.app import CentinelaServer, freeze_startup_heap
     from centinela.server.wiring import build_application
 
     logs.configure("warning")
@@ -105,6 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
         settings, app.servicers, on_stop=app.close, extra_handlers=[echo_handler()]
     )
     port = await server.start()
+    freeze_startup_heap()  # as `centinela serve` does
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(2.0)))

@@ -53,6 +53,7 @@ from centinela.matcher.service import REGISTRY, HnswSettings
 from centinela.matcher.store import TemplateColumns, TemplateStore
 from centinela.matcher.synth import identities
 from centinela.server import certs
+from centinela.server.app import freeze_startup_heap
 from centinela.server.testing import ServerThread
 from centinela.storage import make_engine
 from centinela.v1 import common_pb2
@@ -177,6 +178,7 @@ def through_server(vectors_path: Path, per_stream: int, root: Path) -> dict[str,
         log_level="warning",
     )
     srv = ServerThread(settings).start()
+    freeze_startup_heap()  # as `centinela serve` does once it serves
     try:
         ca = certs.TlsFiles(*(srv.certs_dir / f for f in ("ca.crt", "ca.key", "ca.crt")))
         ident = certs.DevIdentity(IDENTITY, "reniec", "reniec", ("admin", "registry"))
