@@ -45,8 +45,9 @@ class WatchlistView:
 
     Requisitorias and vehicle reports are held as plain tuples of their fields, not as
     record objects: a tuple of strings, times and flags is untracked by the cyclic garbage
-    collector, while each dataclass instance (and each list) is tracked, and a million of
-    them made every full collection a pause of over a second with the event loop stopped.
+    collector, while each dataclass instance (and each list) is tracked: with the gallery's
+    sets, they made each full collection stop the event loop 110-128 ms at 100,000 entries
+    and 411 ms at a million.
     The record is rebuilt for the one subject a hit names.
     """
 
