@@ -20,19 +20,20 @@ from centinela.storage import make_engine
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 
 
+_BASE = RequisitionRecord(
+    "req", "subj", "W", "Juzgado 1", "ROBO_AGRAVADO", NOW, NOW, None, "", False, ()
+)
+
+
 def _req(rid: str, subject: str, expires: dt.datetime) -> RequisitionRecord:
-    return RequisitionRecord(
-        rid,
-        subject,
-        "W-" + rid,
-        "Juzgado 1",
-        "ROBO_AGRAVADO",
-        NOW - dt.timedelta(days=1),
-        expires,
-        None,
-        "",
-        False,
-        ("tpl_" + rid,),
+    return dataclasses.replace(
+        _BASE,
+        requisition_id=rid,
+        subject_ref=subject,
+        warrant_id="W-" + rid,
+        issued_at=NOW - dt.timedelta(days=1),
+        expires_at=expires,
+        template_ids=("tpl_" + rid,),
     )
 
 
