@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from centinela.errors import InvalidArgument, ModelMismatch
+from centinela.matcher import multimap
 from centinela.matcher.rwlock import RWLock
 
 VISIBLE = np.uint8(1)
@@ -87,13 +88,6 @@ def epoch(when: dt.datetime | None) -> float:
     return when.timestamp()
 
 
-def _add_label(by_subject: dict[str, tuple[int, ...]], subject_ref: str, label: int) -> None:
-    """Append ``label`` to the subject's labels (a subject has a handful at most)."""
-    have = by_subject.get(subject_ref, ())
-    if label not in have:
-        by_subject[subject_ref] = (*have, label)
-
-
 class FaceGallery:
     """An HNSW face gallery of one model; thread-safe for concurrent search and updates."""
 
@@ -136,10 +130,7 @@ class FaceGallery:
         self._tid: list[str] = []
         self._sref: list[str] = []
         self._label_of: dict[str, int] = {}
-        # Labels per subject as tuples of ints, not sets: a tuple of ints is untracked by
-        # the cyclic GC, so a million subjects add nothing to a full collection's pause
-        # (with the watchlist view's records, sets made each full collection a 110-128 ms
-        # pause at 100,000 templates and 411 ms at a million, the event loop stopped).
+        # Labels per subject as tuples, not sets: untracked by the GC (see multimap).
         self._by_subject: dict[str, tuple[int, ...]] = {}
         self._deleted_slots = 0
 
@@ -310,7 +301,7 @@ class FaceGallery:
                     self._flags[labels] |= VISIBLE
                     for label, i in zip(labels.tolist(), part.tolist(), strict=True):
                         self._label_of[template_ids[i]] = label
-                        _add_label(self._by_subject, subject_refs[i], label)
+                        multimap.add(self._by_subject, subject_refs[i], label)
                 added += len(part)
                 if max_hold_s:
                     per_item = (time.perf_counter() - began) / len(part)
@@ -357,12 +348,7 @@ class FaceGallery:
         self._flags[label] = 0
         self._index.mark_deleted(label)
         self._deleted_slots += 1
-        sref = self._sref[label]
-        kept = tuple(x for x in self._by_subject.get(sref, ()) if x != label)
-        if kept:
-            self._by_subject[sref] = kept
-        else:
-            self._by_subject.pop(sref, None)
+        multimap.discard(self._by_subject, self._sref[label], label)
         return True
 
     def remove_many(self, template_ids: Sequence[str]) -> int:
@@ -633,7 +619,7 @@ class FaceGallery:
                 self._label_of = {tid: i for i, (tid, _) in enumerate(live)}
                 self._by_subject = {}
                 for i, sref in enumerate(self._sref):
-                    _add_label(self._by_subject, sref, i)
+                    multimap.add(self._by_subject, sref, i)
                 self._deleted_slots = 0
 
     # ---- state for snapshots ------------------------------------------------------------
@@ -699,7 +685,7 @@ class FaceGallery:
         visible = np.flatnonzero(g._flags[:n] & VISIBLE)
         g._label_of = {g._tid[i]: int(i) for i in visible.tolist()}
         for i in visible.tolist():
-            _add_label(g._by_subject, g._sref[i], int(i))
+            multimap.add(g._by_subject, g._sref[i], int(i))
         g._deleted_slots = int(meta["deleted_slots"])
         g.applied_seq = int(meta["applied_seq"])
         return g

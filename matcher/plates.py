@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from centinela.errors import InvalidArgument
+from centinela.matcher import multimap
 from centinela.matcher.rwlock import RWLock
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -190,7 +191,7 @@ class PlateIndex:
         self._plate_of: dict[str, str] = {}
         self._label_of: dict[str, int] = {}
         self._ref_of: dict[int, str] = {}
-        # Tuples, not sets: untracked by the cyclic GC (see FaceGallery._by_subject).
+        # Tuples, not sets: untracked by the GC (see multimap).
         self._by_plate: dict[str, tuple[str, ...]] = {}
         self._next = 0
         self._deleted = 0
@@ -218,7 +219,7 @@ class PlateIndex:
                 self._plate_of[ref] = norm
                 self._label_of[ref] = label
                 self._ref_of[label] = ref
-                self._by_plate[norm] = (*self._by_plate.get(norm, ()), ref)
+                multimap.add(self._by_plate, norm, ref)
 
     def remove(self, ref: str) -> bool:
         """Unlist a plate (recovered or removed); False if it was not listed."""
@@ -230,11 +231,7 @@ class PlateIndex:
             self._deleted += 1
             del self._ref_of[label]
             norm = self._plate_of.pop(ref)
-            refs = tuple(r for r in self._by_plate[norm] if r != ref)
-            if refs:
-                self._by_plate[norm] = refs
-            else:
-                del self._by_plate[norm]
+            multimap.discard(self._by_plate, norm, ref)
             return True
 
     def clear(self) -> None:

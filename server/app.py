@@ -254,8 +254,8 @@ def freeze_startup_heap() -> None:
     """Exempt what start-up built from every later garbage collection (``gc.freeze``).
 
     Modules, the policy engine and the components live as long as the process, and each
-    full collection walked them with the event loop stopped (~60 ms a pause on this
-    machine, several times a minute under load). Frozen objects are still freed by
+    full collection walked them with the event loop stopped (43-59 ms a pause on this
+    machine, about once a minute under MatchFace load). Frozen objects are still freed by
     reference counting; only reference cycles among them would never be collected, which
     is why this runs once, after a collection, when start-up is done (not in tests).
     """

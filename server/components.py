@@ -73,15 +73,18 @@ class WatchlistView:
         """The subject's active requisitoria expiring last, if any (R6)."""
         with self._lock:
             rows = self._by_subject.get(subject_ref, ())
-        live = [r for r in (RequisitionRecord(*row) for row in rows) if r.state(now) == "ACTIVE"]
+        records = [RequisitionRecord(*row) for row in rows]
+        live = [r for r in records if r.state(now) == "ACTIVE"]
         return max(live, key=lambda r: r.expires_at) if live else None
 
     def stolen_vehicle(self, vehicle_id: str) -> VehicleRecord | None:
         """The report if the vehicle is still reported stolen (R6)."""
         with self._lock:
             row = self._vehicles.get(vehicle_id)
-        v = VehicleRecord(*row) if row is not None else None
-        return v if v is not None and v.stolen else None
+        if row is None:
+            return None
+        v = VehicleRecord(*row)
+        return v if v.stolen else None
 
     def site(self, site_id: str) -> SiteRecord | None:
         with self._lock:
