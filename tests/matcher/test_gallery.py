@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from centinela.errors import InvalidArgument, ModelMismatch
 from centinela.matcher import synth
-from centinela.matcher.gallery import FaceGallery, GalleryItem
+from centinela.matcher.gallery import FaceGallery, GalleryItem, exact_scores
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 N = 2000
@@ -420,3 +420,21 @@ def test_a_gallery_adds_no_garbage_collected_object_per_template(
     grown = _tracked_objects() - before
     assert len(g) > N // 2
     assert grown < N // 20, f"{grown} tracked objects for {len(g)} templates"
+
+
+def test_exact_score_of_a_pair_does_not_depend_on_the_batch_it_is_scored_in() -> None:
+    # A matrix product sums each row in an order that varies with the batch's shape and
+    # alignment (numpy 2.4: most rows differed in the last bit), which made a threshold set
+    # at a reported score drop that candidate on the next search.
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(512)
+    q /= np.linalg.norm(q)
+    rows = rng.standard_normal((40, 512)).astype(np.float32)
+    alone = {i: exact_scores(rows[i : i + 1], q)[0] for i in range(40)}
+    for _ in range(500):
+        i, n, offset = int(rng.integers(0, 40)), int(rng.integers(1, 16)), int(rng.integers(0, 8))
+        picked = np.concatenate([[i], rng.integers(0, 40, n - 1)])
+        buf = np.empty(n * 512 + 8)
+        batch = buf[offset : offset + n * 512].reshape(n, 512)  # another start alignment
+        batch[:] = rows[picked]
+        assert exact_scores(batch, q)[0] == alone[i]
