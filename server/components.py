@@ -25,6 +25,7 @@ from centinela.matcher.service import Matcher
 from centinela.policy import PolicyService
 from centinela.server.alerts import AlertBus, AlertFeed, AlertStore
 from centinela.server.idempotency import IdempotencyStore
+from centinela.server.instance import InstanceLock
 from centinela.server.pipeline import Pipeline
 from centinela.server.records import Records, RequisitionRecord, SiteRecord, VehicleRecord
 
@@ -113,6 +114,8 @@ class Components:
     bus: AlertBus = dataclasses.field(default_factory=AlertBus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     feed: AlertFeed | None = None
+    #: The lock that makes this process the database's one server (``server.instance``).
+    instance: InstanceLock | None = None
 
     def alert_feed(self) -> AlertFeed:
         """The process's one outbox reader (created on first use, in the server's loop)."""

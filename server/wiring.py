@@ -32,6 +32,7 @@ from centinela.server.alerts import AlertStore
 from centinela.server.app import Servicers
 from centinela.server.components import Components, WatchlistView
 from centinela.server.idempotency import IdempotencyStore
+from centinela.server.instance import InstanceLock
 from centinela.server.match_service import MatchServicer
 from centinela.server.pipeline import Pipeline, artifact
 from centinela.server.records import Records
@@ -73,9 +74,10 @@ class Application:
     async def close(self) -> None:
         """Write SERVICE_STOP, then close components in reverse order of creation."""
         c = self.components
-        task = c.extra.get("purge_task")
-        if task is not None:
-            task.cancel()
+        for name in ("purge_task", "instance_task"):
+            task = c.extra.get(name)
+            if task is not None:
+                task.cancel()
         if c.feed is not None:
             c.feed.stop()
         try:
@@ -95,6 +97,8 @@ class Application:
         c.idempotency.close()
         _close_engine(c.policy.active)
         _close_engine(c.policy.shadow)
+        if c.instance is not None:
+            c.instance.close()
         self.engine.dispose()
 
 
@@ -125,6 +129,9 @@ def _build_components(settings: Settings, undo: contextlib.ExitStack) -> Compone
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = make_engine(settings.effective_database_url)
     undo.callback(engine.dispose)
+    # Before anything reads or writes: a second server on this database stops here.
+    instance = InstanceLock.acquire(engine)
+    undo.callback(instance.close)
     keys_dir = settings.effective_keys_dir
     records = Records(engine)
     alerts = AlertStore(engine)
@@ -188,6 +195,7 @@ def _build_components(settings: Settings, undo: contextlib.ExitStack) -> Compone
         face_model_id=face_model_id,
         bundle_name=active_bundle.name,
         shadow_name=settings.shadow_bundle,
+        instance=instance,
     )
     config_doc = json.dumps(
         {k: str(v) for k, v in dataclasses.asdict(settings).items()}, sort_keys=True
@@ -240,10 +248,22 @@ async def purge_expired(components: Components, every_s: float = 60.0) -> None:
         await asyncio.sleep(every_s)
 
 
+async def watch_instance_lock(lock: InstanceLock, every_s: float = 5.0) -> None:
+    """Keep the database's server lock, forever: a PostgreSQL session lock ends when the
+    database restarts, and is taken again here once it is back."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(lock.check)
+
+
 async def build_application(settings: Settings) -> Application:
     """Create the data directory and every component; nothing is served yet."""
     components = await asyncio.to_thread(build_components, settings)
     components.extra["purge_task"] = asyncio.create_task(purge_expired(components))
+    if components.instance is not None and components.instance.needs_watch:
+        components.extra["instance_task"] = asyncio.create_task(
+            watch_instance_lock(components.instance)
+        )
     return Application(
         settings=settings,
         engine=components.engine,
