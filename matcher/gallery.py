@@ -69,7 +69,8 @@ def exact_scores(stored: npt.ArrayLike, q: npt.NDArray[np.float64]) -> npt.NDArr
     rounded, summed per row by numpy's pairwise reduction, is the same per row in any batch.
     """
     rows = np.asarray(stored, dtype=np.float64)
-    return np.clip((rows * q).sum(axis=1), -1.0, 1.0)
+    scores: npt.NDArray[np.float64] = np.clip((rows * q).sum(axis=1), -1.0, 1.0)
+    return scores
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,14 @@ import pytest
 import sqlalchemy as sa
 
 from centinela.config import Settings
-from centinela.server.instance import LOCK_SUFFIX, DatabaseInUse, InstanceLock
+from centinela.server.instance import LOCK_SUFFIX, DatabaseInUse, InstanceLock, advisory_key
 from centinela.server.testing import ServerThread
 from centinela.server.wiring import build_components
 from centinela.storage import make_engine
+
+
+def _held(lock: InstanceLock) -> bool:
+    return lock.held
 
 
 def _serve_argv(data: Path) -> list[str]:
@@ -94,9 +98,18 @@ def test_postgres_second_holder_refused_then_lock_taken_again_after_session_ends
 
         # The database ends the holder's session (as a restart does): the lock is free,
         # another process may take it, and the first then knows it no longer holds it.
-        holder = first._conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        first._conn.commit()
         with first_engine.connect() as admin:
+            database, schema = admin.exec_driver_sql(
+                "SELECT current_database(), current_schema()"
+            ).one()
+            key = advisory_key(str(database), str(schema))
+            holder = admin.execute(  # the lock as PostgreSQL lists it: held by one session
+                sa.text(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND objsubid = 1 AND classid = CAST(:hi AS oid) AND objid = CAST(:lo AS oid)"
+                ),
+                {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
+            ).scalar_one()
             assert admin.execute(
                 sa.text("SELECT pg_terminate_backend(:p, 10000)"), {"p": holder}
             ).scalar()
@@ -104,12 +117,12 @@ def test_postgres_second_holder_refused_then_lock_taken_again_after_session_ends
         second = InstanceLock.acquire(second_engine)
         assert second.held
         assert not first.check()
-        assert not first.held
+        assert not _held(first)
 
         # The second stops; the first's next check takes the lock again.
         second.close()
         assert first.check()
-        assert first.held
+        assert _held(first)
         with pytest.raises(DatabaseInUse):
             InstanceLock.acquire(second_engine)
         first.close()
