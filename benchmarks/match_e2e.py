@@ -10,7 +10,12 @@ included. StreamMatch throughput is measured with as many streams as the unary c
 each stream keeping up to ``STREAM_WINDOW`` probes unanswered (how a portico streams: it sends
 as it captures); ``pingpong`` is the same streams sending one probe at a time.
 The figures that hold on a noisy 2-core machine are the ratios: ``ratio_vs_echo`` and
-``stream_gain``. Last line: one JSON object.
+``stream_gain``, and the CPU the server's event-loop thread spends per answered call
+(``loop_ms_per_call``, read from ``/proc`` for the server's main thread, which runs the
+loop; ``loop_cpu_vs_echo`` is its ratio to echo's). Throughput on a shared machine moves
+with whatever else runs, up to 30 % between runs of the same code; CPU per call moves far
+less, and ``loop_busy`` (the thread's CPU over the cell's time) says whether the loop was
+the bottleneck: near 1.0, it was. Last line: one JSON object.
 
 Every MatchFace and StreamMatch probe is sent once, with its own client request id: a probe
 sent twice would be answered from the idempotency store without matching. (Until session 3
@@ -185,7 +190,29 @@ async def drive_stream(
     return {"per_s": done / (time.perf_counter() - t0), "n": done}
 
 
-async def measure(data_dir: Path, port: int, seconds: float, conc: list[int]) -> dict[str, Any]:
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid``'s main thread, which runs its event
+    loop; 0.0 where ``/proc`` is not there (the figure is then left out)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def with_loop_cpu(pid: int, run: Any) -> dict[str, Any]:
+    """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU."""
+    began, t0 = loop_cpu_s(pid), time.perf_counter()
+    out: dict[str, Any] = await run
+    spent, elapsed = loop_cpu_s(pid) - began, time.perf_counter() - t0
+    out["loop_ms_per_call"] = 1000 * spent / out["n"] if out["n"] and spent else float("nan")
+    out["loop_busy"] = spent / elapsed if spent else float("nan")
+    return out
+
+
+async def measure(
+    data_dir: Path, port: int, seconds: float, conc: list[int], pid: int
+) -> dict[str, Any]:
     ch = channel(data_dir, port)
     stub: Any = mgrpc.MatchServiceStub(ch)
     info = await stub.GetServerInfo(mpb.GetServerInfoRequest())
@@ -207,14 +234,16 @@ async def measure(data_dir: Path, port: int, seconds: float, conc: list[int]) ->
         # Fresh request ids each round, so idempotency never short-cuts the work.
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
-        out[f"match_c{k}"] = await drive(stub.MatchFace, payloads, k, seconds)
-        out[f"echo_c{k}"] = await drive(echo, raw, k, seconds, wrap=True)
+        out[f"match_c{k}"] = await with_loop_cpu(pid, drive(stub.MatchFace, payloads, k, seconds))
+        out[f"echo_c{k}"] = await with_loop_cpu(pid, drive(echo, raw, k, seconds, wrap=True))
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
         out[f"pingpong_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=1)
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
-        out[f"stream_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=STREAM_WINDOW)
+        out[f"stream_c{k}"] = await with_loop_cpu(
+            pid, drive_stream(stub, payloads, k, seconds, window=STREAM_WINDOW)
+        )
     await ch.close()
     return out
 
@@ -236,7 +265,7 @@ def main() -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         proc, port = start_server(data_dir, n)
         try:
-            results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc))
+            results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc, proc.pid))
         finally:
             proc.terminate()
             proc.wait(60)
@@ -246,7 +275,8 @@ def main() -> None:
     )
     print(
         f"{'size':>9} {'conc':>4} {'match/s':>9} {'echo/s':>9} {'ratio':>6} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5} {'pingpong/s':>10}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5} {'pingpong/s':>10} "
+        f"{'loop ms/call':>12} {'echo':>5} {'busy':>5} {'stream':>6}"
     )
     summary: dict[str, Any] = {"per_size": {}}
     for size_key, r in results.items():
@@ -259,7 +289,9 @@ def main() -> None:
             print(
                 f"{size_key:>9} {k:>4} {m['per_s']:>9.0f} {e['per_s']:>9.0f} {ratio:>6.2f} "
                 f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f} "
-                f"{pp['per_s']:>10.0f}"
+                f"{pp['per_s']:>10.0f} {m['loop_ms_per_call']:>12.2f} "
+                f"{e['loop_ms_per_call']:>5.2f} {m['loop_busy']:>5.2f} "
+                f"{s['loop_ms_per_call']:>6.2f}"
             )
             per[str(k)] = {
                 "match_face_per_s": round(m["per_s"], 1),
@@ -274,6 +306,11 @@ def main() -> None:
                 "stream_gain": round(gain, 3),
                 "pingpong_per_s": round(pp["per_s"], 1),
                 "pingpong_gain": round(pp["per_s"] / m["per_s"] if m["per_s"] else 0.0, 3),
+                "loop_ms_per_call": round(m["loop_ms_per_call"], 3),
+                "echo_loop_ms_per_call": round(e["loop_ms_per_call"], 3),
+                "loop_cpu_vs_echo": round(m["loop_ms_per_call"] / e["loop_ms_per_call"], 2),
+                "loop_busy": round(m["loop_busy"], 3),
+                "stream_loop_ms_per_probe": round(s["loop_ms_per_call"], 3),
                 "errors": m["errors"],
             }
         summary["per_size"][size_key] = per
