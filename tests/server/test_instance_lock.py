@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from centinela.config import Settings
+from centinela.errors import ConfigError
 from centinela.server.instance import LOCK_SUFFIX, DatabaseInUse, InstanceLock, advisory_key
 from centinela.server.testing import ServerThread
 from centinela.server.wiring import build_components
@@ -146,3 +147,13 @@ def test_postgres_lock_is_per_schema(pg_url: str) -> None:
     finally:
         a.dispose()
         b.dispose()
+
+
+def test_a_lock_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / ("centinela.db" + LOCK_SUFFIX)).mkdir()  # in the way, for root too
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'centinela.db'}")
+    try:
+        with pytest.raises(ConfigError, match=r"cannot open the server lock .*directory"):
+            InstanceLock.acquire(engine)
+    finally:
+        engine.dispose()
