@@ -13,7 +13,8 @@ Invariants:
 * Most request ids are new, and for them no read is made at all: :class:`SeenKeys` holds
   every key whose answer the table may hold (read from the table at start, and each new key
   before its answer can be stored), so a key it does not hold is known absent. This assumes
-  one server process per database, which the audit log's single writer already requires.
+  one server process per database, which the audit log's single writer already requires and
+  :mod:`centinela.server.instance` enforces (a second server refuses to start).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The server counts; the policy decides. Each request is counted in a sliding window of 60 s
 (6 buckets of 10 s) before the policy sees it, so the policy input carries "requests in the
-last minute, this one included". Counts live in memory per replica: with N replicas behind
-a balancer a ceiling is enforced per replica, which the deployment guide divides by N.
+last minute, this one included". Counts live in the server's memory, which is correct
+because one server process serves a database (``centinela.server.instance`` refuses a
+second); replicas behind a balancer would need the counts shared (``deploy/README.md``).
 """
 
 from __future__ import annotations
