@@ -57,7 +57,7 @@ import numpy as np
 from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import LAV_SITE, MIRA_SITE, ts
-from centinela.server.testing import spawn_serving
+from centinela.server.testing import loop_cpu_s, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -445,7 +445,9 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     probe_1x = Probe(args, data_dir, port, args.capacity_seconds)
     await probe_1x.start()
     rss_start = rss_mb(pid)
+    cpu0, t0 = loop_cpu_s(pid), time.perf_counter()
     base = await closed_loop(calls, payloads, base_conc, args.capacity_seconds)
+    loop = {"1x": _loop_figures(pid, cpu0, t0, base.codes["OK"])}
     growth = {"1x": (rss_mb(pid) - rss_start) * 1024 / max(1, base.codes["OK"])}
     probe_base = await probe_1x.result()
 
@@ -460,9 +462,11 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     probe_10x = Probe(args, data_dir, port, args.overload_seconds)
     await probe_10x.start()
     rss_start = rss_mb(pid)
+    cpu0, t0 = loop_cpu_s(pid), time.perf_counter()
     over = await open_loop(
         calls, payloads, rate, args.overload_seconds, args.deadline_ms / 1000, sample
     )
+    loop["overload"] = _loop_figures(pid, cpu0, t0, over.codes["OK"])
     growth["overload"] = (rss_mb(pid) - rss_start) * 1024 / max(1, over.codes["OK"])
     probe_over = await probe_10x.result()
     half = len(samples) // 2
@@ -494,6 +498,17 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
         "rss": {k: round(v, 1) for k, v in rss.items()},
         "rss_windows_mb": rss_windows,
         "rss_growth_kb_per_ok": {k: round(v, 2) for k, v in growth.items()},
+        "loop": loop,
+    }
+
+
+def _loop_figures(pid: int, cpu0: float, t0: float, answered: int) -> dict[str, float | None]:
+    """The server event loop's CPU per answered call (ms; calls the flood had refused
+    included in the cost) and its busy share, since ``cpu0`` at ``t0``."""
+    spent, elapsed = loop_cpu_s(pid) - cpu0, time.perf_counter() - t0
+    return {
+        "ms_per_answered_call": round(1000 * spent / answered, 3) if answered else None,
+        "busy": round(spent / elapsed, 3),
     }
 
 
@@ -552,6 +567,12 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"{res['rss_growth_kb_per_ok']['1x']:.1f} KB at 1x, "
         f"{res['rss_growth_kb_per_ok']['overload']:.1f} KB at {args.factor:g}x"
     )
+    lp = res["loop"]
+    print(
+        f"server event loop: {lp['1x']['ms_per_answered_call']} ms of CPU per answered call "
+        f"at 1x (busy {lp['1x']['busy']:.2f}), {lp['overload']['ms_per_answered_call']} ms at "
+        f"{args.factor:g}x (busy {lp['overload']['busy']:.2f}; refusals included)"
+    )
     return {
         "templates": args.templates,
         "pinned": args.pin,
@@ -591,6 +612,9 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "rss_windows_mb": res["rss_windows_mb"],
         "rss_growth_kb_per_ok_call_1x": res["rss_growth_kb_per_ok"]["1x"],
         "rss_growth_kb_per_ok_call_overload": res["rss_growth_kb_per_ok"]["overload"],
+        "loop_ms_per_answered_call_1x": res["loop"]["1x"]["ms_per_answered_call"],
+        "loop_ms_per_answered_call_overload": res["loop"]["overload"]["ms_per_answered_call"],
+        "loop_busy_overload": res["loop"]["overload"]["busy"],
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 

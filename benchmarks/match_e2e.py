@@ -46,7 +46,7 @@ from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
-from centinela.server.testing import spawn_serving
+from centinela.server.testing import loop_cpu_s, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -188,16 +188,6 @@ async def drive_stream(
     t0 = time.perf_counter()
     await asyncio.gather(*(one(s) for s in range(streams)))
     return {"per_s": done / (time.perf_counter() - t0), "n": done}
-
-
-def loop_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid``'s main thread, which runs its event
-    loop; 0.0 where ``/proc`` is not there (the figure is then left out)."""
-    try:
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def with_loop_cpu(pid: int, run: Any) -> dict[str, Any]:

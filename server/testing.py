@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 import threading
 import time
@@ -130,3 +131,13 @@ def spawn_serving(
     while not (text := port_file.read_text().strip()):
         time.sleep(0.05)
     return proc, int(text)
+
+
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid``'s main thread, which runs its event
+    loop; 0.0 where ``/proc`` is not there (the figure is then left out)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
