@@ -57,7 +57,7 @@ import numpy as np
 from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import LAV_SITE, MIRA_SITE, ts
-from centinela.server.testing import loop_cpu_s, spawn_serving
+from centinela.server.testing import LoopMeter, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -445,9 +445,9 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     probe_1x = Probe(args, data_dir, port, args.capacity_seconds)
     await probe_1x.start()
     rss_start = rss_mb(pid)
-    cpu0, t0 = loop_cpu_s(pid), time.perf_counter()
+    meter = LoopMeter(pid)
     base = await closed_loop(calls, payloads, base_conc, args.capacity_seconds)
-    loop = {"1x": _loop_figures(pid, cpu0, t0, base.codes["OK"])}
+    loop = {"1x": _loop_figures(meter, base.codes["OK"])}
     growth = {"1x": (rss_mb(pid) - rss_start) * 1024 / max(1, base.codes["OK"])}
     probe_base = await probe_1x.result()
 
@@ -462,11 +462,11 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     probe_10x = Probe(args, data_dir, port, args.overload_seconds)
     await probe_10x.start()
     rss_start = rss_mb(pid)
-    cpu0, t0 = loop_cpu_s(pid), time.perf_counter()
+    meter = LoopMeter(pid)
     over = await open_loop(
         calls, payloads, rate, args.overload_seconds, args.deadline_ms / 1000, sample
     )
-    loop["overload"] = _loop_figures(pid, cpu0, t0, over.codes["OK"])
+    loop["overload"] = _loop_figures(meter, over.codes["OK"])
     growth["overload"] = (rss_mb(pid) - rss_start) * 1024 / max(1, over.codes["OK"])
     probe_over = await probe_10x.result()
     half = len(samples) // 2
@@ -502,14 +502,11 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     }
 
 
-def _loop_figures(pid: int, cpu0: float, t0: float, answered: int) -> dict[str, float | None]:
-    """The server event loop's CPU per answered call (ms; calls the flood had refused
-    included in the cost) and its busy share, since ``cpu0`` at ``t0``."""
-    spent, elapsed = loop_cpu_s(pid) - cpu0, time.perf_counter() - t0
-    return {
-        "ms_per_answered_call": round(1000 * spent / answered, 3) if answered else None,
-        "busy": round(spent / elapsed, 3),
-    }
+def _loop_figures(meter: LoopMeter, answered: int) -> dict[str, float]:
+    """The server event loop's CPU per answered call (ms; what refusing the flood cost is
+    in it) and its busy share over the phase ``meter`` measured."""
+    per_call, busy = meter.read(answered)
+    return {"ms_per_answered_call": round(per_call, 3), "busy": round(busy, 3)}
 
 
 def say(text: str) -> None:

@@ -46,7 +46,7 @@ from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
-from centinela.server.testing import loop_cpu_s, spawn_serving
+from centinela.server.testing import LoopMeter, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -192,11 +192,9 @@ async def drive_stream(
 
 async def with_loop_cpu(pid: int, run: Any) -> dict[str, Any]:
     """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU."""
-    began, t0 = loop_cpu_s(pid), time.perf_counter()
+    meter = LoopMeter(pid)
     out: dict[str, Any] = await run
-    spent, elapsed = loop_cpu_s(pid) - began, time.perf_counter() - t0
-    out["loop_ms_per_call"] = 1000 * spent / out["n"] if out["n"] and spent else float("nan")
-    out["loop_busy"] = spent / elapsed if spent else float("nan")
+    out["loop_ms_per_call"], out["loop_busy"] = meter.read(out["n"])
     return out
 
 

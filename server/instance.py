@@ -88,7 +88,6 @@ class InstanceLock:
         self.engine = engine
         self.backend = engine.dialect.name
         self._fd: int | None = None
-        self._path: Path | None = None
         self._conn: Connection | None = None
         self._key: int | None = None
         self._held = False
@@ -129,7 +128,8 @@ class InstanceLock:
         if not database or database == ":memory:" or database.startswith("file::memory:"):
             self._private = True
             return
-        path = Path(database).resolve().with_name(Path(database).name + LOCK_SUFFIX)
+        db_file = Path(database).resolve()
+        path = db_file.with_name(db_file.name + LOCK_SUFFIX)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -148,7 +148,7 @@ class InstanceLock:
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_text().encode(), 0)
-        self._fd, self._path, self._held = fd, path, True
+        self._fd, self._held = fd, True
         log.info("instance_lock.taken", kind="file")
 
     # --- PostgreSQL ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import subprocess
 import threading
@@ -141,3 +142,22 @@ def loop_cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LoopMeter:
+    """The CPU a server's event loop spends over one phase of a benchmark: made when the
+    phase starts, :meth:`read` when it ends."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._cpu_s = loop_cpu_s(pid)
+        self._t0 = time.perf_counter()
+
+    def read(self, answered: int) -> tuple[float, float]:
+        """(ms of loop CPU per answered call, share of the phase the loop was busy); NaN
+        where it cannot be known (no ``/proc``, nothing answered)."""
+        spent = loop_cpu_s(self.pid) - self._cpu_s
+        if not spent:
+            return math.nan, math.nan
+        per_call = 1000 * spent / answered if answered else math.nan
+        return per_call, spent / (time.perf_counter() - self._t0)
