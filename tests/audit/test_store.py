@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 
 import pytest
@@ -126,3 +127,122 @@ def test_checkpoints_refuse_rollback_split_view_and_gap(store: LeafStore) -> Non
         conn.execute(sa.text("DELETE FROM audit_checkpoints"))
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.engine.begin() as conn:
         conn.execute(sa.text("UPDATE audit_checkpoints SET note = 'x'"))
+
+
+def _typed_side(engine: Engine) -> sa.Table:
+    meta = sa.MetaData()
+    side = sa.Table(
+        "t_typed",
+        meta,
+        sa.Column("idx", sa.BigInteger, primary_key=True),
+        sa.Column("name", sa.String(32), nullable=False),
+        sa.Column("blob", sa.LargeBinary, nullable=False),
+        sa.Column("score", sa.Float, nullable=False),
+        sa.Column("at", sa.DateTime, nullable=False),  # a bind processor on SQLite
+    )
+    meta.create_all(engine)
+    return side
+
+
+def _side_row(index: int) -> dict[str, object]:
+    return {
+        "idx": index,
+        "name": f"row {index}",
+        "blob": bytes([index % 256]) * 3,
+        "score": 0.25 + index,
+        # Whole seconds: sqlite3's own adapter would store "…10:00:00", SQLAlchemy's
+        # "…10:00:00.000000"; a path that skipped the column's bind processor shows.
+        "at": dt.datetime(2026, 12, 3, 10, 0, 0),
+    }
+
+
+def test_rows_only_batches_store_what_the_general_path_stores(
+    store: LeafStore, engine: Engine
+) -> None:
+    """On SQLite a batch whose companions are all Rows is written through the driver (the
+    MatchFace path); one with a part of its own goes through SQLAlchemy. Both must store
+    the same values, bind processors (DateTime) included, byte for byte."""
+    side = _typed_side(engine)
+
+    def noop(_conn: sa.Connection, _index: int) -> None:
+        pass
+
+    def rows_only(_k: int) -> Companions:  # nested, as Pipeline.commit builds them
+        return Companions((Companions((Rows(side, lambda i: [_side_row(i)]),)),))
+
+    def general(_k: int) -> Companions:
+        return Companions((noop, Rows(side, lambda i: [_side_row(i)])))
+
+    with engine.connect() as conn:
+        store.append_batch(conn, 2, [(b"{}", H)] * 2, [rows_only(0), rows_only(1)])
+        store.append_batch(conn, 4, [(b"{}", H)] * 2, [general(0), general(1)])
+    assert store.size() == 6
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT idx, name, blob, score, CAST(at AS TEXT) FROM t_typed ORDER BY idx")
+        ).all()
+    by_path = [tuple(r)[1:] for r in stored]
+    expected = [_side_row(i) for i in range(2, 6)]
+    assert [r[0] for r in stored] == [2, 3, 4, 5]
+    assert [(n, bytes(b), s) for n, b, s, _ in by_path] == [
+        (e["name"], e["blob"], e["score"]) for e in expected
+    ]
+    texts = [str(r[3]) for r in by_path]
+    assert texts == [texts[-1]] * 4  # the last two took the general path
+    if is_sqlite(engine):
+        assert texts[-1] == "2026-12-03 10:00:00.000000"
+
+
+def test_a_failing_rows_only_batch_leaves_nothing_and_the_connection_usable(
+    store: LeafStore, engine: Engine
+) -> None:
+    side = _typed_side(engine)
+    with engine.connect() as conn:
+        store.append_batch(conn, 2, [(b"{}", H)], [Rows(side, lambda i: [_side_row(7)])])
+        with pytest.raises(StorageError):  # the second row repeats the primary key 7
+            store.append_batch(
+                conn,
+                3,
+                [(b"{}", H)] * 2,
+                [Rows(side, lambda i: [_side_row(8)]), Rows(side, lambda i: [_side_row(7)])],
+            )
+        assert store.size() == 3
+        store.append_batch(conn, 3, [(b"{}", H)], [Rows(side, lambda i: [_side_row(i)])])
+    assert store.size() == 4
+    with engine.connect() as conn:
+        idx = conn.execute(sa.select(side.c.idx).order_by(side.c.idx)).scalars().all()
+    assert idx == [3, 7]
+    with engine.connect() as conn, pytest.raises(AppendOnlyViolation):
+        store.append_batch(conn, 1, [(b"{}", H)], [Rows(side, lambda i: [_side_row(9)])])
+
+
+def test_a_matchface_shaped_batch_on_sqlite_issues_no_sqlalchemy_statement(
+    store: LeafStore, engine: Engine
+) -> None:
+    """The driver path is the point of the Rows-only case: SQLAlchemy's per-statement layer
+    cost half the writer's CPU per commit, on the thread that competes with the event loop
+    for the GIL."""
+    if not is_sqlite(engine):
+        pytest.skip("the driver path is SQLite's")
+    side = _typed_side(engine)
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    with engine.connect() as conn:
+        sa.event.listen(engine, "before_cursor_execute", seen)
+        try:
+            store.append_batch(
+                conn, 2, [(b"{}", H)], [Companions((Companions((Rows(side, _typed_rows),)),))]
+            )
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", seen)
+    assert statements == []
+    assert store.size() == 3
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(side.c.idx)).scalars().all() == [2]
+
+
+def _typed_rows(index: int) -> list[dict[str, object]]:
+    return [_side_row(index)]
