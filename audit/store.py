@@ -23,11 +23,11 @@ Invariants (DESIGN.md §6):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
-import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -273,7 +273,7 @@ class LeafStore:
             "INSERT INTO audit_checkpoints (seq, tree_size, root_hash, note, created_at) "  # noqa: S608
             f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark})"
         )
-        #: Driver-level INSERTs of companion rows, per table and column set (SQLite).
+        #: Driver-level INSERTs of companion rows, per table and column set.
         self._row_inserts: dict[tuple[sa.Table, tuple[str, ...]], _RowInsert] = {}
 
     def migrate(self) -> None:
@@ -313,8 +313,8 @@ class LeafStore:
         """
         now = _now()
         params = [(first_index + i, e, h, now) for i, (e, h) in enumerate(rows)]
-        if self.sqlite and all(_rows_only(c) for c in companions):
-            self._append_sqlite(conn, params, subtrees, _companion_rows(first_index, companions))
+        if all(_rows_only(c) for c in companions):
+            self._append_driver(conn, params, subtrees, _companion_rows(first_index, companions))
             return
         try:
             if self.sqlite:
@@ -331,42 +331,44 @@ class LeafStore:
                 raise AppendOnlyViolation("the store refused the next leaf index") from exc
             raise StorageError(f"audit append failed: {exc.__class__.__name__}") from exc
 
-    def _append_sqlite(
+    def _append_driver(
         self,
         conn: Connection,
         params: list[tuple[int, bytes, bytes, str]],
         subtrees: Sequence[tuple[int, int, bytes]],
         made: dict[sa.Table, list[dict[str, Any]]],
     ) -> None:
-        """:meth:`append_batch`'s transaction through ``sqlite3`` itself (SQLite, when every
-        companion is :class:`Rows`, as MatchFace's are).
+        """:meth:`append_batch`'s transaction through the DB-API driver itself, when every
+        companion is :class:`Rows` (as those of MatchFace, MatchPlate and StreamMatch are).
 
         The same statements in the same order, without SQLAlchemy's transaction, event and
-        statement layers: a one-entry commit costs 0.39 ms of CPU through them against
-        0.23 ms here (an alert and a stored answer as companions;
-        ``benchmarks/audit_append.py``), and that CPU is spent holding the GIL the event
-        loop needs. Values pass the columns' own bind processors, so what is stored is what
-        SQLAlchemy would have stored.
+        statement layers. A one-entry commit with an alert and a stored answer costs the
+        writer 1.7-1.8x the CPU through them on SQLite (0.39 against 0.23 ms) and 1.25-1.35x
+        on PostgreSQL (1.04 against 0.83 ms; ``benchmarks/audit_append.py``, two runs), CPU
+        spent holding the GIL the event loop needs. Values pass the columns' own bind
+        processors, so what is stored is what SQLAlchemy would have stored.
         """
         batches = [self._row_insert(table, rows) for table, rows in made.items() if rows]
-        raw = cast(sqlite3.Connection, conn.connection.dbapi_connection)
+        raw: Any = conn.connection.dbapi_connection
+        error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
         try:
             cur = raw.cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE")
+                if self.sqlite:  # make_engine runs pysqlite without implicit transactions
+                    cur.execute("BEGIN IMMEDIATE")
                 cur.executemany(self._insert_leaf, params)
                 if subtrees:
-                    cur.executemany(self._insert_subtree, subtrees)
+                    cur.executemany(self._insert_subtree, list(subtrees))
                 for sql, values in batches:
                     cur.executemany(sql, values)
-                cur.execute("COMMIT")
+                raw.commit()
             except BaseException:
-                if raw.in_transaction:
+                with contextlib.suppress(error):  # a broken connection: the writer drops it
                     raw.rollback()
                 raise
             finally:
                 cur.close()
-        except sqlite3.Error as exc:
+        except error as exc:
             if _is_append_only_refusal(exc):
                 raise AppendOnlyViolation("the store refused the next leaf index") from exc
             raise StorageError(f"audit append failed: {exc.__class__.__name__}") from exc
@@ -378,7 +380,8 @@ class LeafStore:
         cols = tuple(rows[0])
         insert = self._row_inserts.get((table, cols))
         if insert is None:
-            insert = self._row_inserts[(table, cols)] = _RowInsert.of(self.engine, table, cols)
+            insert = _RowInsert.of(self.engine, table, cols, self._mark)
+            self._row_inserts[(table, cols)] = insert
         return insert.sql, [insert.values(row) for row in rows]
 
     def add_checkpoint(self, tree_size: int, root_hash: bytes, note: str) -> StoredCheckpoint:
@@ -592,12 +595,12 @@ class _RowInsert:
     processors: tuple[Callable[[Any], Any] | None, ...]
 
     @classmethod
-    def of(cls, engine: Engine, table: sa.Table, cols: tuple[str, ...]) -> _RowInsert:
+    def of(cls, engine: Engine, table: sa.Table, cols: tuple[str, ...], mark: str) -> _RowInsert:
         dialect = engine.dialect
         quote = dialect.identifier_preparer.quote
         sql = (
             f"INSERT INTO {dialect.identifier_preparer.format_table(table)} "  # noqa: S608
-            f"({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})"
+            f"({', '.join(quote(c) for c in cols)}) VALUES ({', '.join(mark for _ in cols)})"
         )
         types = [table.c[c].type for c in cols]  # KeyError: a column the table lacks
         return cls(sql, cols, tuple(t.dialect_impl(dialect).bind_processor(dialect) for t in types))
