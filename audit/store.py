@@ -249,6 +249,13 @@ def _is_append_only_refusal(exc: BaseException) -> bool:
     return "append-only" in text or "split view" in text
 
 
+def _append_failed(exc: Exception) -> AppendOnlyViolation | StorageError:
+    """What a failed append raises: the store's refusal of the index, or a database error."""
+    if _is_append_only_refusal(exc):
+        return AppendOnlyViolation("the store refused the next leaf index")
+    return StorageError(f"audit append failed: {exc.__class__.__name__}")
+
+
 class LeafStore:
     """SQL access to the audit tables. Create it, call :meth:`migrate`, then use it.
 
@@ -327,9 +334,7 @@ class LeafStore:
                     if made:
                         conn.execute(table.insert(), made)
         except sa.exc.SQLAlchemyError as exc:
-            if _is_append_only_refusal(exc):
-                raise AppendOnlyViolation("the store refused the next leaf index") from exc
-            raise StorageError(f"audit append failed: {exc.__class__.__name__}") from exc
+            raise _append_failed(exc) from exc
 
     def _append_driver(
         self,
@@ -369,9 +374,7 @@ class LeafStore:
             finally:
                 cur.close()
         except error as exc:
-            if _is_append_only_refusal(exc):
-                raise AppendOnlyViolation("the store refused the next leaf index") from exc
-            raise StorageError(f"audit append failed: {exc.__class__.__name__}") from exc
+            raise _append_failed(exc) from exc
 
     def _row_insert(
         self, table: sa.Table, rows: list[dict[str, Any]]
