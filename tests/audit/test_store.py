@@ -156,6 +156,10 @@ def _side_row(index: int) -> dict[str, object]:
     }
 
 
+def _typed_rows(index: int) -> list[dict[str, object]]:
+    return [_side_row(index)]
+
+
 def test_rows_only_batches_store_what_the_general_path_stores(
     store: LeafStore, engine: Engine
 ) -> None:
@@ -167,15 +171,12 @@ def test_rows_only_batches_store_what_the_general_path_stores(
     def noop(_conn: sa.Connection, _index: int) -> None:
         pass
 
-    def rows_only(_k: int) -> Companions:  # nested, as Pipeline.commit builds them
-        return Companions((Companions((Rows(side, lambda i: [_side_row(i)]),)),))
-
-    def general(_k: int) -> Companions:
-        return Companions((noop, Rows(side, lambda i: [_side_row(i)])))
+    rows_only = Companions((Companions((Rows(side, _typed_rows),)),))  # as Pipeline.commit nests
+    general = Companions((noop, Rows(side, _typed_rows)))
 
     with engine.connect() as conn:
-        store.append_batch(conn, 2, [(b"{}", H)] * 2, [rows_only(0), rows_only(1)])
-        store.append_batch(conn, 4, [(b"{}", H)] * 2, [general(0), general(1)])
+        store.append_batch(conn, 2, [(b"{}", H)] * 2, [rows_only, rows_only])
+        store.append_batch(conn, 4, [(b"{}", H)] * 2, [general, general])
     assert store.size() == 6
     with engine.connect() as conn:
         stored = conn.execute(
@@ -207,7 +208,7 @@ def test_a_failing_rows_only_batch_leaves_nothing_and_the_connection_usable(
                 [Rows(side, lambda i: [_side_row(8)]), Rows(side, lambda i: [_side_row(7)])],
             )
         assert store.size() == 3
-        store.append_batch(conn, 3, [(b"{}", H)], [Rows(side, lambda i: [_side_row(i)])])
+        store.append_batch(conn, 3, [(b"{}", H)], [Rows(side, _typed_rows)])
     assert store.size() == 4
     with engine.connect() as conn:
         idx = conn.execute(sa.select(side.c.idx).order_by(side.c.idx)).scalars().all()
@@ -240,7 +241,3 @@ def test_a_matchface_shaped_batch_issues_no_sqlalchemy_statement(
     assert store.size() == 3
     with engine.connect() as conn:
         assert conn.execute(sa.select(side.c.idx)).scalars().all() == [2]
-
-
-def _typed_rows(index: int) -> list[dict[str, object]]:
-    return [_side_row(index)]
