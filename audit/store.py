@@ -312,7 +312,9 @@ class LeafStore:
         (an alert raised by the decision, the stored answer of an idempotent request).
         Companions run in entry order, except that the rows of :class:`Rows` companions
         (made in that order, so they may depend on what an entry's earlier parts did) are
-        inserted last, one executemany per table in the order the tables first appear.
+        inserted last, one executemany per table in the order the tables first appear
+        (nested :class:`Companions` flattened). When every part is :class:`Rows` the
+        transaction goes through the driver directly (:meth:`_append_driver`).
 
         Raises:
             AppendOnlyViolation: the database refused an index (someone else appended).
