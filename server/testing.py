@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -161,3 +163,20 @@ class LoopMeter:
             return math.nan, math.nan
         per_call = 1000 * spent / answered if answered else math.nan
         return per_call, spent / (time.perf_counter() - self._t0)
+
+
+def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:
+    """A copy of a shipped bundle with ``centinela_config`` keys replaced (dotted paths)."""
+    from centinela.policy.bundle import packaged_root
+
+    target = tmp / f"{base}-variant"
+    shutil.copytree(packaged_root() / base, target)
+    data = json.loads((target / "data.json").read_text())
+    for dotted, value in patch.items():
+        node = data["centinela_config"]
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (target / "data.json").write_text(json.dumps(data, indent=1))
+    return target

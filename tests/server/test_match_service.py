@@ -7,7 +7,6 @@ dev role certificates, SQLite, the embedded Rego engine with the shipped bundle,
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -17,9 +16,8 @@ import pytest
 
 from centinela.clients.retry import retryable
 from centinela.config import Settings
-from centinela.policy.bundle import packaged_root
 from centinela.server.demo import LAV_SITE, MIRA_SITE, PLATE, World, populate, rid
-from centinela.server.testing import ServerThread
+from centinela.server.testing import ServerThread, bundle_variant
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -33,21 +31,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w = populate(server)
         yield w
         w.close()
-
-
-def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:
-    """A copy of a shipped bundle with ``centinela_config`` keys replaced."""
-    target = tmp / f"{base}-variant"
-    shutil.copytree(packaged_root() / base, target)
-    data = json.loads((target / "data.json").read_text())
-    for dotted, value in patch.items():
-        node = data["centinela_config"]
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (target / "data.json").write_text(json.dumps(data, indent=1))
-    return target
 
 
 def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
