@@ -56,6 +56,7 @@ class EventType(StrEnum):
     EVIDENCE_EXPORT = "EVIDENCE_EXPORT"
     ALERT_SUBSCRIPTION = "ALERT_SUBSCRIPTION"
     SIGHTING_READ = "SIGHTING_READ"
+    CALIBRATION = "CALIBRATION"
 
 
 #: Kinds of personal value the Digester accepts; each is its own HMAC domain.
@@ -123,6 +124,11 @@ METRIC_KINDS = frozenset(
         "replaced",
         "batches",
         "batch",  # the number of a registry import batch (its stream message)
+        # a gallery's calibration (R8): aggregates of a non-mated set, never one score
+        "gallery_size",
+        "target_fpir",
+        "threshold_floor",
+        "fpir_at_floor",
     }
 )
 #: Names of non-personal SHA-256 digests (of a policy bundle, a configuration, a model file).

@@ -34,24 +34,11 @@ from typing import Any
 import numpy as np
 
 from centinela.matcher import synth
+from centinela.matcher.calibration import fpir, threshold_for_fpir
 from centinela.matcher.gallery import FaceGallery
 from centinela.policy.bundle import Bundle
 
 GRID = (0.45, 0.50, 0.55, 0.60)
-
-
-def threshold_for_fpir(stranger_top1: np.ndarray, target: float) -> float:
-    """The lowest threshold at which at most ``target`` of the strangers score at or above
-    it (on this sample): just above the ``floor(target · n) + 1``-th highest score."""
-    if not 0 < target < 1 or len(stranger_top1) == 0:
-        raise ValueError("need strangers and 0 < target < 1")
-    allowed = math.floor(target * len(stranger_top1))
-    ranked = np.sort(np.asarray(stranger_top1, dtype=np.float64))[::-1]
-    return float(np.nextafter(ranked[allowed], np.inf)) if allowed < len(ranked) else -1.0
-
-
-def fpir(stranger_top1: np.ndarray, t: float) -> float:
-    return float(np.mean(np.asarray(stranger_top1) >= t))
 
 
 def hit_rate(own_top1: np.ndarray, t: float) -> float:

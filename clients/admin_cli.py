@@ -7,6 +7,7 @@ where the request already names one — a warrant id, a police report id — it 
     centinela admin vehicle report|recover|list
     centinela admin authorisation add|revoke|list
     centinela admin site add|deactivate|list
+    centinela admin calibrate            (a face gallery's FPIR, R8: clients/calibrate_cli.py)
 
 Human output by default (tables for lists), ``--json`` for scripts. DNIs and plates go to the
 server only: the tool never prints one (the server answers with pseudonymous refs and masked
@@ -27,6 +28,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from centinela.clients import calibrate_cli
 from centinela.clients import cli_common as cc
 from centinela.clients.registry_file import parse_vector
 from centinela.errors import CentinelaError, InvalidArgument
@@ -154,7 +156,7 @@ def _list(
 # ---- requisitorias ------------------------------------------------------------------------
 
 
-def _templates_from(path: Path) -> list[common_pb2.FaceTemplate]:
+def templates_from(path: Path) -> list[common_pb2.FaceTemplate]:
     """Templates from a JSON list or JSON Lines of {"model_id", "vector"} objects."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -236,7 +238,7 @@ def _req_add(args: argparse.Namespace) -> int:
         dni=_secret(args.dni, "DNI") if args.dni else "",
     )
     if args.templates:
-        request.templates.templates.extend(_templates_from(Path(args.templates)))
+        request.templates.templates.extend(templates_from(Path(args.templates)))
     for image in args.image:
         request.templates.templates.append(_template_from_photo(Path(image)))
     with cc.client_from_args(args, default_identity=DEFAULT_IDENTITY) as client:
@@ -503,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", metavar="REF", help="requisition id (req_…) or vehicle id (veh_…)")
     _opts(p, None)
     p.set_defaults(func=_sightings, verb="")
+
+    calibrate_cli.add_parser(sub)
 
     req = _group(sub, "requisition", "requisitorias (wanted persons)")
     p = req.add_parser("add", help="create a requisitoria from a DNI or supplied templates")

@@ -323,6 +323,21 @@ class CentinelaClient:
         """GetServerInfo: Version, policy bundle and digest, galleries and their state."""
         return self._core.unary(self._match.GetServerInfo, request, timeout=timeout)
 
+    def calibrate_gallery(
+        self,
+        requests: Iterable[mpb.CalibrateGalleryRequest],
+        *,
+        timeout: float | None = None,
+    ) -> mpb.CalibrateGalleryResponse:
+        """CalibrateGallery: a face gallery's owner measures the FPIR of its floor (R8) with
+        templates of people known not to be in the gallery. Read-only; a list or tuple of
+        messages is re-sent whole on UNAVAILABLE, a one-shot iterator is not retried.
+
+        Raises:
+            ClientError: the calibration failed.
+        """
+        return self._core.stream_unary(self._match.CalibrateGallery, requests, timeout=timeout)
+
     # ---- WatchlistService ----------------------------------------------------
 
     def create_requisition(

@@ -12,5 +12,6 @@ Modules, one noun each:
 * :mod:`~centinela.matcher.plates` — plate normalisation, look-alikes, ``PlateIndex``.
 * :mod:`~centinela.matcher.snapshot` — encrypted index snapshots.
 * :mod:`~centinela.matcher.service` — ``Matcher``, the facade the server uses.
+* :mod:`~centinela.matcher.calibration` — the threshold that meets a target FPIR (R8).
 * :mod:`~centinela.matcher.synth` — synthetic face embeddings for tests and benchmarks.
 """

@@ -164,6 +164,19 @@ class FaceGallery:
     def __len__(self) -> int:
         return len(self._label_of)
 
+    def searchable(self, now: dt.datetime) -> int:
+        """Entries a search at ``now`` may return: visible, active and unexpired (objectors
+        included). One pass over the flag arrays, about a millisecond a million slots.
+
+        Taken without the index lock, so that a report never waits for an import: a change
+        made meanwhile may or may not be counted.
+        """
+        flags, expires = self._flags, self._expires
+        n = min(len(flags), len(expires))
+        both = VISIBLE | ACTIVE
+        ok = (flags[:n] & both) == both
+        return int(np.count_nonzero(ok & (expires[:n] > epoch(now))))
+
     @property
     def ef(self) -> int:
         return int(self._index.ef)

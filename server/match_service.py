@@ -44,6 +44,7 @@ from centinela.server.alerts import (
     in_scope,
     score_band,
 )
+from centinela.server.calibration import Calibrator, calibration_state
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
@@ -214,6 +215,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
 
     def __init__(self, components: Components) -> None:
         self.c = components
+        self.calibrator = Calibrator(components)
         self.placement: collections.defaultdict[str, SearchPlacement] = collections.defaultdict(
             SearchPlacement
         )
@@ -839,6 +841,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
         c = self.c
         galleries = []
         for name, g in c.matcher.galleries.items():
+            cal = calibration_state(c, name)
             galleries.append(
                 pb.GalleryInfo(
                     gallery=GALLERY_ENUM[name],
@@ -846,6 +849,8 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     dimension=g.dim,
                     size=len(g),
                     threshold=self._floor(name),
+                    calibrated_size=cal.calibrated_size,
+                    expected_fpir=cal.expected_fpir,
                 )
             )
         galleries.append(
@@ -871,6 +876,13 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
             audit_history_check=_HISTORY_CHECK[c.audit.history_verified],
             audit_history_checked_size=c.audit.history_checked_size,
         )
+
+    # ---- CalibrateGallery --------------------------------------------------------------
+
+    async def CalibrateGallery(
+        self, request_iterator: AsyncIterator[pb.CalibrateGalleryRequest], context: Any
+    ) -> pb.CalibrateGalleryResponse:
+        return await self.calibrator.run(request_iterator)
 
     def _framework(self) -> dict[str, Any]:
         return dict(self.c.policy_config().get("framework", {}))

@@ -30,6 +30,7 @@ from centinela.matcher.store import TemplateStore
 from centinela.policy import Bundle, EmbeddedEngine, OpaServerEngine, PolicyEngine, PolicyService
 from centinela.server.alerts import AlertStore
 from centinela.server.app import Servicers
+from centinela.server.calibration import watch_calibration
 from centinela.server.components import Components, WatchlistView
 from centinela.server.idempotency import IdempotencyStore
 from centinela.server.instance import InstanceLock
@@ -74,7 +75,7 @@ class Application:
     async def close(self) -> None:
         """Write SERVICE_STOP, then close components in reverse order of creation."""
         c = self.components
-        for name in ("purge_task", "instance_task"):
+        for name in ("purge_task", "calibration_task", "instance_task"):
             task = c.extra.get(name)
             if task is not None:
                 task.cancel()
@@ -260,6 +261,7 @@ async def build_application(settings: Settings) -> Application:
     """Create the data directory and every component; nothing is served yet."""
     components = await asyncio.to_thread(build_components, settings)
     components.extra["purge_task"] = asyncio.create_task(purge_expired(components))
+    components.extra["calibration_task"] = asyncio.create_task(watch_calibration(components))
     if components.instance is not None and components.instance.needs_watch:
         components.extra["instance_task"] = asyncio.create_task(
             watch_instance_lock(components.instance)

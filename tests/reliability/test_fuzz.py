@@ -257,6 +257,16 @@ def seeds(live: Live) -> dict[str, tuple[str, Callable[[], Message]]]:
             ),
         ),
         "MatchService/GetServerInfo": ("pnp-admin", m.GetServerInfoRequest),
+        "MatchService/CalibrateGallery": (
+            "pnp-admin",
+            lambda: m.CalibrateGalleryRequest(
+                context=c.RequestContext(reference="CAL-2026-07", client_request_id=rid()),
+                gallery=c.GALLERY_PNP_WATCHLIST,
+                templates=[
+                    c.FaceTemplate(model_id=live.model_id, vector=v) for v in live.vectors[:2]
+                ],
+            ),
+        ),
         "MatchService/StreamMatch": (
             "muni-miraflores",
             lambda: m.StreamMatchRequest(sequence=1, face=world.face_request(world.genuine(0))),
@@ -720,15 +730,16 @@ def _kind(path: str) -> str:
 UNARY = sorted(p for p in METHODS if _kind(p) == "unary")
 SERVER_STREAMING = sorted(p for p in METHODS if _kind(p) == "server")
 IMPORT = "/centinela.v1.RegistryService/ImportTemplates"
+CALIBRATE = "/centinela.v1.MatchService/CalibrateGallery"
 #: Bytes no message decodes from (random bytes often do: as unknown fields).
 UNDECODABLE = (b"\x0a\xff", b"\xff\xff\xff\xff", b"\x08", b"\x12\x05ab")
 STREAM_MATCH = "/centinela.v1.MatchService/StreamMatch"
 
 
 def test_every_rpc_of_every_service_is_fuzzed(live: Live) -> None:
-    assert len(METHODS) == 33
+    assert len(METHODS) == 34
     assert set(seeds(live)) == set(METHODS)
-    assert {p for p in METHODS if _kind(p) == "client"} == {IMPORT}
+    assert {p for p in METHODS if _kind(p) == "client"} == {IMPORT, CALIBRATE}
     assert {p for p in METHODS if _kind(p) == "bidi"} == {STREAM_MATCH}
     assert set(SERVER_STREAMING) == {
         "/centinela.v1.MatchService/SubscribeAlerts",
@@ -802,20 +813,21 @@ def test_server_streaming_rpc_answers_a_proper_status(live: Live, path: str) -> 
     check()
 
 
-def test_registry_import_stream_answers_a_proper_status(live: Live) -> None:
+@pytest.mark.parametrize("path", [IMPORT, CALIBRATE])
+def test_client_stream_answers_a_proper_status(live: Live, path: str) -> None:
     gen = Messages(live)
     raw = st.one_of(
-        gen.request(IMPORT).map(lambda m: m.SerializeToString()),
+        gen.request(path).map(lambda m: m.SerializeToString()),
         st.binary(max_size=256),
         st.sampled_from(UNDECODABLE),
     )
 
     @FUZZ
-    @given(batch=st.lists(raw, max_size=4), who=gen.caller(IMPORT))
+    @given(batch=st.lists(raw, max_size=4), who=gen.caller(path))
     def check(batch: list[bytes], who: str) -> None:
-        call = live.channels[who].stream_unary(IMPORT)
+        call = live.channels[who].stream_unary(path)
         code = live.code_of(lambda: call(iter(batch), timeout=30))
-        assert code in ACCEPTABLE, f"import as {who}: {code}"
+        assert code in ACCEPTABLE, f"{path} as {who}: {code}"
 
     check()
 

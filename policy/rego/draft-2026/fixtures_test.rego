@@ -171,3 +171,17 @@ pnp_subscribe := {
 	"rpc": "SubscribeAlerts",
 	"context": {"now": "2026-03-01T10:00:00Z"},
 }
+
+pnp_calibrate := {
+	"caller": {"org": "pnp-dirincri", "kind": "pnp", "roles": ["admin"], "operator_id": "pnp-adm-3"},
+	"rpc": "CalibrateGallery",
+	"context": {"now": "2026-03-01T10:00:00Z", "reference": "CAL-2026-07"},
+	"galleries": ["pnp_watchlist"],
+	"probe": {"kind": "face", "model_id": "w600k_mbf:9cc6e4a75f0e2bf0"},
+	"rate": {"caller_per_minute": 1, "site_per_minute": 0},
+}
+
+reniec_calibrate := object.union(pnp_calibrate, {
+	"caller": {"org": "reniec", "kind": "reniec", "roles": ["admin"], "operator_id": "rnc-ops-1"},
+	"galleries": ["reniec_registry"],
+})

@@ -51,6 +51,8 @@ constraints contains "R7" if exclude_objectors
 
 constraints contains "R8" if probe_rpc
 
+constraints contains "R8" if family == "calibrate"
+
 constraints contains "R9" if human_review
 
 constraints contains "R10" if {

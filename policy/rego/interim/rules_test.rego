@@ -560,3 +560,73 @@ cases.denied_obligations_open_nothing := {
 }
 
 test_denied_obligations_open_nothing if check("denied_obligations_open_nothing")
+
+# ---- calibration: R8 (the owner measures its floor), R12, R13, R15 -------------------------
+
+cases.r8_allow_pnp_admin_calibrates_watchlist := {
+	"input": pnp_calibrate,
+	"expect": {"allow": true, "reasons": ["R8"], "obligations": {"galleries": ["pnp_watchlist"]}},
+}
+
+test_r8_allow_pnp_admin_calibrates_watchlist if check("r8_allow_pnp_admin_calibrates_watchlist")
+
+cases.r8_deny_operator_cannot_calibrate := {
+	"input": object.union(pnp_calibrate, {"caller": muni_face.caller}),
+	"expect": {"allow": false, "reasons": ["R8"]},
+}
+
+test_r8_deny_operator_cannot_calibrate if check("r8_deny_operator_cannot_calibrate")
+
+cases.r8_deny_calibrating_plates := {
+	"input": object.union(pnp_calibrate, {"galleries": ["stolen_vehicles"]}),
+	"expect": expect_deny("R8"),
+}
+
+test_r8_deny_calibrating_plates if check("r8_deny_calibrating_plates")
+
+cases.r8_deny_calibrating_unknown_gallery := {
+	"input": object.union(pnp_calibrate, {"galleries": ["dni_photos"]}),
+	"expect": expect_deny("R8"),
+}
+
+test_r8_deny_calibrating_unknown_gallery if check("r8_deny_calibrating_unknown_gallery")
+
+cases.r8_deny_calibration_names_one_gallery := {
+	"input": object.union(pnp_calibrate, {"galleries": ["pnp_watchlist", "reniec_registry"]}),
+	"expect": {"allow": false, "reasons": ["INPUT_MALFORMED"], "details_include": ["galleries"]},
+}
+
+test_r8_deny_calibration_names_one_gallery if check("r8_deny_calibration_names_one_gallery")
+
+cases.r15_allow_reniec_calibrates_registry := {"input": reniec_calibrate, "expect": expect_allow}
+
+test_r15_allow_reniec_calibrates_registry if check("r15_allow_reniec_calibrates_registry")
+
+cases.r15_deny_pnp_admin_cannot_calibrate_registry := {
+	"input": object.union(pnp_calibrate, {"galleries": ["reniec_registry"]}),
+	"expect": {"allow": false, "reasons": ["R15"]},
+}
+
+test_r15_deny_pnp_admin_cannot_calibrate_registry if check("r15_deny_pnp_admin_cannot_calibrate_registry")
+
+cases.r15_deny_reniec_cannot_calibrate_watchlist := {
+	"input": object.union(reniec_calibrate, {"galleries": ["pnp_watchlist"]}),
+	"expect": {"allow": false, "reasons": ["R15"]},
+}
+
+test_r15_deny_reniec_cannot_calibrate_watchlist if check("r15_deny_reniec_cannot_calibrate_watchlist")
+
+cases.r12_deny_calibration_when_faces_off := {
+	"input": pnp_calibrate,
+	"config": {"framework": {"facial_matching_enabled": false}},
+	"expect": {"allow": false, "reasons": ["R12"]},
+}
+
+test_r12_deny_calibration_when_faces_off if check("r12_deny_calibration_when_faces_off")
+
+cases.r13_deny_calibration_of_another_model := {
+	"input": patch(pnp_calibrate, "probe", {"model_id": "other-model:0000"}),
+	"expect": {"allow": false, "reasons": ["R13"]},
+}
+
+test_r13_deny_calibration_of_another_model if check("r13_deny_calibration_of_another_model")

@@ -710,6 +710,8 @@ class GalleryInfo(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     INDEX_LAG_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    CALIBRATED_SIZE_FIELD_NUMBER: _builtins.int
+    EXPECTED_FPIR_FIELD_NUMBER: _builtins.int
     gallery: _common_pb2.Gallery.ValueType
     """Which gallery."""
     model_id: _builtins.str
@@ -722,6 +724,15 @@ class GalleryInfo(_message.Message):
     """Durable templates not yet indexed (the index catches up in the background)."""
     threshold: _builtins.float
     """Calibrated threshold floor (R8)."""
+    calibrated_size: _builtins.int
+    """The gallery size the floor was calibrated for (the bundle's `calibrated_size`); 0 when
+    the bundle does not say.
+    """
+    expected_fpir: _builtins.float
+    """The FPIR to expect at the floor at today's size: the bundle's `target_fpir` scaled by
+    size / calibrated_size (FPIR grows about in proportion to the gallery at these rates);
+    0 when `calibrated_size` is 0. Above the target the floor needs a new calibration.
+    """
     def __init__(
         self,
         *,
@@ -731,10 +742,12 @@ class GalleryInfo(_message.Message):
         size: _builtins.int = ...,
         index_lag: _builtins.int = ...,
         threshold: _builtins.float = ...,
+        calibrated_size: _builtins.int = ...,
+        expected_fpir: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated_size", b"calibrated_size", "dimension", b"dimension", "expected_fpir", b"expected_fpir", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -813,3 +826,150 @@ class GetServerInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class CalibrateGalleryRequest(_message.Message):
+    """One message of a calibration stream. The first message names the gallery and the target;
+    every message may carry templates (at most 1,000,000 in one call).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    GALLERY_FIELD_NUMBER: _builtins.int
+    TARGET_FPIR_FIELD_NUMBER: _builtins.int
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    gallery: _common_pb2.Gallery.ValueType
+    """First message only: the face gallery to calibrate (PNP_WATCHLIST or RENIEC_REGISTRY)."""
+    target_fpir: _builtins.float
+    """First message only: the target FPIR in (0, 1); 0 means the bundle's `target_fpir`."""
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """First message only: operator id and, in `reference`, the calibration study's id."""
+
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FaceTemplate]:
+        """Templates of people known not to be in the gallery, of the gallery's model. The set
+        should look like what the cameras send: FPIR is a property of gallery and probes.
+        """
+
+    def __init__(
+        self,
+        *,
+        context: _common_pb2.RequestContext | None = ...,
+        gallery: _common_pb2.Gallery.ValueType = ...,
+        target_fpir: _builtins.float = ...,
+        templates: _abc.Iterable[_common_pb2.FaceTemplate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "gallery", b"gallery", "target_fpir", b"target_fpir", "templates", b"templates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrateGalleryRequest: _TypeAlias = CalibrateGalleryRequest  # noqa: Y015
+
+@_typing.final
+class FpirPoint(_message.Message):
+    """The FPIR of the non-mated set at one threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    FPIR_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    """The threshold (cosine similarity)."""
+    fpir: _builtins.float
+    """Share of the non-mated templates whose best score in the gallery is at least
+    `threshold`.
+    """
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.float = ...,
+        fpir: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fpir", b"fpir", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FpirPoint: _TypeAlias = FpirPoint  # noqa: Y015
+
+@_typing.final
+class CalibrateGalleryResponse(_message.Message):
+    """What a calibration measured. Only aggregates: no score of any one template, no candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    GALLERY_FIELD_NUMBER: _builtins.int
+    GALLERY_SIZE_FIELD_NUMBER: _builtins.int
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    TARGET_FPIR_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FLOOR_FIELD_NUMBER: _builtins.int
+    FPIR_AT_FLOOR_FIELD_NUMBER: _builtins.int
+    FPIR_AT_FLOOR_LOW_FIELD_NUMBER: _builtins.int
+    FPIR_AT_FLOOR_HIGH_FIELD_NUMBER: _builtins.int
+    CURVE_FIELD_NUMBER: _builtins.int
+    gallery: _common_pb2.Gallery.ValueType
+    """The gallery measured."""
+    gallery_size: _builtins.int
+    """Its active entries when the search ran: the size this calibration holds for. Put it in
+    the bundle as the gallery's `calibrated_size` with the new floor.
+    """
+    templates: _builtins.int
+    """Non-mated templates searched."""
+    target_fpir: _builtins.float
+    """The target FPIR used."""
+    threshold: _builtins.float
+    """The smallest threshold at which the FPIR on this set is at most the target: the floor
+    this measurement supports (round it up, never down, to write it as a floor).
+    """
+    resolved: _builtins.bool
+    """False when the set is too small to resolve the target: fewer than 10 of its templates
+    may score above the threshold (templates × target < 10), so the threshold rests on a
+    handful of scores. Send more templates.
+    """
+    threshold_floor: _builtins.float
+    """The active bundle's floor for this gallery."""
+    fpir_at_floor: _builtins.float
+    """The FPIR at that floor on this set."""
+    fpir_at_floor_low: _builtins.float
+    """95 % Wilson interval of `fpir_at_floor`: lower bound."""
+    fpir_at_floor_high: _builtins.float
+    """95 % Wilson interval of `fpir_at_floor`: upper bound."""
+    @_builtins.property
+    def decision(self) -> _common_pb2.DecisionInfo:
+        """The decision and its audit entry (the entry records the figures below)."""
+
+    @_builtins.property
+    def curve(self) -> _containers.RepeatedCompositeFieldContainer[Global___FpirPoint]:
+        """FPIR at thresholds around the floor and the measured threshold, ascending."""
+
+    def __init__(
+        self,
+        *,
+        decision: _common_pb2.DecisionInfo | None = ...,
+        gallery: _common_pb2.Gallery.ValueType = ...,
+        gallery_size: _builtins.int = ...,
+        templates: _builtins.int = ...,
+        target_fpir: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        resolved: _builtins.bool = ...,
+        threshold_floor: _builtins.float = ...,
+        fpir_at_floor: _builtins.float = ...,
+        fpir_at_floor_low: _builtins.float = ...,
+        fpir_at_floor_high: _builtins.float = ...,
+        curve: _abc.Iterable[Global___FpirPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["curve", b"curve", "decision", b"decision", "fpir_at_floor", b"fpir_at_floor", "fpir_at_floor_high", b"fpir_at_floor_high", "fpir_at_floor_low", b"fpir_at_floor_low", "gallery", b"gallery", "gallery_size", b"gallery_size", "resolved", b"resolved", "target_fpir", b"target_fpir", "templates", b"templates", "threshold", b"threshold", "threshold_floor", b"threshold_floor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrateGalleryResponse: _TypeAlias = CalibrateGalleryResponse  # noqa: Y015

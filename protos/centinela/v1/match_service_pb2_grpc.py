@@ -73,6 +73,11 @@ class MatchServiceStub:
                 request_serializer=centinela_dot_v1_dot_match__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=centinela_dot_v1_dot_match__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.CalibrateGallery = channel.stream_unary(
+                '/centinela.v1.MatchService/CalibrateGallery',
+                request_serializer=centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryRequest.SerializeToString,
+                response_deserializer=centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryResponse.FromString,
+                _registered_method=True)
 
 
 class MatchServiceServicer:
@@ -141,6 +146,20 @@ class MatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CalibrateGallery(self, request_iterator, context):
+        """A face gallery's owner measures its false-positive identification rate (R8): it streams
+        templates of people known not to be in the gallery (a non-mated set), the server
+        searches each against the live gallery's active entries, as alert mode does, keeps none
+        of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
+        at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
+        (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+        target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
+        switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +197,11 @@ def add_MatchServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=centinela_dot_v1_dot_match__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=centinela_dot_v1_dot_match__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'CalibrateGallery': grpc.stream_unary_rpc_method_handler(
+                    servicer.CalibrateGallery,
+                    request_deserializer=centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryRequest.FromString,
+                    response_serializer=centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +397,33 @@ class MatchService:
             '/centinela.v1.MatchService/GetServerInfo',
             centinela_dot_v1_dot_match__service__pb2.GetServerInfoRequest.SerializeToString,
             centinela_dot_v1_dot_match__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CalibrateGallery(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/centinela.v1.MatchService/CalibrateGallery',
+            centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryRequest.SerializeToString,
+            centinela_dot_v1_dot_match__service__pb2.CalibrateGalleryResponse.FromString,
             options,
             channel_credentials,
             insecure,

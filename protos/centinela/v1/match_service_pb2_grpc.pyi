@@ -67,6 +67,16 @@ class MatchServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_match_service_pb2.GetServerInfoRequest, _match_service_pb2.GetServerInfoResponse]
     """Version, policy bundle and digest, galleries and their state. Any authenticated caller."""
+    CalibrateGallery: _grpc.StreamUnaryMultiCallable[_match_service_pb2.CalibrateGalleryRequest, _match_service_pb2.CalibrateGalleryResponse]
+    """A face gallery's owner measures its false-positive identification rate (R8): it streams
+    templates of people known not to be in the gallery (a non-mated set), the server
+    searches each against the live gallery's active entries, as alert mode does, keeps none
+    of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
+    at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
+    (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+    target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
+    switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+    """
 
 @_typing.type_check_only
 class MatchServiceAsyncStub(MatchServiceStub):
@@ -107,6 +117,16 @@ class MatchServiceAsyncStub(MatchServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_match_service_pb2.GetServerInfoRequest, _match_service_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """Version, policy bundle and digest, galleries and their state. Any authenticated caller."""
+    CalibrateGallery: _aio.StreamUnaryMultiCallable[_match_service_pb2.CalibrateGalleryRequest, _match_service_pb2.CalibrateGalleryResponse]  # type: ignore[assignment]
+    """A face gallery's owner measures its false-positive identification rate (R8): it streams
+    templates of people known not to be in the gallery (a non-mated set), the server
+    searches each against the live gallery's active entries, as alert mode does, keeps none
+    of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
+    at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
+    (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+    target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
+    switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+    """
 
 class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
     """Matching for edge systems (municipal porticos and cameras) and PNP units. Every call is
@@ -186,5 +206,21 @@ class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_match_service_pb2.GetServerInfoResponse, _abc.Awaitable[_match_service_pb2.GetServerInfoResponse]]:
         """Version, policy bundle and digest, galleries and their state. Any authenticated caller."""
+
+    @_abc_1.abstractmethod
+    def CalibrateGallery(
+        self,
+        request_iterator: _MaybeAsyncIterator[_match_service_pb2.CalibrateGalleryRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_match_service_pb2.CalibrateGalleryResponse, _abc.Awaitable[_match_service_pb2.CalibrateGalleryResponse]]:
+        """A face gallery's owner measures its false-positive identification rate (R8): it streams
+        templates of people known not to be in the gallery (a non-mated set), the server
+        searches each against the live gallery's active entries, as alert mode does, keeps none
+        of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
+        at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
+        (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+        target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
+        switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+        """
 
 def add_MatchServiceServicer_to_server(servicer: MatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,166 @@
+"""``centinela admin calibrate``: measure a face gallery's FPIR with a non-mated set (R8).
+
+The data owner (PNP administrators for the watchlist, Reniec for the registry) sends
+templates of people known *not* to be in the gallery; the server searches each against the
+live gallery and answers with aggregates only: the threshold that meets the target FPIR, the
+FPIR at the bundle's floor with its 95 % interval, and a short curve. The output ends with
+the two data.json values to adopt (``threshold_floor``, ``calibrated_size``); adopting them is
+a bundle change, reviewed and tested like any other (README, "Changing the policy")::
+
+    centinela admin calibrate --templates strangers.npy --reference CAL-2026-07
+    centinela admin calibrate --gallery registry --identity reniec --templates set.jsonl
+
+Templates: a ``.npy`` matrix (one L2-normalised row per template, of the gallery's model,
+which the server reports) or a JSON list / JSON Lines file of ``{model_id, vector}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from centinela.clients import cli_common as cc
+from centinela.errors import InvalidArgument
+from centinela.matcher.calibration import floor_for
+from centinela.v1 import common_pb2
+from centinela.v1 import match_service_pb2 as mpb
+
+GALLERIES = {
+    "watchlist": (common_pb2.GALLERY_PNP_WATCHLIST, "pnp_watchlist", "pnp-admin"),
+    "registry": (common_pb2.GALLERY_RENIEC_REGISTRY, "reniec_registry", "reniec"),
+}
+#: Templates per stream message: 512 floats each, ~1 MB a message (the limit is 4 MB).
+BATCH = 500
+#: A calibration of a large set takes minutes: the deadline unless --timeout says otherwise.
+DEFAULT_TIMEOUT_S = 900.0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure a face gallery's FPIR with people known not to be in it (R8)",
+        description=__doc__.split("\n\n")[1].replace("::", "."),
+        epilog=cc.EXIT_CODES_HELP,
+    )
+    p.add_argument("--gallery", choices=sorted(GALLERIES), default="watchlist", help="(watchlist)")
+    p.add_argument(
+        "--templates",
+        type=Path,
+        required=True,
+        help=".npy matrix, or JSON / JSON Lines of {model_id, vector}",
+    )
+    p.add_argument(
+        "--target-fpir",
+        type=float,
+        default=0.0,
+        help="target false-positive identification rate in (0, 1); default: the bundle's",
+    )
+    p.add_argument("--reference", default="", help="the calibration study's id, for the audit")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    cc.add_connection_options(p)
+    p.set_defaults(func=run, verb="", timeout=DEFAULT_TIMEOUT_S)
+
+
+def _templates(path: Path, model_id: str) -> list[common_pb2.FaceTemplate]:
+    if path.suffix == ".npy":
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"cannot be read as .npy ({exc})", field="--templates") from None
+        if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
+            raise InvalidArgument("must be a 2-D float matrix", field="--templates")
+        rows = matrix.astype(np.float32)
+        return [common_pb2.FaceTemplate(model_id=model_id, vector=row.tolist()) for row in rows]
+    from centinela.clients.admin_cli import templates_from
+
+    return templates_from(path)
+
+
+def _messages(
+    gallery: common_pb2.Gallery.ValueType,
+    target: float,
+    reference: str,
+    templates: list[common_pb2.FaceTemplate],
+) -> list[mpb.CalibrateGalleryRequest]:
+    def chunks() -> Iterator[list[common_pb2.FaceTemplate]]:
+        for start in range(0, len(templates), BATCH):
+            yield templates[start : start + BATCH]
+
+    out = []
+    for i, chunk in enumerate(chunks()):
+        msg = mpb.CalibrateGalleryRequest(templates=chunk)
+        if i == 0:
+            msg.gallery = gallery
+            msg.target_fpir = target
+            msg.context.reference = reference
+        out.append(msg)
+    return out
+
+
+def render(answer: mpb.CalibrateGalleryResponse, gallery: str) -> str:
+    low, high = answer.fpir_at_floor_low, answer.fpir_at_floor_high
+    lines = [
+        f"{gallery}: {answer.templates:,} non-mated templates against "
+        f"{answer.gallery_size:,} active entries",
+        f"  target FPIR {answer.target_fpir:g}: threshold {answer.threshold:.4f}"
+        + ("" if answer.resolved else "  UNRESOLVED"),
+        f"  bundle floor {answer.threshold_floor:.3f}: FPIR {answer.fpir_at_floor:.4f} "
+        f"(95 % {low:.4f}-{high:.4f})",
+        "",
+        "  threshold   FPIR",
+    ]
+    lines += [f"  {p.threshold:9.3f}   {p.fpir:.4f}" for p in answer.curve]
+    lines.append("")
+    if not answer.resolved:
+        need = math.ceil(10 / answer.target_fpir)
+        lines.append(
+            f"  too few templates to resolve {answer.target_fpir:g}: send at least {need:,} "
+            "(10 may then score above the threshold)"
+        )
+    else:
+        lines.append(
+            f'  to adopt, in the bundle\'s data.json, galleries.{gallery}: "threshold_floor": '
+            f'{floor_for(answer.threshold):.3f}, "calibrated_size": {answer.gallery_size}'
+        )
+        lines.append("  (alert_threshold may not stay below the floor; run the bundle's tests)")
+    lines.append(
+        f"  decision {answer.decision.decision_id} (audit index {answer.decision.audit_index})"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    enum, name, identity = GALLERIES[args.gallery]
+    if not (args.target_fpir == 0.0 or 0.0 < args.target_fpir < 1.0):
+        raise InvalidArgument("must lie in (0, 1)", field="--target-fpir")
+    with cc.client_from_args(args, default_identity=identity) as client:
+        info = client.server_info()
+        model = next((g.model_id for g in info.galleries if g.gallery == enum), "")
+        templates = _templates(args.templates, model)
+        if not templates:
+            raise InvalidArgument("holds no template", field="--templates")
+        print(
+            f"searching {len(templates):,} templates against {name}...",
+            file=sys.stderr,
+            flush=True,
+        )
+        answer = client.calibrate_gallery(
+            _messages(enum, args.target_fpir, args.reference, templates)
+        )
+    if args.json:
+        doc = json_format.MessageToDict(
+            answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        doc["suggested_floor"] = floor_for(answer.threshold) if answer.resolved else None
+        print(json.dumps(doc))
+    else:
+        print(render(answer, name))
+    return cc.EXIT_OK

@@ -1,0 +1,146 @@
+"""``centinela admin calibrate`` run in-process against a real server over mTLS.
+
+The watchlist holds synthetic identities (``synth``); the non-mated set is synthetic
+strangers, written to the files a data owner would hand the tool (.npy and JSON Lines).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from centinela.clients import admin_cli
+from centinela.config import Settings
+from centinela.matcher import synth
+from centinela.matcher.service import WATCHLIST
+from centinela.matcher.store import TemplateRecord
+from centinela.policy.bundle import Bundle
+from centinela.server.testing import ServerThread
+
+_SERVER_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+MODEL = Bundle.load("interim").config["galleries"][WATCHLIST]["model_id"]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("calibrate-cli") / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        face_model_id=MODEL,
+    )
+    with ServerThread(settings) as server:
+        matcher = server.app.components.matcher
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+        matcher.store.add_templates(
+            "pnp",
+            WATCHLIST,
+            MODEL,
+            [
+                TemplateRecord(vector=v, dni=f"6{i:07d}", expires_at=expires)
+                for i, v in enumerate(synth.identities(2000, seed=31))
+            ],
+        )
+        matcher.catch_up()
+        yield server
+
+
+def run(
+    capsys: pytest.CaptureFixture[str], srv: ServerThread, argv: Sequence[str], who: str
+) -> tuple[int, str, str]:
+    conn = ["--server", srv.target, "--data-dir", str(srv.settings.data_dir), "--identity", who]
+    code = admin_cli.main(["calibrate", *argv, *conn])
+    out, err = capsys.readouterr()
+
+    def own(text: str) -> str:
+        return "".join(line for line in text.splitlines(True) if not _SERVER_LOG.match(line))
+
+    return code, own(out), own(err)
+
+
+def test_calibrate_from_npy_reports_threshold_and_what_to_adopt(
+    srv: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "strangers.npy"
+    np.save(path, synth.strangers(1200, seed=5))
+    code, out, err = run(
+        capsys,
+        srv,
+        ["--templates", str(path), "--target-fpir", "0.01", "--reference", "CAL-2026-07"],
+        "pnp-admin",
+    )
+    assert code == 0, err
+    assert "searching 1,200 templates against pnp_watchlist" in err
+    assert "pnp_watchlist: 1,200 non-mated templates against 2,000 active entries" in out
+    assert '"calibrated_size": 2000' in out
+    assert "UNRESOLVED" not in out
+
+    code, out, err = run(
+        capsys, srv, ["--templates", str(path), "--target-fpir", "0.01", "--json"], "pnp-admin"
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["templates"] == "1200"  # uint64 in proto JSON
+    assert doc["resolved"] is True
+    assert doc["suggested_floor"] >= doc["threshold"]
+    assert doc["suggested_floor"] - doc["threshold"] < 1e-3
+    assert doc["decision"]["decision_id"].startswith("dec_")
+
+
+def test_a_small_jsonl_set_says_how_many_templates_it_needs(
+    srv: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "few.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"model_id": MODEL, "vector": v.tolist()}) + "\n"
+            for v in synth.strangers(50, seed=6)
+        )
+    )
+    code, out, err = run(capsys, srv, ["--templates", str(path)], "pnp-admin")
+    assert code == 0, err
+    assert "UNRESOLVED" in out
+    assert "send at least 3,334" in out  # 10 / 0.003, the bundle's target
+    assert "to adopt" not in out
+
+
+def test_another_owners_gallery_is_refused(
+    srv: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "s.npy"
+    np.save(path, synth.strangers(20, seed=7))
+    code, _, err = run(
+        capsys, srv, ["--gallery", "registry", "--templates", str(path)], "pnp-admin"
+    )
+    assert code == 3
+    assert "R15" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--templates", "missing.npy"], "--templates"),
+        (["--templates", "{npy}", "--target-fpir", "1.5"], "--target-fpir"),
+    ],
+)
+def test_usage_errors_name_the_option(
+    srv: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    argv: list[str],
+    field: str,
+) -> None:
+    npy = tmp_path / "s.npy"
+    np.save(npy, synth.strangers(5, seed=8))
+    argv = [a.replace("{npy}", str(npy)) for a in argv]
+    code, _, err = run(
+        capsys, srv, [a if a != "missing.npy" else str(tmp_path / a) for a in argv], "pnp-admin"
+    )
+    assert code == 2
+    assert field in err
