@@ -7,7 +7,7 @@ where the request already names one — a warrant id, a police report id — it 
     centinela admin vehicle report|recover|list
     centinela admin authorisation add|revoke|list
     centinela admin site add|deactivate|list
-    centinela admin calibrate            (a face gallery's FPIR, R8: clients/calibrate_cli.py)
+    centinela admin calibrate|galleries  (a face gallery's FPIR, R8: clients/calibrate_cli.py)
 
 Human output by default (tables for lists), ``--json`` for scripts. DNIs and plates go to the
 server only: the tool never prints one (the server answers with pseudonymous refs and masked
@@ -507,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sightings, verb="")
 
     calibrate_cli.add_parser(sub)
+    calibrate_cli.add_status_parser(sub)
 
     req = _group(sub, "requisition", "requisitorias (wanted persons)")
     p = req.add_parser("add", help="create a requisitoria from a DNI or supplied templates")

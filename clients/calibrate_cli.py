@@ -29,7 +29,7 @@ from google.protobuf import json_format
 
 from centinela.clients import cli_common as cc
 from centinela.errors import InvalidArgument
-from centinela.matcher.calibration import floor_for
+from centinela.matcher.calibration import OUTGROWN_FACTOR, floor_for
 from centinela.v1 import common_pb2
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -67,6 +67,57 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     cc.add_connection_options(p)
     p.set_defaults(func=run, verb="", timeout=DEFAULT_TIMEOUT_S)
+
+
+def add_status_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "galleries",
+        help="each gallery's size, floor, and whether it outgrew its calibration (R8)",
+        epilog=cc.EXIT_CODES_HELP,
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    cc.add_connection_options(p)
+    p.set_defaults(func=status, verb="")
+
+
+def _state(g: mpb.GalleryInfo) -> str:
+    if not g.model_id:
+        return "-"  # plates: matched by edit distance, not calibrated for an FPIR
+    if not g.calibrated_size:
+        return "size not declared"
+    if g.expected_fpir > g.target_fpir * OUTGROWN_FACTOR:
+        return "OUTGREW: recalibrate"
+    return "ok"
+
+
+def status(args: argparse.Namespace) -> int:
+    with cc.client_from_args(args, default_identity="pnp-admin") as client:
+        info = client.server_info()
+    if args.json:
+        doc = json_format.MessageToDict(
+            info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps({"galleries": doc["galleries"], "policy_bundle": info.policy_bundle}))
+        return cc.EXIT_OK
+    rows = [["GALLERY", "ENTRIES", "FLOOR", "TARGET FPIR", "CALIBRATED AT", "EXPECTED", "STATE"]]
+    for g in info.galleries:
+        face = bool(g.model_id)
+        rows.append(
+            [
+                common_pb2.Gallery.Name(g.gallery).removeprefix("GALLERY_").lower(),
+                f"{g.size:,}",
+                f"{g.threshold:.3f}",
+                f"{g.target_fpir:g}" if face else "-",
+                f"{g.calibrated_size:,}" if g.calibrated_size else "-",
+                f"{g.expected_fpir:.4f}" if g.calibrated_size else "-",
+                _state(g),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(f"policy bundle {info.policy_bundle}")
+    return cc.EXIT_OK
 
 
 def _templates(path: Path, model_id: str) -> list[common_pb2.FaceTemplate]:

@@ -29,6 +29,11 @@ import numpy.typing as npt
 #: of them (relative standard error above ~30 %): the measurement is reported unresolved.
 MIN_FALSE_POSITIVES = 10
 
+#: A gallery more than this factor larger than its floor's `calibrated_size` has outgrown it:
+#: at the small rates that matter FPIR grows about in proportion, so 10 % more entries means
+#: about 10 % more false alerts than the floor was set for.
+OUTGROWN_FACTOR = 1.1
+
 #: The curve spans the floor and the measured threshold, this much either side, in steps.
 CURVE_MARGIN = 0.05
 CURVE_STEP = 0.02

@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +36,7 @@ import numpy.typing as npt
 from centinela.audit.entry import EventType
 from centinela.errors import FailedPrecondition, InvalidArgument, ModelMismatch
 from centinela.logs import get_logger
-from centinela.matcher.calibration import Calibration, calibrate, expected_fpir
+from centinela.matcher.calibration import OUTGROWN_FACTOR, Calibration, calibrate, expected_fpir
 from centinela.server.components import Components
 from centinela.server.context import current_call, current_caller
 from centinela.server.pipeline import decision_info
@@ -92,6 +93,57 @@ class Calibrator:
             out.append(hits[0].score if hits else -1.0)
         return out
 
+    def _request(self, first: pb.CalibrateGalleryRequest) -> tuple[str, dict[str, Any], float]:
+        """The gallery, its bundle entry and the target, from the first message.
+
+        Raises:
+            InvalidArgument: not a face gallery, or a target outside (0, 1).
+        """
+        gallery = GALLERIES.get(first.gallery, "")
+        if gallery not in FACE_GALLERIES:
+            raise InvalidArgument("must be PNP_WATCHLIST or RENIEC_REGISTRY", field="gallery")
+        spec = dict(self.c.policy_config().get("galleries", {}).get(gallery, {}))
+        target = float(first.target_fpir) or float(spec.get("target_fpir", 0.0))
+        if not (math.isfinite(target) and 0.0 < target < 1.0):
+            raise InvalidArgument(
+                "must lie in (0, 1); 0 takes the bundle's target_fpir", field="target_fpir"
+            )
+        return gallery, spec, target
+
+    async def _search_all(
+        self,
+        gallery: str,
+        batch: npt.NDArray[np.float32],
+        rest: AsyncIterator[pb.CalibrateGalleryRequest],
+        now: dt.datetime,
+    ) -> tuple[list[float], bytes]:
+        """Every template's best score, message by message, and the SHA-256 of the set.
+
+        Each message is searched in the executor before the next is read (flow control), and
+        its templates are dropped as soon as they are searched (R11).
+
+        Raises:
+            InvalidArgument, ModelMismatch: a malformed template; more than MAX_TEMPLATES.
+        """
+        loop = asyncio.get_running_loop()
+        scores: list[float] = []
+        digest = hashlib.sha256()
+        while True:
+            digest.update(batch.tobytes())
+            scores += await loop.run_in_executor(
+                self.c.executor, self._best_scores, gallery, batch, now
+            )
+            del batch
+            try:
+                message = await rest.__anext__()
+            except StopAsyncIteration:
+                return scores, digest.digest()
+            if len(scores) + len(message.templates) > MAX_TEMPLATES:
+                raise InvalidArgument(
+                    f"at most {MAX_TEMPLATES:,} templates in one calibration", field="templates"
+                )
+            batch = self._templates(message, len(scores))
+
     async def run(
         self, requests: AsyncIterator[pb.CalibrateGalleryRequest]
     ) -> pb.CalibrateGalleryResponse:
@@ -112,15 +164,7 @@ class Calibrator:
                 "the calibration stream carried no message", field="gallery"
             ) from None
         ctx = check_context(first.context, purpose_required=False)
-        gallery = GALLERIES.get(first.gallery, "")
-        if gallery not in FACE_GALLERIES:
-            raise InvalidArgument("must be PNP_WATCHLIST or RENIEC_REGISTRY", field="gallery")
-        spec = self.c.policy_config().get("galleries", {}).get(gallery, {})
-        target = float(first.target_fpir) or float(spec.get("target_fpir", 0.0))
-        if not (math.isfinite(target) and 0.0 < target < 1.0):
-            raise InvalidArgument(
-                "must lie in (0, 1); 0 takes the bundle's target_fpir", field="target_fpir"
-            )
+        gallery, spec, target = self._request(first)
         batch = self._templates(first, 0)
         refs = {"gallery": gallery, **reference_ref(ctx.get("reference", ""))}
         decision, decision_id = await self.c.pipeline.authorise(
@@ -137,25 +181,7 @@ class Calibrator:
         now = dt.datetime.now(dt.UTC)
         if self.c.matcher.gallery(gallery).searchable(now) == 0:
             raise FailedPrecondition("the gallery has no active entry to calibrate against")
-        loop = asyncio.get_running_loop()
-        scores: list[float] = []
-        digest = hashlib.sha256()
-        while True:
-            digest.update(batch.tobytes())
-            found = await loop.run_in_executor(
-                self.c.executor, self._best_scores, gallery, batch, now
-            )
-            scores.extend(found)
-            del batch  # the templates go as soon as they are searched (R11)
-            try:
-                message = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            if len(scores) + len(message.templates) > MAX_TEMPLATES:
-                raise InvalidArgument(
-                    f"at most {MAX_TEMPLATES:,} templates in one calibration", field="templates"
-                )
-            batch = self._templates(message, len(scores))
+        scores, digest = await self._search_all(gallery, batch, iterator, now)
         if not scores:
             raise InvalidArgument("the calibration carried no template", field="templates")
         floor = float(spec.get("threshold_floor", 0.0))
@@ -170,7 +196,7 @@ class Calibrator:
             decision_id=decision_id,
             outcome="CALIBRATED" if result.resolved else "UNRESOLVED",
             refs=refs,
-            digests={"probe": self.c.digester.digest("probe", digest.digest())},
+            digests={"probe": self.c.digester.digest("probe", digest)},
             metrics={
                 "templates": result.templates,
                 "gallery_size": size,
@@ -221,11 +247,6 @@ def _response(
 
 
 # ---- a gallery that outgrows its calibration -------------------------------------------------
-
-#: A gallery more than this factor larger than its floor's `calibrated_size` is reported:
-#: at the small rates that matter FPIR grows about in proportion, so 10 % more entries means
-#: about 10 % more false alerts than the floor was set for.
-OUTGROWN_FACTOR = 1.1
 
 
 @dataclasses.dataclass(frozen=True)

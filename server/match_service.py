@@ -851,6 +851,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     threshold=self._floor(name),
                     calibrated_size=cal.calibrated_size,
                     expected_fpir=cal.expected_fpir,
+                    target_fpir=cal.target_fpir,
                 )
             )
         galleries.append(

@@ -21,7 +21,7 @@ from centinela.matcher import synth
 from centinela.matcher.service import WATCHLIST
 from centinela.matcher.store import TemplateRecord
 from centinela.policy.bundle import Bundle
-from centinela.server.testing import ServerThread
+from centinela.server.testing import ServerThread, bundle_variant
 
 _SERVER_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
 MODEL = Bundle.load("interim").config["galleries"][WATCHLIST]["model_id"]
@@ -29,11 +29,15 @@ MODEL = Bundle.load("interim").config["galleries"][WATCHLIST]["model_id"]
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    tmp = tmp_path_factory.mktemp("calibrate-cli")
+    # The floor declares the size it was calibrated at: 1,500, and the gallery holds 2,000.
+    bundle = bundle_variant(tmp, "interim", {"galleries.pnp_watchlist.calibrated_size": 1500})
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("calibrate-cli") / "data",
+        data_dir=tmp / "data",
         listen="127.0.0.1:0",
         shutdown_grace_s=1.0,
         face_model_id=MODEL,
+        policy_bundle=str(bundle),
     )
     with ServerThread(settings) as server:
         matcher = server.app.components.matcher
@@ -52,10 +56,14 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 def run(
-    capsys: pytest.CaptureFixture[str], srv: ServerThread, argv: Sequence[str], who: str
+    capsys: pytest.CaptureFixture[str],
+    srv: ServerThread,
+    argv: Sequence[str],
+    who: str,
+    command: str = "calibrate",
 ) -> tuple[int, str, str]:
     conn = ["--server", srv.target, "--data-dir", str(srv.settings.data_dir), "--identity", who]
-    code = admin_cli.main(["calibrate", *argv, *conn])
+    code = admin_cli.main([command, *argv, *conn])
     out, err = capsys.readouterr()
 
     def own(text: str) -> str:
@@ -144,3 +152,35 @@ def test_usage_errors_name_the_option(
     )
     assert code == 2
     assert field in err
+
+
+def test_galleries_shows_which_floor_outgrew_its_calibration(
+    srv: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, srv, [], "pnp-admin", command="galleries")
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines() if line}
+    assert lines["GALLERY"].split() == [
+        "GALLERY",
+        "ENTRIES",
+        "FLOOR",
+        "TARGET",
+        "FPIR",
+        "CALIBRATED",
+        "AT",
+        "EXPECTED",
+        "STATE",
+    ]
+    watch = lines["pnp_watchlist"]
+    assert "2,000" in watch
+    assert "1,500" in watch
+    assert "0.0040" in watch  # 0.003 × 2,000 / 1,500
+    assert watch.endswith("OUTGREW: recalibrate")
+    assert lines["reniec_registry"].endswith("size not declared")
+    assert lines["stolen_vehicles"].endswith("-")
+    code, out, _ = run(capsys, srv, ["--json"], "muni-miraflores", command="galleries")
+    assert code == 0
+    doc = json.loads(out)
+    (w,) = [g for g in doc["galleries"] if g["gallery"] == "GALLERY_PNP_WATCHLIST"]
+    assert w["calibrated_size"] == "1500"
+    assert w["expected_fpir"] == pytest.approx(0.004)

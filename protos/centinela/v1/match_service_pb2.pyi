@@ -712,6 +712,7 @@ class GalleryInfo(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     CALIBRATED_SIZE_FIELD_NUMBER: _builtins.int
     EXPECTED_FPIR_FIELD_NUMBER: _builtins.int
+    TARGET_FPIR_FIELD_NUMBER: _builtins.int
     gallery: _common_pb2.Gallery.ValueType
     """Which gallery."""
     model_id: _builtins.str
@@ -733,6 +734,8 @@ class GalleryInfo(_message.Message):
     size / calibrated_size (FPIR grows about in proportion to the gallery at these rates);
     0 when `calibrated_size` is 0. Above the target the floor needs a new calibration.
     """
+    target_fpir: _builtins.float
+    """The target FPIR the floor was calibrated for (the bundle's `target_fpir`)."""
     def __init__(
         self,
         *,
@@ -744,10 +747,11 @@ class GalleryInfo(_message.Message):
         threshold: _builtins.float = ...,
         calibrated_size: _builtins.int = ...,
         expected_fpir: _builtins.float = ...,
+        target_fpir: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated_size", b"calibrated_size", "dimension", b"dimension", "expected_fpir", b"expected_fpir", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated_size", b"calibrated_size", "dimension", b"dimension", "expected_fpir", b"expected_fpir", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "target_fpir", b"target_fpir", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
