@@ -44,9 +44,11 @@ def echo_handler() -> Any:
     return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})
 
 
-def bench_bundle(data_dir: Path) -> Path:
+def bench_bundle(data_dir: Path, floor: float = 0.0, calibrated_size: int = 0) -> Path:
     """The interim bundle with rate ceilings lifted: a load test is not bulk surveillance,
-    and R14 would otherwise shed it after 1,200 requests a minute."""
+    and R14 would otherwise shed it after 1,200 requests a minute. With ``floor`` the
+    watchlist's floor and alert threshold are set to it, as its owner would after
+    calibrating at ``calibrated_size`` entries (``match_e2e.py --calibrated``)."""
     target = data_dir / "bench-bundle"
     if target.exists():
         shutil.rmtree(target)
@@ -54,6 +56,10 @@ def bench_bundle(data_dir: Path) -> Path:
     doc = json.loads((target / "data.json").read_text())
     for kind in doc["centinela_config"]["rate_ceilings"].values():
         kind.update(caller_per_minute=10**9, site_per_minute=10**9)
+    if floor:
+        watchlist = doc["centinela_config"]["galleries"]["pnp_watchlist"]
+        watchlist.update(threshold_floor=floor, alert_threshold=floor)
+        watchlist["calibrated_size"] = calibrated_size
     (target / "data.json").write_text(json.dumps(doc))
     return target
 
@@ -118,13 +124,16 @@ async def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--templates", type=int, default=10_000)
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument(
+        "--watchlist-floor", type=float, default=0.0, help="calibrated floor (0: packaged)"
+    )
     args = parser.parse_args()
     logs.configure("warning")
     settings = Settings(
         data_dir=args.data_dir,
         listen="127.0.0.1:0",
         max_concurrent_rpcs=4096,
-        policy_bundle=str(bench_bundle(args.data_dir)),
+        policy_bundle=str(bench_bundle(args.data_dir, args.watchlist_floor, args.templates)),
     )
     app = await build_application(settings)
     await asyncio.to_thread(populate, app, args.templates)

@@ -29,45 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
-from match_e2e import start_server  # type: ignore[import-not-found]
+from match_e2e import (  # type: ignore[import-not-found]
+    admin_channel,
+    calibration_messages,
+    start_server,
+)
 
 from centinela.matcher import synth
 from centinela.matcher.calibration import fpir, threshold_for_fpir
 from centinela.policy.bundle import Bundle
-from centinela.server import certs
-from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
-
-BATCH = 500
-
-
-def _channel(data_dir: Path, port: int) -> grpc.Channel:
-    cert, key, ca = certs.client_files(data_dir / "certs", "pnp-admin").read()
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
-    opts = [("grpc.max_send_message_length", 8 << 20)]
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=opts)
-
-
-def _messages(model_id: str, vectors: np.ndarray, target: float) -> list[Any]:
-    out = []
-    for start in range(0, len(vectors), BATCH):
-        msg = mpb.CalibrateGalleryRequest(
-            templates=[
-                c.FaceTemplate(model_id=model_id, vector=v.tolist())
-                for v in vectors[start : start + BATCH]
-            ]
-        )
-        if start == 0:
-            msg.gallery = c.GALLERY_PNP_WATCHLIST
-            msg.target_fpir = target
-            msg.context.reference = "CAL-BENCH-01"
-        out.append(msg)
-    return out
 
 
 def exact_top1(gallery: np.ndarray, probes: np.ndarray) -> tuple[np.ndarray, float]:
@@ -84,7 +57,7 @@ def run_size(data_dir: Path, n: int, strangers: int, exact_n: int, rounds: int) 
     floor, target = float(cfg["threshold_floor"]), float(cfg["target_fpir"])
     proc, port = start_server(data_dir, n)
     try:
-        with _channel(data_dir, port) as ch:
+        with admin_channel(data_dir, port) as ch:
             stub = mgrpc.MatchServiceStub(ch)
             info = stub.GetServerInfo(mpb.GetServerInfoRequest(), timeout=60)
             model_id = info.galleries[0].model_id
@@ -92,12 +65,12 @@ def run_size(data_dir: Path, n: int, strangers: int, exact_n: int, rounds: int) 
             subset = probes[:exact_n]
             rpc_s, answer, sub_answer = [], None, None
             for _ in range(rounds):
-                msgs = _messages(model_id, probes, target)
+                msgs = calibration_messages(model_id, probes, target)
                 t0 = time.perf_counter()
                 answer = stub.CalibrateGallery(iter(msgs), timeout=3600)
                 rpc_s.append(time.perf_counter() - t0)
             # The same subset the exact baseline covers, so the two compare like for like.
-            sub_answer = stub.CalibrateGallery(iter(_messages(model_id, subset, target)))
+            sub_answer = stub.CalibrateGallery(iter(calibration_messages(model_id, subset, target)))
     finally:
         proc.terminate()
         proc.wait(60)

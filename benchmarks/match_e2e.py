@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 
 from centinela.matcher import synth
+from centinela.matcher.calibration import floor_for
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
@@ -54,9 +55,12 @@ from centinela.v1 import match_service_pb2_grpc as mgrpc
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(data_dir: Path, templates: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    data_dir: Path, templates: int, floor: float = 0.0
+) -> tuple[subprocess.Popen[bytes], int]:
     argv = [sys.executable, str(ROOT / "benchmarks" / "_bench_server.py"), "--data-dir"]
     argv += [str(data_dir), "--templates", str(templates), "--port-file", str(data_dir / "port")]
+    argv += ["--watchlist-floor", str(floor)]
     return spawn_serving(
         argv, data_dir / "port", what="benchmark server", timeout_s=7200, stderr=sys.stderr
     )
@@ -69,6 +73,46 @@ def channel(data_dir: Path, port: int) -> Any:
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def admin_channel(data_dir: Path, port: int) -> grpc.Channel:
+    """A blocking channel with the PNP administrator's certificate (calibration)."""
+    cert, key, ca = certs.client_files(data_dir / "certs", "pnp-admin").read()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def calibration_messages(
+    model_id: str, vectors: np.ndarray, target: float = 0.0, batch: int = 500
+) -> list[mpb.CalibrateGalleryRequest]:
+    """A CalibrateGallery stream of ``vectors``, ``batch`` a message (as the CLI sends)."""
+    out = []
+    for start in range(0, len(vectors), batch):
+        msg = mpb.CalibrateGalleryRequest(
+            templates=[
+                c.FaceTemplate(model_id=model_id, vector=v.tolist())
+                for v in vectors[start : start + batch]
+            ]
+        )
+        if start == 0:
+            msg.gallery = c.GALLERY_PNP_WATCHLIST
+            msg.target_fpir = target
+            msg.context.reference = "CAL-BENCH-01"
+        out.append(msg)
+    return out
+
+
+def calibrated_floor(data_dir: Path, port: int, strangers: int = 5000) -> tuple[float, float]:
+    """The watchlist floor for the bundle's target FPIR, measured with CalibrateGallery on
+    strangers other than the benchmark's probes; and the packaged floor's FPIR."""
+    with admin_channel(data_dir, port) as ch:
+        stub = mgrpc.MatchServiceStub(ch)
+        model_id = stub.GetServerInfo(mpb.GetServerInfoRequest(), timeout=60).galleries[0].model_id
+        msgs = calibration_messages(model_id, synth.strangers(strangers, seed=777))
+        answer = stub.CalibrateGallery(iter(msgs), timeout=3600)
+    return floor_for(answer.threshold), answer.fpir_at_floor
 
 
 def requests(model_id: str, identities: np.ndarray, n: int) -> list[mpb.MatchFaceRequest]:
@@ -242,6 +286,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--keep", type=Path, help="reuse/keep data dirs under this directory")
+    parser.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="first calibrate the watchlist floor for the bundle's target FPIR on 5,000 "
+        "other strangers (CalibrateGallery), then measure at that floor",
+    )
     args = parser.parse_args()
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     seconds = 3.0 if args.quick else args.seconds
@@ -252,8 +302,22 @@ def main() -> None:
         data_dir = base / f"e2e-{n}"
         data_dir.mkdir(parents=True, exist_ok=True)
         proc, port = start_server(data_dir, n)
+        floor = 0.0
+        if args.calibrated:
+            try:
+                floor, at_packaged = calibrated_floor(data_dir, port)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            print(
+                f"  {n:,}: calibrated floor {floor:.3f} (FPIR at the packaged floor "
+                f"{at_packaged:.3f})",
+                file=sys.stderr,
+            )
+            proc, port = start_server(data_dir, n, floor)
         try:
             results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc, proc.pid))
+            results[str(n)]["floor"] = floor
         finally:
             proc.terminate()
             proc.wait(60)
@@ -319,6 +383,8 @@ def main() -> None:
             ),
         }
     )
+    # 0.0: the packaged floor; else the floor --calibrated measured for the bundle's target.
+    summary["watchlist_floor"] = {k: r["floor"] for k, r in results.items()}
     for size_key, per in summary["per_size"].items():
         rates = [v["alert_rate"] for v in per.values()]
         if min(rates) < 0.05:  # one probe in ten is a listed person's
