@@ -51,6 +51,12 @@ log = get_logger("server.calibration")
 FACE_GALLERIES = ("pnp_watchlist", "reniec_registry")
 #: Most templates in one call: their best scores are held in memory (8 bytes each).
 MAX_TEMPLATES = 1_000_000
+#: Fewest templates in one call unless the bundle's ``calibration.min_templates`` says
+#: otherwise: a calibration is a statistic of a set, never a search of a few faces.
+MIN_TEMPLATES = 1000
+#: The largest minimum a bundle may ask for: that many templates wait, validated, in memory
+#: (2 KiB each at 512 dimensions) before the first search.
+MAX_WAITING = 100_000
 
 
 class Calibrator:
@@ -93,6 +99,13 @@ class Calibrator:
             out.append(hits[0].score if hits else -1.0)
         return out
 
+    def _min_templates(self) -> int:
+        """The bundle's ``calibration.min_templates``: 1 to MAX_WAITING (they wait in memory
+        until the search starts); MIN_TEMPLATES when absent or out of range."""
+        raw = self.c.policy_config().get("calibration", {}).get("min_templates", MIN_TEMPLATES)
+        valid = isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= MAX_WAITING
+        return int(raw) if valid else MIN_TEMPLATES
+
     def _request(self, first: pb.CalibrateGalleryRequest) -> tuple[str, dict[str, Any], float]:
         """The gallery, its bundle entry and the target, from the first message.
 
@@ -116,33 +129,49 @@ class Calibrator:
         batch: npt.NDArray[np.float32],
         rest: AsyncIterator[pb.CalibrateGalleryRequest],
         now: dt.datetime,
+        least: int,
     ) -> tuple[list[float], bytes]:
-        """Every template's best score, message by message, and the SHA-256 of the set.
+        """Every template's best score, and the SHA-256 of the set.
 
-        Each message is searched in the executor before the next is read (flow control), and
-        its templates are dropped as soon as they are searched (R11).
+        Nothing is searched before ``least`` templates have arrived (they wait, validated, in
+        memory), so a set too small to be a statistic is refused without a search. From
+        then on each message is searched in the executor before the next is read (flow
+        control), and its templates are dropped as soon as they are searched (R11).
 
         Raises:
-            InvalidArgument, ModelMismatch: a malformed template; more than MAX_TEMPLATES.
+            InvalidArgument, ModelMismatch: a malformed template; fewer than ``least`` or more
+                than MAX_TEMPLATES templates.
         """
         loop = asyncio.get_running_loop()
         scores: list[float] = []
         digest = hashlib.sha256()
+        waiting, received = [batch], len(batch)
+        del batch
         while True:
-            digest.update(batch.tobytes())
-            scores += await loop.run_in_executor(
-                self.c.executor, self._best_scores, gallery, batch, now
-            )
-            del batch
+            if received >= least:
+                for part in waiting:
+                    digest.update(part.tobytes())
+                    scores += await loop.run_in_executor(
+                        self.c.executor, self._best_scores, gallery, part, now
+                    )
+                waiting.clear()
             try:
                 message = await rest.__anext__()
             except StopAsyncIteration:
-                return scores, digest.digest()
-            if len(scores) + len(message.templates) > MAX_TEMPLATES:
+                break
+            if received + len(message.templates) > MAX_TEMPLATES:
                 raise InvalidArgument(
                     f"at most {MAX_TEMPLATES:,} templates in one calibration", field="templates"
                 )
-            batch = self._templates(message, len(scores))
+            waiting.append(self._templates(message, received))
+            received += len(message.templates)
+        if received < least:
+            raise InvalidArgument(
+                f"carried {received:,}; a calibration needs at least {least:,} "
+                "(a statistic of a set, not a search of a few faces)",
+                field="templates",
+            )
+        return scores, digest.digest()
 
     async def run(
         self, requests: AsyncIterator[pb.CalibrateGalleryRequest]
@@ -181,9 +210,8 @@ class Calibrator:
         now = dt.datetime.now(dt.UTC)
         if self.c.matcher.gallery(gallery).searchable(now) == 0:
             raise FailedPrecondition("the gallery has no active entry to calibrate against")
-        scores, digest = await self._search_all(gallery, batch, iterator, now)
-        if not scores:
-            raise InvalidArgument("the calibration carried no template", field="templates")
+        least = self._min_templates()
+        scores, digest = await self._search_all(gallery, batch, iterator, now, least)
         floor = float(spec.get("threshold_floor", 0.0))
         result = calibrate(np.asarray(scores), target=target, floor=floor)
         size = self.c.matcher.gallery(gallery).searchable(now)

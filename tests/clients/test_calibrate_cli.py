@@ -108,7 +108,7 @@ def test_a_small_jsonl_set_says_how_many_templates_it_needs(
     path.write_text(
         "".join(
             json.dumps({"model_id": MODEL, "vector": v.tolist()}) + "\n"
-            for v in synth.strangers(50, seed=6)
+            for v in synth.strangers(1000, seed=6)
         )
     )
     code, out, err = run(capsys, srv, ["--templates", str(path)], "pnp-admin")

@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 from centinela.config import Settings
 from centinela.matcher import synth
 from centinela.server.demo import LAV_SITE, MIRA_SITE, PLATE, WANTED_DNI, World, populate, rid
-from centinela.server.testing import ServerThread
+from centinela.server.testing import ServerThread, bundle_variant
 from centinela.v1 import (
     audit_service_pb2,
     common_pb2,
@@ -429,8 +429,15 @@ _DIGITS = str.maketrans("abcdef", "123456")
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    # A calibration's seed of two templates must be a valid request: the packaged minimum
+    # (1,000 templates) would make every fuzzed calibration megabytes long.
+    bundle = bundle_variant(tmp, "interim", {"calibration.min_templates": 1})
     s = Settings(
-        data_dir=tmp_path_factory.mktemp("fuzz"), listen="127.0.0.1:0", shutdown_grace_s=0.5
+        data_dir=tmp / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=0.5,
+        policy_bundle=str(bundle),
     )
     with ServerThread(s) as server:
         world = populate(server)
