@@ -208,6 +208,31 @@ def test_the_audit_entry_holds_aggregates_and_a_keyed_digest_only(world: World) 
         assert f"{v[0]:.6f}"[:8] not in text  # no template value
 
 
+def test_a_set_under_the_minimum_is_refused_before_any_search(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spy on the real matcher (it still searches): how many templates reach a search.
+    matcher = world.server.app.components.matcher
+    real, searched = matcher.search_faces, []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        searched.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matcher, "search_faces", counting)
+    err = _error(
+        world, "pnp-admin", _messages(world.model_id, synth.strangers(999, seed=3), batch=400)
+    )
+    assert cast(Any, err).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at least 1,000" in cast(Any, err).details()
+    assert searched == []
+    answer = _calibrate(
+        world, "pnp-admin", _messages(world.model_id, synth.strangers(1000, seed=3), batch=400)
+    )
+    assert answer.templates == 1000
+    assert len(searched) == 1000
+
+
 # ---- who may calibrate what ----------------------------------------------------------------
 
 
