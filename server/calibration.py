@@ -13,9 +13,12 @@ live gallery, with the owner's own set of people known not to be in it. This RPC
 * each template is searched for its best active entry, as alert mode searches (R6), in the
   executor, never on the event loop; the templates are dropped as soon as they are searched
   (R11), and only their best scores are kept, in memory, for the length of the call;
+* nothing is searched before the bundle's ``calibration.min_templates`` (1,000 packaged)
+  have arrived: a calibration is a statistic of a set, never a search of a few faces;
 * the answer and the call's one audit entry carry aggregates only (the threshold, the FPIR
   at the floor with its interval, the curve, counts) and a keyed digest of the set: no score
-  of any one template and no candidate, so a calibration cannot be used as a search.
+  of any one template and no candidate. (What a set crafted around one face can still
+  reveal to its owner is in the README, "Calibrating a face gallery's floor".)
 
 The arithmetic is :mod:`centinela.matcher.calibration`'s.
 """

@@ -834,7 +834,7 @@ Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
 @_typing.final
 class CalibrateGalleryRequest(_message.Message):
     """One message of a calibration stream. The first message names the gallery and the target;
-    every message may carry templates (at most 1,000,000 in one call).
+    every message may carry templates (from the bundle's minimum to 1,000,000 in one call).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -73,9 +73,12 @@ class MatchServiceStub:
     searches each against the live gallery's active entries, as alert mode does, keeps none
     of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
     at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
-    (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+    (R15). A call carries at least the bundle's `calibration.min_templates` (1,000
+    packaged): a statistic of a set, never a search of a few faces. Errors:
+    INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
     target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
-    switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+    switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
+    not an owner, R8).
     """
 
 @_typing.type_check_only
@@ -123,9 +126,12 @@ class MatchServiceAsyncStub(MatchServiceStub):
     searches each against the live gallery's active entries, as alert mode does, keeps none
     of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
     at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
-    (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+    (R15). A call carries at least the bundle's `calibration.min_templates` (1,000
+    packaged): a statistic of a set, never a search of a few faces. Errors:
+    INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
     target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
-    switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+    switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
+    not an owner, R8).
     """
 
 class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -218,9 +224,12 @@ class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
         searches each against the live gallery's active entries, as alert mode does, keeps none
         of them (R11), and answers with the threshold that meets the target FPIR and the FPIR
         at the bundle's floor. PNP administrators calibrate the watchlist, Reniec the registry
-        (R15). Errors: INVALID_ARGUMENT (a malformed template, naming it; no templates; a
+        (R15). A call carries at least the bundle's `calibration.min_templates` (1,000
+        packaged): a statistic of a set, never a search of a few faces. Errors:
+        INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
         target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
-        switched off, R12), PERMISSION_DENIED (another owner's gallery, R15; not an owner, R8).
+        switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
+        not an owner, R8).
         """
 
 def add_MatchServiceServicer_to_server(servicer: MatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
