@@ -108,13 +108,6 @@ def _decision(info: common_pb2.DecisionInfo) -> str:
     return f"decision {info.decision_id}, audit entry #{info.audit_index}"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _emit(args: argparse.Namespace, answer: Any, text: str) -> int:
     print(json.dumps(_doc(answer)) if args.json else text)
     return cc.EXIT_OK
@@ -147,7 +140,7 @@ def _list(
     if not items:
         print(f"no {field}")
     else:
-        print(_table([row(i) for i in items], header))
+        print(cc.table([row(i) for i in items], header))
     if token:
         print(f"more: add --page-token {token} (or --all)")
     return cc.EXIT_OK

@@ -99,7 +99,8 @@ def status(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"galleries": doc["galleries"], "policy_bundle": info.policy_bundle}))
         return cc.EXIT_OK
-    rows = [["GALLERY", "ENTRIES", "FLOOR", "TARGET FPIR", "CALIBRATED AT", "EXPECTED", "STATE"]]
+    header = ["gallery", "entries", "floor", "target fpir", "calibrated at", "expected", "state"]
+    rows = []
     for g in info.galleries:
         face = bool(g.model_id)
         rows.append(
@@ -113,9 +114,7 @@ def status(args: argparse.Namespace) -> int:
                 _state(g),
             ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(cc.table(rows, header))
     print(f"policy bundle {info.policy_bundle}")
     return cc.EXIT_OK
 

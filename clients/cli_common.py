@@ -139,3 +139,11 @@ def print_error(
         if err.request_id:
             print(f"  server request id: {err.request_id}", file=stream)
     return code
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned columns two spaces apart, the header upper-cased, no trailing blanks."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -73,10 +73,7 @@ def _summary(index: int, entry: bytes) -> dict[str, str]:
 
 
 def _table(rows: list[dict[str, str]], header: list[str]) -> str:
-    widths = [max([len(h), *(len(r[h]) for r in rows)]) for h in header]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(r[h].ljust(w) for h, w in zip(header, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return cc.table([[r[h] for h in header] for r in rows], header)
 
 
 def _fixed(values: Iterable[str]) -> str:
