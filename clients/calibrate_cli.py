@@ -182,7 +182,7 @@ def render(answer: mpb.CalibrateGalleryResponse, gallery: str) -> str:
         )
         lines.append("  (alert_threshold may not stay below the floor; run the bundle's tests)")
     lines.append(
-        f"  decision {answer.decision.decision_id} (audit index {answer.decision.audit_index})"
+        f"  decision {answer.decision.decision_id}, audit entry #{answer.decision.audit_index}"
     )
     return "\n".join(lines)
 
