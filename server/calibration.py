@@ -37,7 +37,12 @@ import numpy as np
 import numpy.typing as npt
 
 from centinela.audit.entry import EventType
-from centinela.errors import FailedPrecondition, InvalidArgument, ModelMismatch
+from centinela.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ModelMismatch,
+    ResourceExhausted,
+)
 from centinela.logs import get_logger
 from centinela.matcher.calibration import OUTGROWN_FACTOR, Calibration, calibrate, expected_fpir
 from centinela.server.components import Components
@@ -67,6 +72,8 @@ class Calibrator:
 
     def __init__(self, components: Components) -> None:
         self.c = components
+        #: Held for a calibration's searches: a bulk job, one at a time beside live matching.
+        self._running = asyncio.Lock()
 
     def _templates(
         self, message: pb.CalibrateGalleryRequest, first_index: int
@@ -182,8 +189,10 @@ class Calibrator:
         """Decide on the first message, search every template, audit, answer.
 
         Raises:
-            InvalidArgument: empty stream, bad gallery or target, malformed template, too many.
+            InvalidArgument: empty stream, bad gallery or target, malformed template, too few
+                or too many.
             ModelMismatch: a template of another model. FailedPrecondition: empty gallery.
+            ResourceExhausted: another calibration is running.
             PolicyDenied, FacialMatchingDisabled: denied (R8, R12, R15).
             AuditUnavailable: the entry could not be made durable (no answer is given).
         """
@@ -213,8 +222,14 @@ class Calibrator:
         now = dt.datetime.now(dt.UTC)
         if self.c.matcher.gallery(gallery).searchable(now) == 0:
             raise FailedPrecondition("the gallery has no active entry to calibrate against")
-        least = self._min_templates()
-        scores, digest = await self._search_all(gallery, batch, iterator, now, least)
+        if self._running.locked():
+            raise ResourceExhausted(
+                "another calibration is running; one runs at a time, so that live matching "
+                "keeps its share of the executor. Retry when it has finished"
+            )
+        async with self._running:
+            least = self._min_templates()
+            scores, digest = await self._search_all(gallery, batch, iterator, now, least)
         floor = float(spec.get("threshold_floor", 0.0))
         result = calibrate(np.asarray(scores), target=target, floor=floor)
         size = self.c.matcher.gallery(gallery).searchable(now)

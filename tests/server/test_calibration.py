@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -231,6 +232,46 @@ def test_a_set_under_the_minimum_is_refused_before_any_search(
     )
     assert answer.templates == 1000
     assert len(searched) == 1000
+
+
+def test_one_calibration_runs_at_a_time(world: World) -> None:
+    import threading
+
+    release = threading.Event()
+    msgs = _messages(world.model_id, synth.strangers(1000, seed=4), batch=500)
+
+    def slow() -> Iterator[mpb.CalibrateGalleryRequest]:
+        yield msgs[0]
+        release.wait(60)  # the first call holds its turn while its stream is open
+        yield from msgs[1:]
+
+    first: list[Any] = []
+    runner = threading.Thread(target=lambda: first.append(_calibrate(world, "pnp-admin", slow())))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the first call holds the turn: the second is then refused
+            try:
+                second = _error(world, "reniec", msgs_for_registry(world))
+            except pytest.fail.Exception:
+                assert time.monotonic() < deadline, "the second calibration was never refused"
+                time.sleep(0.05)
+                continue
+            break
+        assert cast(Any, second).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "another calibration is running" in cast(Any, second).details()
+    finally:
+        release.set()
+        runner.join(60)
+    assert first[0].templates == 1000
+    # Once the first has finished, the turn is free again.
+    assert _calibrate(world, "reniec", msgs_for_registry(world)).templates == 1000
+
+
+def msgs_for_registry(world: World) -> list[mpb.CalibrateGalleryRequest]:
+    return _messages(
+        world.model_id, synth.strangers(1000, seed=5), gallery=c.GALLERY_RENIEC_REGISTRY
+    )
 
 
 # ---- who may calibrate what ----------------------------------------------------------------

@@ -157,7 +157,7 @@ class MatchServiceServicer:
         INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
         target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
         switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
-        not an owner, R8).
+        not an owner, R8), RESOURCE_EXHAUSTED (another calibration is running: one at a time).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

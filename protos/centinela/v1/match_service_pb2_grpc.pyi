@@ -78,7 +78,7 @@ class MatchServiceStub:
     INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
     target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
     switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
-    not an owner, R8).
+    not an owner, R8), RESOURCE_EXHAUSTED (another calibration is running: one at a time).
     """
 
 @_typing.type_check_only
@@ -131,7 +131,7 @@ class MatchServiceAsyncStub(MatchServiceStub):
     INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
     target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
     switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
-    not an owner, R8).
+    not an owner, R8), RESOURCE_EXHAUSTED (another calibration is running: one at a time).
     """
 
 class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -229,7 +229,7 @@ class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT (a malformed template, naming it; too few or too many templates; a
         target outside (0, 1)), FAILED_PRECONDITION (model mismatch, R13; facial matching
         switched off, R12; no active entry), PERMISSION_DENIED (another owner's gallery, R15;
-        not an owner, R8).
+        not an owner, R8), RESOURCE_EXHAUSTED (another calibration is running: one at a time).
         """
 
 def add_MatchServiceServicer_to_server(servicer: MatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
