@@ -534,6 +534,75 @@ class FaceGallery:
                 if scores[i] >= min_score
             ]
 
+    def best_scores(
+        self, probes: npt.ArrayLike, *, now: dt.datetime, rows_per_lock: int = 64
+    ) -> npt.NDArray[np.float64]:
+        """Each probe's best exact score among the entries a search at ``now`` may return,
+        -1.0 where there is none: ``search(probe, k=1, min_score=-1.0)``'s score, row by row,
+        for a batch (a calibration's non-mated set) in one index pass per ``rows_per_lock``
+        rows, so a writer waits for at most that many searches.
+
+        The same candidates are re-scored as ``search`` would: the first ``1 +
+        RESCORE_MARGIN`` allowed ones of the ``1 + CANDIDATE_MARGIN`` HNSW returns. A row
+        whose candidates are all excluded (inactive, expired) is searched by ``search``
+        itself, with the filter inside the traversal.
+
+        Raises:
+            InvalidArgument: not a 2-D batch of this dimension, or a non-finite or zero row.
+        """
+        raw = np.asarray(probes, dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[1] != self.dim:
+            raise InvalidArgument(
+                f"probes must be rows of {self.dim} values for gallery {self.name}",
+                field="probes",
+            )
+        # Each row's norm as ``_prepare`` takes it (a vector norm, not a batched one, whose
+        # last bit can differ), so a row is scaled to the very probe ``search`` would use.
+        norms = np.array([np.linalg.norm(row) for row in raw])
+        if not np.all(np.isfinite(norms)) or np.any(norms == 0.0):
+            raise InvalidArgument("a probe is non-finite or zero", field="probes")
+        qs = raw / norms[:, None]
+        out = np.full(len(qs), -1.0)
+        now_ts = epoch(now)
+        fallback: list[int] = []
+        for start in range(0, len(qs), max(1, rows_per_lock)):
+            part = slice(start, start + max(1, rows_per_lock))
+            fallback += [start + i for i in self._best_rows(qs[part], now_ts, out[part])]
+        for i in fallback:
+            hits = self.search(raw[i], k=1, min_score=-1.0, now=now)
+            out[i] = hits[0].score if hits else -1.0
+        return out
+
+    def _best_rows(
+        self, qs: npt.NDArray[np.float64], now_ts: float, out: npt.NDArray[np.float64]
+    ) -> list[int]:
+        """Fill ``out`` (a view) with the rows' best scores; return the rows left to
+        ``search`` (no allowed candidate among those HNSW returned)."""
+        with self._rw.read():
+            live = len(self._label_of)
+            if live == 0:
+                return []
+            try:
+                labels, _ = self._index.knn_query(
+                    qs.astype(np.float32), k=min(live, 1 + CANDIDATE_MARGIN), num_threads=1
+                )
+            except RuntimeError:  # fewer reachable entries than asked for: row by row
+                return list(range(len(qs)))
+            labels = np.asarray(labels, dtype=np.uint64)
+            ok = self._allowed(labels.ravel(), now_ts, False, frozenset()).reshape(labels.shape)
+            take = ok & (np.cumsum(ok, axis=1) <= 1 + RESCORE_MARGIN)
+            rows, cols = np.nonzero(take)
+            if len(rows):
+                stored = np.asarray(
+                    self._index.get_items(labels[rows, cols], return_type="numpy"),
+                    dtype=np.float64,
+                )
+                # Row by row the same arithmetic as exact_scores (elementwise, then a
+                # pairwise sum per row), so a score is the same float ``search`` reports.
+                scores = np.clip((stored * qs[rows]).sum(axis=1), -1.0, 1.0)
+                np.maximum.at(out, rows, scores)
+        return [int(i) for i in np.flatnonzero(~take.any(axis=1))]
+
     def verify(
         self, subject_ref: str, probe: npt.ArrayLike, *, model_id: str | None = None
     ) -> float | None:

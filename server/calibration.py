@@ -101,13 +101,10 @@ class Calibrator:
         self, gallery: str, templates: npt.NDArray[np.float32], now: dt.datetime
     ) -> list[float]:
         """Each template's best score among the gallery's active entries (-1.0 if none)."""
-        out = []
-        for row in templates:
-            hits = self.c.matcher.search_faces(
-                gallery, row, model_id=self.c.face_model_id, k=1, min_score=-1.0, now=now
-            )
-            out.append(hits[0].score if hits else -1.0)
-        return out
+        g = self.c.matcher.gallery(gallery)
+        g.check_model(self.c.face_model_id)
+        scores: list[float] = g.best_scores(templates, now=now).tolist()
+        return scores
 
     def _min_templates(self) -> int:
         """The bundle's ``calibration.min_templates``: 1 to MAX_WAITING (they wait in memory

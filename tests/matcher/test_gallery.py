@@ -438,3 +438,32 @@ def test_exact_score_of_a_pair_does_not_depend_on_the_batch_it_is_scored_in() ->
         batch = buf[offset : offset + n * 512].reshape(n, 512)  # another start alignment
         batch[:] = rows[picked]
         assert exact_scores(batch, q)[0] == alone[i]
+
+
+@pytest.mark.parametrize("inactive_share", [0.0, 0.5, 0.97])
+def test_best_scores_give_what_search_gives_row_by_row(
+    population: tuple[np.ndarray, np.ndarray], inactive_share: float
+) -> None:
+    """A calibration's batch path: each row's best score is the very float ``search(k=1)``
+    reports, whatever share of entries is excluded (at 0.97 most rows' HNSW candidates are
+    all inactive, so they take ``search``'s filtered traversal)."""
+    templates = population[0][:3000]
+    g = _gallery(templates)
+    rng = np.random.default_rng(9)
+    for i in np.flatnonzero(rng.random(len(templates)) < inactive_share):
+        g.set_state(f"t{i}", active=False, expires_at=None)
+    probes = np.vstack([synth.strangers(150, seed=11), population[1][:50]])
+    batch = g.best_scores(probes, now=NOW, rows_per_lock=32)
+    one_by_one = []
+    for p in probes:
+        hits = g.search(p, k=1, min_score=-1.0, now=NOW)
+        one_by_one.append(hits[0].score if hits else -1.0)
+    assert batch.tolist() == one_by_one
+
+
+def test_best_scores_refuse_a_bad_batch(gallery: FaceGallery) -> None:
+    with pytest.raises(InvalidArgument, match="rows of 512"):
+        gallery.best_scores(np.zeros((2, 8)), now=NOW)
+    with pytest.raises(InvalidArgument, match="non-finite or zero"):
+        gallery.best_scores(np.zeros((2, 512)), now=NOW)
+    assert gallery.best_scores(np.empty((0, 512)), now=NOW).tolist() == []

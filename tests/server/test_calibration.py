@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -102,7 +102,9 @@ def _messages(
     return out
 
 
-def _calibrate(world: World, identity: str, messages: list[Any]) -> mpb.CalibrateGalleryResponse:
+def _calibrate(
+    world: World, identity: str, messages: Iterable[Any]
+) -> mpb.CalibrateGalleryResponse:
     answer: mpb.CalibrateGalleryResponse = world.stub(identity).CalibrateGallery(
         iter(messages), timeout=120
     )
@@ -212,15 +214,15 @@ def test_the_audit_entry_holds_aggregates_and_a_keyed_digest_only(world: World) 
 def test_a_set_under_the_minimum_is_refused_before_any_search(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A spy on the real matcher (it still searches): how many templates reach a search.
-    matcher = world.server.app.components.matcher
-    real, searched = matcher.search_faces, []
+    # A spy on the real gallery (it still searches): how many templates reach a search.
+    gallery = world.server.app.components.matcher.gallery("pnp_watchlist")
+    real, searched = gallery.best_scores, []
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        searched.append(1)
-        return real(*args, **kwargs)
+    def counting(probes: Any, **kwargs: Any) -> Any:
+        searched.extend([1] * len(probes))
+        return real(probes, **kwargs)
 
-    monkeypatch.setattr(matcher, "search_faces", counting)
+    monkeypatch.setattr(gallery, "best_scores", counting)
     err = _error(
         world, "pnp-admin", _messages(world.model_id, synth.strangers(999, seed=3), batch=400)
     )
