@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ GALLERIES = {
 BATCH = 500
 #: A calibration of a large set takes minutes: the deadline unless --timeout says otherwise.
 DEFAULT_TIMEOUT_S = 900.0
+#: Sets up to this size are held whole and re-sent on UNAVAILABLE; larger ones stream as read.
+REPLAYABLE = 50_000
 
 
 def add_parser(sub: Any) -> None:
@@ -119,40 +121,69 @@ def status(args: argparse.Namespace) -> int:
     return cc.EXIT_OK
 
 
-def _templates(path: Path, model_id: str) -> list[common_pb2.FaceTemplate]:
-    if path.suffix == ".npy":
-        try:
-            matrix = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"cannot be read as .npy ({exc})", field="--templates") from None
-        if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
-            raise InvalidArgument("must be a 2-D float matrix", field="--templates")
-        rows = matrix.astype(np.float32)
-        return [common_pb2.FaceTemplate(model_id=model_id, vector=row.tolist()) for row in rows]
-    from centinela.clients.admin_cli import templates_from
+class TemplateSource:
+    """The templates of a ``--templates`` file, read a message's worth at a time.
 
-    return templates_from(path)
+    A ``.npy`` matrix is memory-mapped, so a million-row set never sits in memory as protobuf
+    messages (about 2 GB); JSON is parsed whole (prefer .npy for large sets).
+
+    Raises:
+        InvalidArgument: unreadable, not a 2-D float matrix, or no template.
+    """
+
+    def __init__(self, path: Path, model_id: str) -> None:
+        self.model_id = model_id
+        self.matrix: np.ndarray | None = None
+        self.items: list[common_pb2.FaceTemplate] = []
+        if path.suffix == ".npy":
+            try:
+                self.matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"cannot be read as .npy ({exc})", field="--templates"
+                ) from None
+            if self.matrix.ndim != 2 or not np.issubdtype(self.matrix.dtype, np.floating):
+                raise InvalidArgument("must be a 2-D float matrix", field="--templates")
+        else:
+            from centinela.clients.admin_cli import templates_from
+
+            self.items = templates_from(path)
+        if len(self) == 0:
+            raise InvalidArgument("holds no template", field="--templates")
+
+    def __len__(self) -> int:
+        return len(self.matrix) if self.matrix is not None else len(self.items)
+
+    def batches(self) -> Iterator[list[common_pb2.FaceTemplate]]:
+        for start in range(0, len(self), BATCH):
+            if self.matrix is None:
+                yield self.items[start : start + BATCH]
+                continue
+            rows = np.asarray(self.matrix[start : start + BATCH], dtype=np.float32)
+            yield [common_pb2.FaceTemplate(model_id=self.model_id, vector=r.tolist()) for r in rows]
 
 
-def _messages(
+def messages(
     gallery: common_pb2.Gallery.ValueType,
     target: float,
     reference: str,
-    templates: list[common_pb2.FaceTemplate],
-) -> list[mpb.CalibrateGalleryRequest]:
-    def chunks() -> Iterator[list[common_pb2.FaceTemplate]]:
-        for start in range(0, len(templates), BATCH):
-            yield templates[start : start + BATCH]
-
-    out = []
-    for i, chunk in enumerate(chunks()):
+    source: TemplateSource,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[mpb.CalibrateGalleryRequest]:
+    """The call's stream: the first message names gallery, target and reference. With
+    ``progress``, it is told how many templates have gone once each message is taken (gRPC
+    takes the next as the server reads on, which it does once the one before is searched)."""
+    sent = 0
+    for i, chunk in enumerate(source.batches()):
         msg = mpb.CalibrateGalleryRequest(templates=chunk)
         if i == 0:
             msg.gallery = gallery
             msg.target_fpir = target
             msg.context.reference = reference
-        out.append(msg)
-    return out
+        yield msg
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent)
 
 
 def render(answer: mpb.CalibrateGalleryResponse, gallery: str) -> str:
@@ -194,17 +225,24 @@ def run(args: argparse.Namespace) -> int:
     with cc.client_from_args(args, default_identity=identity) as client:
         info = client.server_info()
         model = next((g.model_id for g in info.galleries if g.gallery == enum), "")
-        templates = _templates(args.templates, model)
-        if not templates:
-            raise InvalidArgument("holds no template", field="--templates")
-        print(
-            f"searching {len(templates):,} templates against {name}...",
-            file=sys.stderr,
-            flush=True,
-        )
-        answer = client.calibrate_gallery(
-            _messages(enum, args.target_fpir, args.reference, templates)
-        )
+        source = TemplateSource(args.templates, model)
+        total = len(source)
+        print(f"searching {total:,} templates against {name}...", file=sys.stderr, flush=True)
+        if total > REPLAYABLE:
+            # Too large to hold for a retry: sent as read, with progress (not retried).
+            every = max(BATCH, total // 20 // BATCH * BATCH)
+
+            def progress(sent: int) -> None:
+                if sent % every == 0 and sent < total:
+                    print(f"  {sent:,} / {total:,} sent", file=sys.stderr, flush=True)
+
+            answer = client.calibrate_gallery(
+                messages(enum, args.target_fpir, args.reference, source, progress)
+            )
+        else:  # held whole, so the client library may send it again on UNAVAILABLE
+            answer = client.calibrate_gallery(
+                list(messages(enum, args.target_fpir, args.reference, source))
+            )
     if args.json:
         doc = json_format.MessageToDict(
             answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True

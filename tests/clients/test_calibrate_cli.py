@@ -184,3 +184,25 @@ def test_galleries_shows_which_floor_outgrew_its_calibration(
     (w,) = [g for g in doc["galleries"] if g["gallery"] == "GALLERY_PNP_WATCHLIST"]
     assert w["calibrated_size"] == "1500"
     assert w["expected_fpir"] == pytest.approx(0.004)
+
+
+def test_a_large_set_streams_as_it_is_read_with_progress(
+    srv: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from centinela.clients import calibrate_cli
+
+    # The bound above which a set is streamed from the memory-mapped file instead of held
+    # whole, lowered so a test-sized set crosses it.
+    monkeypatch.setattr(calibrate_cli, "REPLAYABLE", 1000)
+    path = tmp_path / "big.npy"
+    np.save(path, synth.strangers(2500, seed=12))
+    code, out, err = run(
+        capsys, srv, ["--templates", str(path), "--target-fpir", "0.01"], "pnp-admin"
+    )
+    assert code == 0, err
+    assert "500 / 2,500 sent" in err
+    assert "2,000 / 2,500 sent" in err
+    assert "2,500 non-mated templates against 2,000 active entries" in out
