@@ -101,7 +101,16 @@ def status(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"galleries": doc["galleries"], "policy_bundle": info.policy_bundle}))
         return cc.EXIT_OK
-    header = ["gallery", "entries", "floor", "target fpir", "calibrated at", "expected", "state"]
+    header = [
+        "gallery",
+        "entries",
+        "active",
+        "floor",
+        "target fpir",
+        "calibrated at",
+        "expected",
+        "state",
+    ]
     rows = []
     for g in info.galleries:
         face = bool(g.model_id)
@@ -109,6 +118,7 @@ def status(args: argparse.Namespace) -> int:
             [
                 common_pb2.Gallery.Name(g.gallery).removeprefix("GALLERY_").lower(),
                 f"{g.size:,}",
+                f"{g.active:,}" if face else "-",
                 f"{g.threshold:.3f}",
                 f"{g.target_fpir:g}" if face else "-",
                 f"{g.calibrated_size:,}" if g.calibrated_size else "-",

@@ -163,6 +163,7 @@ def test_galleries_shows_which_floor_outgrew_its_calibration(
     assert lines["GALLERY"].split() == [
         "GALLERY",
         "ENTRIES",
+        "ACTIVE",
         "FLOOR",
         "TARGET",
         "FPIR",

@@ -404,6 +404,7 @@ def test_outgrown_gallery_is_reported_and_faces_off_stops_calibration(
         info = w.stub("pnp-admin").GetServerInfo(mpb.GetServerInfoRequest(), timeout=30)
         (watch,) = [g for g in info.galleries if g.gallery == c.GALLERY_PNP_WATCHLIST]
         assert watch.size == 11  # the demo's two requisitorias (one lifted) and nine more
+        assert watch.active == 10  # the lifted one cannot hit
         assert watch.calibrated_size == 5
         # target × searchable entries (the lifted one cannot hit) / calibrated size
         assert watch.expected_fpir == pytest.approx(0.003 * 10 / 5)

@@ -713,6 +713,7 @@ class GalleryInfo(_message.Message):
     CALIBRATED_SIZE_FIELD_NUMBER: _builtins.int
     EXPECTED_FPIR_FIELD_NUMBER: _builtins.int
     TARGET_FPIR_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
     gallery: _common_pb2.Gallery.ValueType
     """Which gallery."""
     model_id: _builtins.str
@@ -720,7 +721,7 @@ class GalleryInfo(_message.Message):
     dimension: _builtins.int
     """Vector dimension of a face gallery (0 for plates)."""
     size: _builtins.int
-    """Searchable entries."""
+    """Entries in the index, lifted and expired ones included until they are compacted away."""
     index_lag: _builtins.int
     """Durable templates not yet indexed (the index catches up in the background)."""
     threshold: _builtins.float
@@ -736,6 +737,10 @@ class GalleryInfo(_message.Message):
     """
     target_fpir: _builtins.float
     """The target FPIR the floor was calibrated for (the bundle's `target_fpir`)."""
+    active: _builtins.int
+    """Entries a search may return now: active and unexpired (face galleries; 0 for plates).
+    What a calibration measures against, and what `expected_fpir` scales by.
+    """
     def __init__(
         self,
         *,
@@ -748,10 +753,11 @@ class GalleryInfo(_message.Message):
         calibrated_size: _builtins.int = ...,
         expected_fpir: _builtins.float = ...,
         target_fpir: _builtins.float = ...,
+        active: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated_size", b"calibrated_size", "dimension", b"dimension", "expected_fpir", b"expected_fpir", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "target_fpir", b"target_fpir", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "calibrated_size", b"calibrated_size", "dimension", b"dimension", "expected_fpir", b"expected_fpir", "gallery", b"gallery", "index_lag", b"index_lag", "model_id", b"model_id", "size", b"size", "target_fpir", b"target_fpir", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
