@@ -42,6 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from centinela.clients.calibrate_cli import matrix_batches, messages
 from centinela.matcher import synth
 from centinela.matcher.calibration import floor_for
 from centinela.server import certs
@@ -85,23 +86,11 @@ def admin_channel(data_dir: Path, port: int) -> grpc.Channel:
 
 
 def calibration_messages(
-    model_id: str, vectors: np.ndarray, target: float = 0.0, batch: int = 500
+    model_id: str, vectors: np.ndarray, target: float = 0.0
 ) -> list[mpb.CalibrateGalleryRequest]:
-    """A CalibrateGallery stream of ``vectors``, ``batch`` a message (as the CLI sends)."""
-    out = []
-    for start in range(0, len(vectors), batch):
-        msg = mpb.CalibrateGalleryRequest(
-            templates=[
-                c.FaceTemplate(model_id=model_id, vector=v.tolist())
-                for v in vectors[start : start + batch]
-            ]
-        )
-        if start == 0:
-            msg.gallery = c.GALLERY_PNP_WATCHLIST
-            msg.target_fpir = target
-            msg.context.reference = "CAL-BENCH-01"
-        out.append(msg)
-    return out
+    """A CalibrateGallery stream of ``vectors``, as ``centinela admin calibrate`` sends it."""
+    batches = matrix_batches(vectors, model_id)
+    return list(messages(c.GALLERY_PNP_WATCHLIST, target, "CAL-BENCH-01", batches))
 
 
 def calibrated_floor(data_dir: Path, port: int, strangers: int = 5000) -> tuple[float, float]:

@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from google.protobuf import json_format
 
 from centinela.clients import cli_common as cc
 from centinela.errors import InvalidArgument
-from centinela.matcher.calibration import OUTGROWN_FACTOR, floor_for
+from centinela.matcher.calibration import MIN_FALSE_POSITIVES, floor_for, outgrown
 from centinela.v1 import common_pb2
 from centinela.v1 import match_service_pb2 as mpb
 
@@ -87,7 +87,7 @@ def _state(g: mpb.GalleryInfo) -> str:
         return "-"  # plates: matched by edit distance, not calibrated for an FPIR
     if not g.calibrated_size:
         return "size not declared"
-    if g.expected_fpir > g.target_fpir * OUTGROWN_FACTOR:
+    if outgrown(g.active, g.calibrated_size):
         return "OUTGREW: recalibrate"
     return "ok"
 
@@ -165,26 +165,33 @@ class TemplateSource:
         return len(self.matrix) if self.matrix is not None else len(self.items)
 
     def batches(self) -> Iterator[list[common_pb2.FaceTemplate]]:
-        for start in range(0, len(self), BATCH):
-            if self.matrix is None:
-                yield self.items[start : start + BATCH]
-                continue
-            rows = np.asarray(self.matrix[start : start + BATCH], dtype=np.float32)
-            yield [common_pb2.FaceTemplate(model_id=self.model_id, vector=r.tolist()) for r in rows]
+        if self.matrix is not None:
+            yield from matrix_batches(self.matrix, self.model_id)
+            return
+        for start in range(0, len(self.items), BATCH):
+            yield self.items[start : start + BATCH]
+
+
+def matrix_batches(matrix: np.ndarray, model_id: str) -> Iterator[list[common_pb2.FaceTemplate]]:
+    """A matrix's rows as templates of ``model_id``, ``BATCH`` at a time (read as they go, so
+    a memory-mapped file stays on disk)."""
+    for start in range(0, len(matrix), BATCH):
+        rows = np.asarray(matrix[start : start + BATCH], dtype=np.float32)
+        yield [common_pb2.FaceTemplate(model_id=model_id, vector=r.tolist()) for r in rows]
 
 
 def messages(
     gallery: common_pb2.Gallery.ValueType,
     target: float,
     reference: str,
-    source: TemplateSource,
+    batches: Iterable[list[common_pb2.FaceTemplate]],
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[mpb.CalibrateGalleryRequest]:
     """The call's stream: the first message names gallery, target and reference. With
     ``progress``, it is told how many templates have gone once each message is taken (gRPC
     takes the next as the server reads on, which it does once the one before is searched)."""
     sent = 0
-    for i, chunk in enumerate(source.batches()):
+    for i, chunk in enumerate(batches):
         msg = mpb.CalibrateGalleryRequest(templates=chunk)
         if i == 0:
             msg.gallery = gallery
@@ -211,10 +218,10 @@ def render(answer: mpb.CalibrateGalleryResponse, gallery: str) -> str:
     lines += [f"  {p.threshold:9.3f}   {p.fpir:.4f}" for p in answer.curve]
     lines.append("")
     if not answer.resolved:
-        need = math.ceil(10 / answer.target_fpir)
+        need = math.ceil(MIN_FALSE_POSITIVES / answer.target_fpir)
         lines.append(
             f"  too few templates to resolve {answer.target_fpir:g}: send at least {need:,} "
-            "(10 may then score above the threshold)"
+            f"({MIN_FALSE_POSITIVES} may then score above the threshold)"
         )
     else:
         lines.append(
@@ -247,11 +254,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {sent:,} / {total:,} sent", file=sys.stderr, flush=True)
 
             answer = client.calibrate_gallery(
-                messages(enum, args.target_fpir, args.reference, source, progress)
+                messages(enum, args.target_fpir, args.reference, source.batches(), progress)
             )
         else:  # held whole, so the client library may send it again on UNAVAILABLE
             answer = client.calibrate_gallery(
-                list(messages(enum, args.target_fpir, args.reference, source))
+                list(messages(enum, args.target_fpir, args.reference, source.batches()))
             )
     if args.json:
         doc = json_format.MessageToDict(

@@ -87,6 +87,12 @@ def expected_fpir(target: float, size: int, calibrated_size: int) -> float:
     return min(1.0, target * size / calibrated_size)
 
 
+def outgrown(active: int, calibrated_size: int) -> bool:
+    """Whether a gallery of ``active`` entries has outgrown a floor calibrated at
+    ``calibrated_size`` (by more than ``OUTGROWN_FACTOR``); never when the size is unknown."""
+    return 0 < calibrated_size * OUTGROWN_FACTOR < active
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """What one non-mated set measured against one gallery (aggregates only)."""

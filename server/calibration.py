@@ -44,11 +44,10 @@ from centinela.errors import (
     ResourceExhausted,
 )
 from centinela.logs import get_logger
-from centinela.matcher.calibration import OUTGROWN_FACTOR, Calibration, calibrate, expected_fpir
+from centinela.matcher.calibration import Calibration, calibrate, expected_fpir, outgrown
 from centinela.server.components import Components
 from centinela.server.context import current_call, current_caller
-from centinela.server.pipeline import decision_info
-from centinela.server.registry_service import reference_ref
+from centinela.server.pipeline import decision_info, reference_ref
 from centinela.server.validation import GALLERIES, GALLERY_ENUM, check_context, check_vector
 from centinela.v1 import common_pb2
 from centinela.v1 import match_service_pb2 as pb
@@ -297,25 +296,25 @@ class CalibrationState:
     """How a face gallery's size compares with the size its floor was calibrated for."""
 
     gallery: str
-    size: int
+    active: int  # entries a search may return now
     calibrated_size: int  # 0: the bundle does not say
     target_fpir: float
     expected_fpir: float  # 0.0 when calibrated_size is 0
 
     @property
     def outgrown(self) -> bool:
-        return 0 < self.calibrated_size * OUTGROWN_FACTOR < self.size
+        return outgrown(self.active, self.calibrated_size)
 
 
 def calibration_state(components: Components, gallery: str) -> CalibrationState:
     """The state of ``gallery`` under the active bundle."""
     spec = components.policy_config().get("galleries", {}).get(gallery, {})
-    size = components.matcher.gallery(gallery).searchable(dt.datetime.now(dt.UTC))
+    active = components.matcher.gallery(gallery).searchable(dt.datetime.now(dt.UTC))
     raw = spec.get("calibrated_size", 0)
     calibrated = int(raw) if isinstance(raw, int) and not isinstance(raw, bool) else 0
     target = float(spec.get("target_fpir", 0.0) or 0.0)
     return CalibrationState(
-        gallery, size, calibrated, target, expected_fpir(target, size, calibrated)
+        gallery, active, calibrated, target, expected_fpir(target, active, calibrated)
     )
 
 
@@ -338,7 +337,7 @@ class CalibrationWatch:
                     log.info(
                         "gallery.calibration_size_unknown",
                         gallery=s.gallery,
-                        size=s.size,
+                        size=s.active,
                         hint="set calibrated_size with the floor (CalibrateGallery reports it)",
                     )
             if s.outgrown and s.gallery not in self._outgrown:
@@ -346,7 +345,7 @@ class CalibrationWatch:
                 log.warning(
                     "gallery.outgrew_calibration",
                     gallery=s.gallery,
-                    size=s.size,
+                    size=s.active,
                     calibrated_size=s.calibrated_size,
                     target_fpir=s.target_fpir,
                     expected_fpir=round(s.expected_fpir, 6),
@@ -354,7 +353,7 @@ class CalibrationWatch:
                 )
             elif not s.outgrown and s.gallery in self._outgrown:
                 self._outgrown.discard(s.gallery)
-                log.info("gallery.calibration_fits_again", gallery=s.gallery, size=s.size)
+                log.info("gallery.calibration_fits_again", gallery=s.gallery, size=s.active)
         return states
 
 

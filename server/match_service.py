@@ -852,7 +852,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     calibrated_size=cal.calibrated_size,
                     expected_fpir=cal.expected_fpir,
                     target_fpir=cal.target_fpir,
-                    active=cal.size,
+                    active=cal.active,
                 )
             )
         galleries.append(

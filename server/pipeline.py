@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message as _ProtoMessage
 
-from centinela.audit.entry import AuditEvent, Digester, EventType
+from centinela.audit.entry import AuditEvent, Digester, EventType, is_opaque_id
 from centinela.audit.entry import Caller as AuditCaller
 from centinela.audit.log import AppendReceipt, AuditLog
 from centinela.audit.store import Companion, Companions
@@ -108,6 +108,12 @@ def error_for_denial(decision: Decision, decision_id: str) -> CentinelaError:
             decision_id=decision_id,
         )
     return PolicyDenied(reasons, decision_id=decision_id)
+
+
+def reference_ref(reference: str) -> dict[str, str]:
+    """The cited reference as an audit ref, when it is an opaque id the schema accepts (a
+    reference shaped like a DNI or plate is left out)."""
+    return {"reference": reference} if reference and is_opaque_id(reference) else {}
 
 
 def decision_info(

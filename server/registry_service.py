@@ -40,7 +40,7 @@ from centinela.policy import Decision
 from centinela.server.components import Components
 from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
-from centinela.server.pipeline import decision_info
+from centinela.server.pipeline import decision_info, reference_ref
 from centinela.server.records import serialised
 from centinela.server.registry_import import CheckedBatch, ImportTally, check_batch
 from centinela.server.unimplemented import UnimplementedRegistry
@@ -58,12 +58,6 @@ T = TypeVar("T")
 def known_metrics(values: Mapping[str, int]) -> dict[str, int]:
     """The metrics the audit schema accepts (it refuses unknown names)."""
     return {k: v for k, v in values.items() if k in METRIC_KINDS}
-
-
-def reference_ref(reference: str) -> dict[str, str]:
-    """The cited reference as an audit ref, when it is an opaque id the schema accepts (a
-    reference shaped like a DNI or plate is left out)."""
-    return {"reference": reference} if reference and is_opaque_id(reference) else {}
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
