@@ -337,7 +337,7 @@ class CalibrationWatch:
                     log.info(
                         "gallery.calibration_size_unknown",
                         gallery=s.gallery,
-                        size=s.active,
+                        active=s.active,
                         hint="set calibrated_size with the floor (CalibrateGallery reports it)",
                     )
             if s.outgrown and s.gallery not in self._outgrown:
@@ -345,7 +345,7 @@ class CalibrationWatch:
                 log.warning(
                     "gallery.outgrew_calibration",
                     gallery=s.gallery,
-                    size=s.active,
+                    active=s.active,
                     calibrated_size=s.calibrated_size,
                     target_fpir=s.target_fpir,
                     expected_fpir=round(s.expected_fpir, 6),
@@ -353,7 +353,7 @@ class CalibrationWatch:
                 )
             elif not s.outgrown and s.gallery in self._outgrown:
                 self._outgrown.discard(s.gallery)
-                log.info("gallery.calibration_fits_again", gallery=s.gallery, size=s.active)
+                log.info("gallery.calibration_fits_again", gallery=s.gallery, active=s.active)
         return states
 
 
