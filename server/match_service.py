@@ -20,7 +20,6 @@ import asyncio
 import collections
 import datetime as dt
 import functools
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -50,6 +49,7 @@ from centinela.server.context import CallState, current_call, current_caller
 from centinela.server.identity import Caller
 from centinela.server.interceptors import MalformedRequest, status_code
 from centinela.server.pipeline import decision_info
+from centinela.server.records import ordered_id
 from centinela.server.unimplemented import UnimplementedMatch
 from centinela.server.validation import (
     GALLERIES,
@@ -358,7 +358,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 if req is None:  # lifted or expired since the index last caught up (R6)
                     continue
                 reference, category = req.requisition_id, req.offence_category
-            alert_id = "alt_" + secrets.token_hex(10) if mode == "ALERT" else ""
+            alert_id = ordered_id("alt") if mode == "ALERT" else ""
             cand = pb.FaceCandidate(
                 gallery=GALLERY_ENUM[g],
                 requires_human_review=True,
@@ -520,7 +520,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 vehicle = self.c.view.stolen_vehicle(hit.ref)
                 if vehicle is None:  # recovered (R6)
                     continue
-                alert_id = "alt_" + secrets.token_hex(10)
+                alert_id = ordered_id("alt")
                 candidates.append(
                     pb.PlateCandidate(
                         reference=vehicle.vehicle_id,

@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import math
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -45,6 +44,7 @@ from centinela.server.decision_cache import DecisionCache
 from centinela.server.idempotency import IdempotencyStore, current_key
 from centinela.server.identity import Caller
 from centinela.server.ratelimit import RateCounters
+from centinela.server.records import ordered_id
 from centinela.v1 import common_pb2
 
 log = get_logger("server.pipeline")
@@ -72,8 +72,9 @@ def _over_ceiling(rate: Mapping[str, int], decision: Decision) -> bool:
 
 
 def new_decision_id() -> str:
-    """An unguessable decision id, e.g. ``dec_3f9a…`` (24 hex digits)."""
-    return "dec_" + secrets.token_hex(12)
+    """An unguessable decision id in creation order, e.g. ``dec_019ae4…`` (32 hex digits:
+    the time, then 80 random bits; see :func:`~centinela.server.records.ordered_id`)."""
+    return ordered_id("dec")
 
 
 def error_for_denial(decision: Decision, decision_id: str) -> CentinelaError:

@@ -6,7 +6,9 @@ import datetime as dt
 
 import pytest
 
+from centinela.audit.entry import is_opaque_id
 from centinela.errors import AlreadyExists, InvalidArgument, NotFound
+from centinela.server.pipeline import new_decision_id
 from centinela.server.records import (
     AuthorisationRecord,
     Records,
@@ -14,6 +16,7 @@ from centinela.server.records import (
     SiteRecord,
     VehicleRecord,
     mask_plate,
+    ordered_id,
     page,
     page_of,
 )
@@ -151,3 +154,29 @@ def test_listings_page_in_the_database_to_their_end(db_url: str) -> None:
     assert len(set(seen)) == 120
     assert asked == [(0, 51), (50, 51), (100, 51)]
     records.engine.dispose()
+
+
+def test_ordered_ids_sort_in_creation_order_and_stay_unguessable() -> None:
+    t = 1_764_800_000_000_000_000  # ns
+    # Made a millisecond apart, in scrambled order: sorting them gives creation order.
+    made = {ordered_id("alt", now_ns=t + i * 1_000_000): i for i in (5, 0, 3, 1, 4, 2)}
+    assert [made[k] for k in sorted(made)] == [0, 1, 2, 3, 4, 5]
+    # Within one millisecond they differ in their 80 random bits.
+    same = {ordered_id("alt", now_ns=t) for _ in range(1000)}
+    assert len(same) == 1000
+    one = next(iter(same))
+    prefix, _, digits = one.partition("_")
+    assert prefix == "alt"
+    assert len(digits) == 32
+    assert int(digits[:12], 16) == t // 1_000_000
+    assert len({s[16:] for s in same}) == 1000  # the random part, not the clock, tells them apart
+    assert is_opaque_id(one)
+
+
+def test_decision_ids_are_ordered_ids() -> None:
+    first, second = new_decision_id(), new_decision_id()
+    for d in (first, second):
+        assert d.startswith("dec_")
+        assert len(d) == 36
+        assert is_opaque_id(d)
+    assert first != second
