@@ -1,6 +1,6 @@
 """End-to-end MatchFace over mutual TLS on loopback, against a bare echo RPC on the same server.
 
-    python benchmarks/match_e2e.py [--quick] [--sizes 100000,1000000] [--seconds 10]
+    python benchmarks/match_e2e.py [--quick] [--sizes 100000,1000000] [--seconds 10] [--rounds 3]
 
 For each watchlist size a real server runs in a subprocess (policy, durable audit with group
 commit, HNSW search, response shaping); this process drives it with grpc.aio at concurrency
@@ -15,7 +15,14 @@ The figures that hold on a noisy 2-core machine are the ratios: ``ratio_vs_echo`
 loop; ``loop_cpu_vs_echo`` is its ratio to echo's). Throughput on a shared machine moves
 with whatever else runs, up to 30 % between runs of the same code; CPU per call moves far
 less, and ``loop_busy`` (the thread's CPU over the cell's time) says whether the loop was
-the bottleneck: near 1.0, it was. Last line: one JSON object.
+the bottleneck: near 1.0, it was. ``disk_kb_per_call`` is what the device under the data
+directory took per answered call (``/proc/diskstats``: the audit entry, its companions, the
+WAL and its checkpoints; echo's figure is the floor of the machine's own writes). Every cell
+runs ``--rounds`` times (3; 1 with ``--quick``), round after round, and the table gives each
+figure's median over the rounds (a p99 is each round's p99, then their median).
+``ratio_vs_echo`` and ``stream_gain`` are paired: the ratio of two cells of the same round,
+then the median of those, so a slow stretch that falls on one round moves both sides of its
+ratio. Last line: one JSON object.
 
 Every MatchFace and StreamMatch probe is sent once, with its own client request id: a probe
 sent twice would be answered from the idempotency store without matching. (Until session 3
@@ -48,7 +55,7 @@ from centinela.matcher.calibration import floor_for
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
-from centinela.server.testing import LoopMeter, spawn_serving
+from centinela.server.testing import DiskMeter, LoopMeter, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -189,11 +196,11 @@ async def drive_stream(
     ``window=1`` is ping-pong (send, wait for the answer, send the next); a portico sends
     probes as it captures them, which is a window larger than one.
     """
-    done = 0
+    done = errors = 0
     stop = time.perf_counter() + seconds
 
     async def one(sid: int) -> None:
-        nonlocal done
+        nonlocal done, errors
         call = stub.StreamMatch()
         room = asyncio.Semaphore(window)
         sent = 0
@@ -211,29 +218,37 @@ async def drive_stream(
             await call.done_writing()
 
         async def read() -> None:
-            nonlocal done
-            async for _answer in call:
-                done += 1
+            nonlocal done, errors
+            async for answer in call:
+                if answer.WhichOneof("result") == "face":
+                    done += 1
+                else:  # an error answer is not a match: counted apart, as unary errors are
+                    errors += 1
                 room.release()
 
         await asyncio.gather(write(), read())
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(s) for s in range(streams)))
-    return {"per_s": done / (time.perf_counter() - t0), "n": done}
+    return {"per_s": done / (time.perf_counter() - t0), "n": done, "errors": errors}
 
 
-async def with_loop_cpu(pid: int, run: Any) -> dict[str, Any]:
-    """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU."""
-    meter = LoopMeter(pid)
+async def with_loop_cpu(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
+    """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU
+    and what the disk under ``data_dir`` took per answered call."""
+    meter, disk = LoopMeter(pid), DiskMeter(data_dir)
     out: dict[str, Any] = await run
     out["loop_ms_per_call"], out["loop_busy"] = meter.read(out["n"])
+    out["disk_kb_per_call"] = disk.read(out["n"])
     return out
 
 
 async def measure(
-    data_dir: Path, port: int, seconds: float, conc: list[int], pid: int
+    data_dir: Path, port: int, seconds: float, conc: list[int], pid: int, rounds: int = 1
 ) -> dict[str, Any]:
+    """Each cell ``rounds`` times, the rounds one after the other (every cell of a round
+    before the next round), so a slow stretch of the machine falls on all cells of a round
+    alike; ``out[cell]`` is the list of its rounds."""
     ch = channel(data_dir, port)
     stub: Any = mgrpc.MatchServiceStub(ch)
     info = await stub.GetServerInfo(mpb.GetServerInfoRequest())
@@ -251,22 +266,48 @@ async def measure(
         w.context.client_request_id = uuid.uuid4().hex
     await drive(stub.MatchFace, warm, 4, 1.0)  # warm-up
     out: dict[str, Any] = {"size": size}
-    for k in conc:
-        # Fresh request ids each round, so idempotency never short-cuts the work.
+
+    def fresh() -> list[mpb.MatchFaceRequest]:
+        # Fresh request ids for every cell, so idempotency never short-cuts the work.
         for p in payloads:
             p.context.client_request_id = uuid.uuid4().hex
-        out[f"match_c{k}"] = await with_loop_cpu(pid, drive(stub.MatchFace, payloads, k, seconds))
-        out[f"echo_c{k}"] = await with_loop_cpu(pid, drive(echo, raw, k, seconds, wrap=True))
-        for p in payloads:
-            p.context.client_request_id = uuid.uuid4().hex
-        out[f"pingpong_c{k}"] = await drive_stream(stub, payloads, k, seconds, window=1)
-        for p in payloads:
-            p.context.client_request_id = uuid.uuid4().hex
-        out[f"stream_c{k}"] = await with_loop_cpu(
-            pid, drive_stream(stub, payloads, k, seconds, window=STREAM_WINDOW)
-        )
+        return payloads
+
+    for rnd in range(rounds):
+        if rounds > 1:
+            print(f"  {size:,} listed: round {rnd + 1} of {rounds}", file=sys.stderr)
+        for k in conc:
+            cells = {
+                "match": with_loop_cpu(pid, data_dir, drive(stub.MatchFace, fresh(), k, seconds)),
+                "echo": with_loop_cpu(pid, data_dir, drive(echo, raw, k, seconds, wrap=True)),
+                "pingpong": drive_stream(stub, fresh(), k, seconds, window=1),
+                "stream": with_loop_cpu(
+                    pid, data_dir, drive_stream(stub, fresh(), k, seconds, window=STREAM_WINDOW)
+                ),
+            }
+            for name, cell in cells.items():  # one at a time, in this order
+                out.setdefault(f"{name}_c{k}", []).append(await cell)
     await ch.close()
     return out
+
+
+def median_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's rounds as one: the median of each figure, errors summed, ``exhausted`` if
+    any round ran out of payloads."""
+    cell: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, bool):
+            cell[key] = any(r[key] for r in runs)
+        elif key in ("errors", "n"):
+            cell[key] = sum(r[key] for r in runs)
+        else:
+            cell[key] = statistics.median(r[key] for r in runs)
+    return cell
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
+    """``a``'s throughput over ``b``'s, round by round (each pair ran minutes apart at most)."""
+    return [x["per_s"] / y["per_s"] if y["per_s"] else 0.0 for x, y in zip(a, b, strict=True)]
 
 
 def main() -> None:
@@ -274,6 +315,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="under a minute: 10k templates")
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="run every cell this many times, round after round, and report medians "
+        "(ratios and gains are paired within a round); default 3, 1 with --quick",
+    )
     parser.add_argument("--keep", type=Path, help="reuse/keep data dirs under this directory")
     parser.add_argument(
         "--calibrated",
@@ -284,6 +331,9 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     seconds = 3.0 if args.quick else args.seconds
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     conc = [1, 8, 32]
     results: dict[str, Any] = {}
     base = args.keep or Path(tempfile.mkdtemp(prefix="centinela-bench-"))
@@ -305,34 +355,37 @@ def main() -> None:
             )
             proc, port = start_server(data_dir, n, floor)
         try:
-            results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc, proc.pid))
+            results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc, proc.pid, rounds))
             results[str(n)]["floor"] = floor
         finally:
             proc.terminate()
             proc.wait(60)
     print(
         f"\nMatchFace over mTLS vs echo on the same server ({os.cpu_count()} cores, "
-        f"{seconds:.0f}s per cell; medians of one run)"
+        f"{seconds:.0f}s per cell; medians of {rounds} round{'s' if rounds > 1 else ''}, "
+        "ratio and gain paired within each round)"
     )
     print(
         f"{'size':>9} {'conc':>4} {'match/s':>9} {'echo/s':>9} {'ratio':>6} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5} {'pingpong/s':>10} "
-        f"{'loop ms/call':>12} {'echo':>5} {'busy':>5} {'stream':>6}"
+        f"{'loop ms/call':>12} {'echo':>5} {'busy':>5} {'stream':>6} {'disk KB/call':>12}"
     )
     summary: dict[str, Any] = {"per_size": {}}
     for size_key, r in results.items():
         per: dict[str, Any] = {}
         for k in conc:
-            m, e, s = r[f"match_c{k}"], r[f"echo_c{k}"], r[f"stream_c{k}"]
-            pp = r[f"pingpong_c{k}"]
-            ratio = m["per_s"] / e["per_s"] if e["per_s"] else 0.0
-            gain = s["per_s"] / m["per_s"] if m["per_s"] else 0.0
+            ratios = paired(r[f"match_c{k}"], r[f"echo_c{k}"])
+            gains = paired(r[f"stream_c{k}"], r[f"match_c{k}"])
+            ratio, gain = statistics.median(ratios), statistics.median(gains)
+            m, e, s, pp = (
+                median_cell(r[f"{name}_c{k}"]) for name in ("match", "echo", "stream", "pingpong")
+            )
             print(
                 f"{size_key:>9} {k:>4} {m['per_s']:>9.0f} {e['per_s']:>9.0f} {ratio:>6.2f} "
                 f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f} "
                 f"{pp['per_s']:>10.0f} {m['loop_ms_per_call']:>12.2f} "
                 f"{e['loop_ms_per_call']:>5.2f} {m['loop_busy']:>5.2f} "
-                f"{s['loop_ms_per_call']:>6.2f}"
+                f"{s['loop_ms_per_call']:>6.2f} {m['disk_kb_per_call']:>12.1f}"
             )
             per[str(k)] = {
                 "match_face_per_s": round(m["per_s"], 1),
@@ -345,6 +398,8 @@ def main() -> None:
                 "payloads_ran_out": m["exhausted"],
                 "stream_per_s": round(s["per_s"], 1),
                 "stream_gain": round(gain, 3),
+                "ratio_vs_echo_rounds": [round(x, 3) for x in ratios],
+                "stream_gain_rounds": [round(x, 3) for x in gains],
                 "pingpong_per_s": round(pp["per_s"], 1),
                 "pingpong_gain": round(pp["per_s"] / m["per_s"] if m["per_s"] else 0.0, 3),
                 "loop_ms_per_call": round(m["loop_ms_per_call"], 3),
@@ -352,9 +407,22 @@ def main() -> None:
                 "loop_cpu_vs_echo": round(m["loop_ms_per_call"] / e["loop_ms_per_call"], 2),
                 "loop_busy": round(m["loop_busy"], 3),
                 "stream_loop_ms_per_probe": round(s["loop_ms_per_call"], 3),
+                "disk_kb_per_call": round(m["disk_kb_per_call"], 1),
+                "stream_disk_kb_per_probe": round(s["disk_kb_per_call"], 1),
+                "echo_disk_kb_per_call": round(e["disk_kb_per_call"], 2),
                 "errors": m["errors"],
+                "stream_errors": s["errors"] + pp["errors"],
             }
         summary["per_size"][size_key] = per
+        if rounds > 1:
+            for k in conc:
+                cell = per[str(k)]
+                print(
+                    f"{'':>9} {k:>4}   by round: ratio "
+                    + " ".join(f"{x:.2f}" for x in cell["ratio_vs_echo_rounds"])
+                    + ", stream gain "
+                    + " ".join(f"{x:.2f}" for x in cell["stream_gain_rounds"])
+                )
     first = str(sizes[0])
     best = max(conc, key=lambda k: summary["per_size"][first][str(k)]["match_face_per_s"])
     head = summary["per_size"][first][str(best)]
@@ -367,6 +435,7 @@ def main() -> None:
             "ratio_vs_echo": head["ratio_vs_echo"],
             "p99_ms": {k: summary["per_size"][first][str(k)]["p99_ms"] for k in map(str, conc)},
             "stream_gain": summary["per_size"][first]["32"]["stream_gain"],
+            "rounds": rounds,
             "median_ratio_vs_echo": statistics.median(
                 v["ratio_vs_echo"] for v in summary["per_size"][first].values()
             ),
@@ -375,6 +444,13 @@ def main() -> None:
     # 0.0: the packaged floor; else the floor --calibrated measured for the bundle's target.
     summary["watchlist_floor"] = {k: r["floor"] for k, r in results.items()}
     for size_key, per in summary["per_size"].items():
+        failed = sum(v["errors"] + v["stream_errors"] for v in per.values())
+        if failed:
+            print(
+                f"WARNING: at {size_key} templates {failed} calls or stream probes were "
+                "answered with an error (not counted as answers)",
+                file=sys.stderr,
+            )
         rates = [v["alert_rate"] for v in per.values()]
         if min(rates) < 0.05:  # one probe in ten is a listed person's
             print(

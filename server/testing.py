@@ -165,6 +165,40 @@ class LoopMeter:
         return per_call, spent / (time.perf_counter() - self._t0)
 
 
+def sectors_written(path: Path) -> int | None:
+    """Sectors (512 bytes) written so far to the block device that holds ``path``, from
+    ``/proc/diskstats``; None where that cannot be read (no ``/proc``, a device it does not
+    list, such as an overlay or tmpfs)."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    try:
+        with open("/proc/diskstats") as stats:
+            for line in stats:
+                fields = line.split()
+                if int(fields[0]) == major and int(fields[1]) == minor:
+                    return int(fields[9])
+    except OSError:
+        return None
+    return None
+
+
+class DiskMeter:
+    """What a benchmark phase wrote to the disk under ``path``: made when the phase starts,
+    :meth:`read` when it ends. It counts every writer of that device (the machine's own
+    too), so it is read against a quiet machine or compared between alternating runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._start = sectors_written(path)
+
+    def read(self, answered: int) -> float:
+        """KB written per answered call; NaN where it cannot be known."""
+        end = sectors_written(self.path)
+        if self._start is None or end is None or not answered:
+            return math.nan
+        return (end - self._start) * 512 / 1024 / answered
+
+
 def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:
     """A copy of a shipped bundle with ``centinela_config`` keys replaced (dotted paths)."""
     from centinela.policy.bundle import packaged_root
