@@ -27,7 +27,9 @@ ratio. Last line: one JSON object.
 Every MatchFace and StreamMatch probe is sent once, with its own client request id: a probe
 sent twice would be answered from the idempotency store without matching. (Until session 3
 the benchmark cycled 2,000 probes, so in 10-second rounds most calls above ~200/s were such
-replays and the full-run figures were inflated; ``--quick`` rounds were short enough.)
+replays and the full-run figures were inflated; ``--quick`` rounds were short enough.) The
+ids are the client library's (``new_request_id``, time first); ``--random-request-ids``
+sends UUID4s instead, as another client may, which costs the server's disk more.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from centinela.clients.builders import new_request_id
 from centinela.clients.calibrate_cli import matrix_batches, messages
 from centinela.matcher import synth
 from centinela.matcher.calibration import floor_for
@@ -111,7 +115,9 @@ def calibrated_floor(data_dir: Path, port: int, strangers: int = 5000) -> tuple[
     return floor_for(answer.threshold), answer.fpir_at_floor
 
 
-def requests(model_id: str, identities: np.ndarray, n: int) -> list[mpb.MatchFaceRequest]:
+def requests(
+    model_id: str, identities: np.ndarray, n: int, request_id: Callable[[], str] = new_request_id
+) -> list[mpb.MatchFaceRequest]:
     """A mix: one probe in ten is a genuine probe of a listed person (an alert)."""
     rng = np.random.default_rng(1)
     strangers = synth.strangers(n, seed=4242)
@@ -129,7 +135,7 @@ def requests(model_id: str, identities: np.ndarray, n: int) -> list[mpb.MatchFac
                     purpose=c.PURPOSE_WANTED_PERSON,
                     site_id=MIRA_SITE,
                     capture_time=ts(dt.datetime.now(dt.UTC)),
-                    client_request_id=uuid.uuid4().hex,
+                    client_request_id=request_id(),
                 ),
                 probe=c.FaceProbe(model_id=model_id, vector=vec.tolist(), quality=0.9),
             )
@@ -244,7 +250,13 @@ async def with_loop_cpu(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
 
 
 async def measure(
-    data_dir: Path, port: int, seconds: float, conc: list[int], pid: int, rounds: int = 1
+    data_dir: Path,
+    port: int,
+    seconds: float,
+    conc: list[int],
+    pid: int,
+    rounds: int = 1,
+    request_id: Callable[[], str] = new_request_id,
 ) -> dict[str, Any]:
     """Each cell ``rounds`` times, the rounds one after the other (every cell of a round
     before the next round), so a slow stretch of the machine falls on all cells of a round
@@ -257,20 +269,20 @@ async def measure(
     identities = synth.identities(min(size, 2000), seed=5)
     # Enough probes that none is sent twice in a round (a repeat would be an idempotent
     # replay, not a match): up to 5,000/s.
-    payloads = requests(model_id, identities, max(2000, int(seconds * 5000)))
+    payloads = requests(model_id, identities, max(2000, int(seconds * 5000)), request_id)
     raw = [p.SerializeToString() for p in payloads[:2000]]
     echo = ch.unary_unary("/bench.Echo/Echo")
     warm = [mpb.MatchFaceRequest() for _ in range(50)]
     for w, p in zip(warm, payloads, strict=False):
         w.CopyFrom(p)
-        w.context.client_request_id = uuid.uuid4().hex
+        w.context.client_request_id = request_id()
     await drive(stub.MatchFace, warm, 4, 1.0)  # warm-up
     out: dict[str, Any] = {"size": size}
 
     def fresh() -> list[mpb.MatchFaceRequest]:
         # Fresh request ids for every cell, so idempotency never short-cuts the work.
         for p in payloads:
-            p.context.client_request_id = uuid.uuid4().hex
+            p.context.client_request_id = request_id()
         return payloads
 
     for rnd in range(rounds):
@@ -321,6 +333,12 @@ def main() -> None:
         help="run every cell this many times, round after round, and report medians "
         "(ratios and gains are paired within a round); default 3, 1 with --quick",
     )
+    parser.add_argument(
+        "--random-request-ids",
+        action="store_true",
+        help="send random (UUID4) client request ids, as a client other than Centinela's "
+        "may, instead of the client library's time-ordered ones",
+    )
     parser.add_argument("--keep", type=Path, help="reuse/keep data dirs under this directory")
     parser.add_argument(
         "--calibrated",
@@ -332,6 +350,7 @@ def main() -> None:
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     seconds = 3.0 if args.quick else args.seconds
     rounds = args.rounds or (1 if args.quick else 3)
+    request_id = (lambda: uuid.uuid4().hex) if args.random_request_ids else new_request_id
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     conc = [1, 8, 32]
@@ -355,7 +374,9 @@ def main() -> None:
             )
             proc, port = start_server(data_dir, n, floor)
         try:
-            results[str(n)] = asyncio.run(measure(data_dir, port, seconds, conc, proc.pid, rounds))
+            results[str(n)] = asyncio.run(
+                measure(data_dir, port, seconds, conc, proc.pid, rounds, request_id)
+            )
             results[str(n)]["floor"] = floor
         finally:
             proc.terminate()
@@ -443,6 +464,7 @@ def main() -> None:
     )
     # 0.0: the packaged floor; else the floor --calibrated measured for the bundle's target.
     summary["watchlist_floor"] = {k: r["floor"] for k, r in results.items()}
+    summary["request_ids"] = "random" if args.random_request_ids else "time-ordered"
     for size_key, per in summary["per_size"].items():
         failed = sum(v["errors"] + v["stream_errors"] for v in per.values())
         if failed:

@@ -9,7 +9,6 @@ when none is given, and purposes named in text are accepted in any case and with
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from centinela.errors import InvalidArgument
+from centinela.ids import ordered_token
 from centinela.v1 import common_pb2, match_service_pb2
 
 PURPOSE_NAMES: dict[str, int] = {
@@ -27,8 +27,15 @@ PURPOSE_NAMES: dict[str, int] = {
 
 
 def new_request_id() -> str:
-    """A fresh client request id (32 hex digits: within the 8–128 characters the API allows)."""
-    return uuid.uuid4().hex
+    """A fresh client request id: 32 hex digits (within the 8–128 characters the API allows),
+    time first (:func:`centinela.ids.ordered_token`).
+
+    The server stores every answer by its request id for retries, in an index on (caller,
+    request id): ids in creation order join that index at its edge where random ones take
+    a random page each, about 8 KB more written to the server's disk per call (twice, with
+    its checkpoint). The server takes any id; this one is the cheap one to keep.
+    """
+    return ordered_token()
 
 
 def purpose_value(name: str | int) -> int:

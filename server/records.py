@@ -22,7 +22,6 @@ import dataclasses
 import datetime as dt
 import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from centinela.errors import AlreadyExists, InvalidArgument, NotFound, StorageError
+from centinela.ids import ordered_token
 from centinela.logs import get_logger
 from centinela.matcher.writes import Write
 from centinela.storage import Migration, migrate, write_transaction
@@ -130,21 +130,15 @@ def new_id(prefix: str) -> str:
 
 
 def ordered_id(prefix: str, *, now_ns: int | None = None) -> str:
-    """An unguessable id whose first digits are its creation time, e.g. ``dec_019ae4…``.
+    """An unguessable id in creation order, e.g. ``dec_019ae4…``
+    (:func:`centinela.ids.ordered_token` after the prefix).
 
-    Twelve hex digits of Unix milliseconds, then 80 random bits (as many as :func:`new_id`
-    carries). An id made later sorts after one made earlier (as far as the clock goes
-    forward), so a B-tree index on such ids grows at its right edge, as the audit log does:
-    a commit rewrites the index's last page rather than one random page per new row.
-    SQLite's WAL logs whole pages, and a MatchFace decision id and its alert ids enter
-    three such indexes (``alerts``: ``alert_id``, ``decision_id``; ``alert_events``:
-    ``alert_id``): with random ids the disk took 97 KB a call, with these 66 KB
-    (``benchmarks/match_e2e.py`` at 100k listed, 41 % alerts, two alternating rounds). The
-    time an id carries is not news to anyone who sees it: the caller it is returned to
-    knows when it asked, and the audit entry that records it has its time.
+    Decision and alert ids are such ids: each alert enters three indexes by them
+    (``alerts``: ``alert_id``, ``decision_id``; ``alert_events``: ``alert_id``), and with
+    random ids the disk took 97 KB a MatchFace call, with these 66 KB
+    (``benchmarks/match_e2e.py`` at 100k listed, 41 % alerts, two alternating rounds).
     """
-    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
-    return f"{prefix}_{ms:012x}{secrets.token_hex(10)}"
+    return f"{prefix}_{ordered_token(now_ns=now_ns)}"
 
 
 def mask_plate(normalised: str) -> str:

@@ -7,6 +7,7 @@ test does not depend on timing).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -464,3 +465,16 @@ def test_export_entries_streams_the_audit_log_in_order(server: ServerThread) -> 
     assert len(indexes) >= 1
     assert chunks[-1].signed_note
     assert checkpoint.tree_size >= 1
+
+
+def test_request_ids_lead_with_their_time_and_stay_unique() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [builders.new_request_id() for _ in range(500)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 500
+    for rid in ids:
+        assert len(rid) == 32
+        int(rid, 16)  # hex digits only
+        # The first 12 digits are the milliseconds it was made at: in creation order, which
+        # is what keeps the server's index on them cheap to grow.
+        assert before <= int(rid[:12], 16) <= after
