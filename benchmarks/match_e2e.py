@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,20 +285,23 @@ async def measure(
             p.context.client_request_id = request_id()
         return payloads
 
+    # Each cell is made only when its turn comes, so that ``fresh()`` gives it ids no
+    # earlier cell sent (made all at once, every cell would share the last ids and all
+    # but the first would be answered from the idempotency store).
+    cells: dict[str, Callable[[int], Awaitable[dict[str, Any]]]] = {
+        "match": lambda c: with_loop_cpu(pid, data_dir, drive(stub.MatchFace, fresh(), c, seconds)),
+        "echo": lambda c: with_loop_cpu(pid, data_dir, drive(echo, raw, c, seconds, wrap=True)),
+        "pingpong": lambda c: drive_stream(stub, fresh(), c, seconds, window=1),
+        "stream": lambda c: with_loop_cpu(
+            pid, data_dir, drive_stream(stub, fresh(), c, seconds, window=STREAM_WINDOW)
+        ),
+    }
     for rnd in range(rounds):
         if rounds > 1:
             print(f"  {size:,} listed: round {rnd + 1} of {rounds}", file=sys.stderr)
         for k in conc:
-            cells = {
-                "match": with_loop_cpu(pid, data_dir, drive(stub.MatchFace, fresh(), k, seconds)),
-                "echo": with_loop_cpu(pid, data_dir, drive(echo, raw, k, seconds, wrap=True)),
-                "pingpong": drive_stream(stub, fresh(), k, seconds, window=1),
-                "stream": with_loop_cpu(
-                    pid, data_dir, drive_stream(stub, fresh(), k, seconds, window=STREAM_WINDOW)
-                ),
-            }
             for name, cell in cells.items():  # one at a time, in this order
-                out.setdefault(f"{name}_c{k}", []).append(await cell)
+                out.setdefault(f"{name}_c{k}", []).append(await cell(k))
     await ch.close()
     return out
 
