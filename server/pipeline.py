@@ -72,7 +72,7 @@ def _over_ceiling(rate: Mapping[str, int], decision: Decision) -> bool:
 
 
 def new_decision_id() -> str:
-    """An unguessable decision id in creation order, e.g. ``dec_019ae4…`` (32 hex digits:
+    """An unguessable decision id in creation order, e.g. ``dec_01a23f…`` (32 hex digits:
     the time, then 80 random bits; see :func:`~centinela.server.records.ordered_id`)."""
     return ordered_id("dec")
 

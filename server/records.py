@@ -130,7 +130,7 @@ def new_id(prefix: str) -> str:
 
 
 def ordered_id(prefix: str, *, now_ns: int | None = None) -> str:
-    """An unguessable id in creation order, e.g. ``dec_019ae4…``
+    """An unguessable id in creation order, e.g. ``dec_01a23f…``
     (:func:`centinela.ids.ordered_token` after the prefix).
 
     Decision and alert ids are such ids: each alert enters three indexes by them
