@@ -239,7 +239,7 @@ async def drive_stream(
     return {"per_s": done / (time.perf_counter() - t0), "n": done, "errors": errors}
 
 
-async def with_loop_cpu(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
+async def metered(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
     """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU
     and what the disk under ``data_dir`` took per answered call."""
     meter, disk = LoopMeter(pid), DiskMeter(data_dir)
@@ -289,10 +289,10 @@ async def measure(
     # earlier cell sent (made all at once, every cell would share the last ids and all
     # but the first would be answered from the idempotency store).
     cells: dict[str, Callable[[int], Awaitable[dict[str, Any]]]] = {
-        "match": lambda c: with_loop_cpu(pid, data_dir, drive(stub.MatchFace, fresh(), c, seconds)),
-        "echo": lambda c: with_loop_cpu(pid, data_dir, drive(echo, raw, c, seconds, wrap=True)),
+        "match": lambda c: metered(pid, data_dir, drive(stub.MatchFace, fresh(), c, seconds)),
+        "echo": lambda c: metered(pid, data_dir, drive(echo, raw, c, seconds, wrap=True)),
         "pingpong": lambda c: drive_stream(stub, fresh(), c, seconds, window=1),
-        "stream": lambda c: with_loop_cpu(
+        "stream": lambda c: metered(
             pid, data_dir, drive_stream(stub, fresh(), c, seconds, window=STREAM_WINDOW)
         ),
     }
@@ -353,9 +353,9 @@ def main() -> None:
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     seconds = 3.0 if args.quick else args.seconds
     rounds = args.rounds or (1 if args.quick else 3)
-    request_id = (lambda: uuid.uuid4().hex) if args.random_request_ids else new_request_id
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    request_id = (lambda: uuid.uuid4().hex) if args.random_request_ids else new_request_id
     conc = [1, 8, 32]
     results: dict[str, Any] = {}
     base = args.keep or Path(tempfile.mkdtemp(prefix="centinela-bench-"))

@@ -66,6 +66,18 @@ MIN_TEMPLATES = 1000
 MAX_WAITING = 100_000
 
 
+def _bundle_int(
+    raw: Any, default: int, *, least: int | None = None, most: int | None = None
+) -> int:
+    """A whole number from the bundle's data, or ``default`` where it is not one (a JSON
+    ``true`` is not a number here) or lies outside ``least``..``most``."""
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        return default
+    if (least is not None and raw < least) or (most is not None and raw > most):
+        return default
+    return raw
+
+
 class Calibrator:
     """Runs CalibrateGallery calls against the server's matcher."""
 
@@ -109,8 +121,7 @@ class Calibrator:
         """The bundle's ``calibration.min_templates``: 1 to MAX_WAITING (they wait in memory
         until the search starts); MIN_TEMPLATES when absent or out of range."""
         raw = self.c.policy_config().get("calibration", {}).get("min_templates", MIN_TEMPLATES)
-        valid = isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= MAX_WAITING
-        return int(raw) if valid else MIN_TEMPLATES
+        return _bundle_int(raw, MIN_TEMPLATES, least=1, most=MAX_WAITING)
 
     def _request(self, first: pb.CalibrateGalleryRequest) -> tuple[str, dict[str, Any], float]:
         """The gallery, its bundle entry and the target, from the first message.
@@ -311,7 +322,7 @@ def calibration_state(components: Components, gallery: str) -> CalibrationState:
     spec = components.policy_config().get("galleries", {}).get(gallery, {})
     active = components.matcher.gallery(gallery).searchable(dt.datetime.now(dt.UTC))
     raw = spec.get("calibrated_size", 0)
-    calibrated = int(raw) if isinstance(raw, int) and not isinstance(raw, bool) else 0
+    calibrated = _bundle_int(raw, 0)
     target = float(spec.get("target_fpir", 0.0) or 0.0)
     return CalibrationState(
         gallery, active, calibrated, target, expected_fpir(target, active, calibrated)
