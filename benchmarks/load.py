@@ -1,12 +1,13 @@
 """Overload: MatchFace driven at 10x its measured capacity, with per-call deadlines.
 
     python benchmarks/load.py [--quick] [--templates N] [--factor 10] [--deadline-ms 1000]
-                              [--max-in-flight N] [--max-pending N] [--max-streams N] [--pin]
+                              [--max-in-flight N] [--max-pending N] [--max-streams N]
+                              [--lanes N] [--pin]
 
 A real server runs in a subprocess (the real MatchService on a synthetic watchlist, as
 ``_bench_server.py`` builds it, R14 ceilings lifted) with the admission bounds given
-(``max_concurrent_rpcs``, ``max_pending_rpcs`` and ``max_streams_per_connection``, default the
-server's defaults; see
+(``max_concurrent_rpcs``, ``max_pending_rpcs``, ``max_streams_per_connection`` and
+``intake_lanes``, default the server's defaults; see
 ``centinela.server.admission``). This process then
 
 1. measures capacity with a closed loop (concurrency 4, 8, 16, 32; quick: 8, 32): capacity is
@@ -23,10 +24,16 @@ server's defaults; see
 
 During 2 and 3 a separate light client process (closed loop, concurrency 2, the same
 deadline) measures what a well-behaved client sees: the load generator's own latencies
-include its own saturation. Requests are pre-built bytes with a fresh ``client_request_id``
-each (the idempotency store never short-cuts the work); one probe in ten is a listed
-person's (an alert). Clients and server share the machine: the offered rate achieved is what
-the table shows. Prints a table; the last line is one JSON object.
+include its own saturation. The probe stamps each call with its send time (``x-load-sent``,
+CLOCK_MONOTONIC, which every process on one machine shares), and an interceptor in front of
+the server's own records, for those calls, when the first Python code saw the call and when
+the service had answered it: the probe's latency splits into the wait **before the service**
+(its client, TLS, HTTP/2, gRPC core's queue and the event loop's intake of the call, one call
+per registered method at a time) and the time **in the service** (identity, admission,
+policy, search, audit), printed per phase. Requests are pre-built bytes with a fresh
+``client_request_id`` each (the idempotency store never short-cuts the work); one probe in
+ten is a listed person's (an alert). Clients and server share the machine: the offered rate
+achieved is what the table shows. Prints a table; the last line is one JSON object.
 
 ``--pin`` puts the server on CPU 0 and this process and the probe client on CPU 1 (needs two
 CPUs): the load generator then cannot take the server's CPU, which on two shared cores made
@@ -48,6 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +100,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_concurrent_rpcs=args.max_in_flight,
         max_pending_rpcs=args.max_pending,
         max_streams_per_connection=args.max_streams,
+        intake_lanes=args.lanes,
         admission_max_wait_ms=args.max_wait_ms,
         admission_queue_per_caller=args.queue_per_caller,
         admission_target_ms=args.target_ms,
@@ -101,8 +110,13 @@ async def serve(args: argparse.Namespace) -> None:
     )
     app = await build_application(settings)
     await asyncio.to_thread(populate, app, args.templates)
+    timing = WhereTimeGoes()
     server = CentinelaServer(
-        settings, app.servicers, on_stop=app.close, extra_handlers=[echo_handler()]
+        settings,
+        app.servicers,
+        on_stop=app.close,
+        extra_handlers=[echo_handler(), timing.handler()],
+        extra_interceptors=[timing],
     )
     port = await server.start()
     freeze_startup_heap()  # as `centinela serve` does
@@ -111,6 +125,57 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(2.0)))
     args.port_file.write_text(str(port))
     await server.wait()
+
+
+#: The probe's send time (``time.monotonic()``) on each of its calls.
+SENT_KEY = "x-load-sent"
+TIMINGS = "/bench.Load/Timings"
+
+
+class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """For calls that carry ``x-load-sent``: the wait before the service (from that send
+    time to this interceptor, the first Python code gRPC runs for a call) and the time in the
+    service (from here to the answer), in ms. ``/bench.Load/Timings`` returns them as JSON
+    and starts afresh."""
+
+    def __init__(self) -> None:
+        self.before_ms: list[float] = []
+        self.service_ms: list[float] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        entered = time.monotonic()
+        sent = dict(details.invocation_metadata or ()).get(SENT_KEY)
+        handler = await continuation(details)
+        if sent is None or handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def timed(request: Any, context: Any) -> Any:
+            try:
+                return await inner(request, context)
+            finally:
+                self.before_ms.append(1000 * (entered - float(sent)))
+                self.service_ms.append(1000 * (time.monotonic() - entered))
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def handler(self) -> Any:
+        async def timings(request: bytes, context: Any) -> bytes:
+            doc = {"before_ms": self.before_ms, "service_ms": self.service_ms}
+            self.before_ms, self.service_ms = [], []
+            return json.dumps(doc).encode()
+
+        return grpc.method_handlers_generic_handler(
+            "bench.Load", {"Timings": grpc.unary_unary_rpc_method_handler(timings)}
+        )
 
 
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -129,6 +194,7 @@ def start_server(
     max_pending: int,
     *,
     max_streams: int = 0,
+    lanes: int = 1,
     admission: tuple[float, int, float, int] = (-1.0, 0, -1.0, 0),
     pin: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -150,6 +216,8 @@ def start_server(
             str(max_pending),
             "--max-streams",
             str(max_streams),
+            "--lanes",
+            str(lanes),
             "--max-wait-ms",
             str(max_wait_ms),
             "--queue-per-caller",
@@ -282,10 +350,15 @@ REFUSED = "REFUSED_STREAM"
 _EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED}
 
 
-async def _one(call: Any, payload: bytes, deadline: float | None, run: Run) -> None:
+async def _one(
+    call: Any, payload: bytes, deadline: float | None, run: Run, stamp: bool = False
+) -> None:
     t0 = time.perf_counter()
     try:
-        await call(payload, timeout=deadline)
+        if stamp:
+            await call(payload, timeout=deadline, metadata=((SENT_KEY, repr(time.monotonic())),))
+        else:
+            await call(payload, timeout=deadline)
     except grpc.aio.AioRpcError as err:
         code = err.code().name
         trailers: Any = err.trailing_metadata() or ()
@@ -302,7 +375,12 @@ async def _one(call: Any, payload: bytes, deadline: float | None, run: Run) -> N
 
 
 async def closed_loop(
-    calls: list[Any], payloads: Payloads, conc: int, seconds: float, deadline: float = 30.0
+    calls: list[Any],
+    payloads: Payloads,
+    conc: int,
+    seconds: float,
+    deadline: float = 30.0,
+    stamp: bool = False,
 ) -> Run:
     """``conc`` clients, each sending its next call when the last one is answered."""
     run = Run(seconds)
@@ -313,7 +391,7 @@ async def closed_loop(
         while time.perf_counter() < stop:
             i = next(counter)
             run.offered += 1
-            await _one(calls[i % len(calls)], payloads.get(i), deadline, run)
+            await _one(calls[i % len(calls)], payloads.get(i), deadline, run, stamp)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conc)))
@@ -378,8 +456,14 @@ async def probe(args: argparse.Namespace) -> None:
     await closed_loop(calls, payloads, 1, 0.5)
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
-    run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000)
-    print(json.dumps(run.row()), flush=True)
+    run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000, True)
+    row = run.row()
+    timings = chans[0].unary_unary(TIMINGS)
+    doc = json.loads(await timings(b"", timeout=30))
+    for part in ("before", "service"):
+        row[f"{part}_p50_ms"] = round(percentile(doc[f"{part}_ms"], 0.50), 2)
+        row[f"{part}_p99_ms"] = round(percentile(doc[f"{part}_ms"], 0.99), 2)
+    print(json.dumps(row), flush=True)
     for ch in chans:
         await ch.close()
 
@@ -526,7 +610,8 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"\nMatchFace at {args.factor:g}x capacity, {cores} ({args.templates:,} listed; "
         f"max_concurrent_rpcs {args.max_in_flight}, "
         f"max_pending_rpcs {args.max_pending}; max_streams_per_connection "
-        f"{args.max_streams or 'unlimited'}; admission wait {args.max_wait_ms:g} ms, "
+        f"{args.max_streams or 'unlimited'}; intake_lanes {args.lanes}; "
+        f"admission wait {args.max_wait_ms:g} ms, "
         f"queue per caller {args.queue_per_caller}, target {args.target_ms:g} ms, "
         f"floor {args.floor}; "
         f"deadline {args.deadline_ms:g} ms; "
@@ -564,6 +649,21 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"{res['rss_growth_kb_per_ok']['1x']:.1f} KB at 1x, "
         f"{res['rss_growth_kb_per_ok']['overload']:.1f} KB at {args.factor:g}x"
     )
+    print(
+        f"probe client, where its time went (p50 / p99 ms): at 1x {pb['before_p50_ms']} / "
+        f"{pb['before_p99_ms']} before the service, {pb['service_p50_ms']} / "
+        f"{pb['service_p99_ms']} in it; at {args.factor:g}x {po['before_p50_ms']} / "
+        f"{po['before_p99_ms']} before, {po['service_p50_ms']} / {po['service_p99_ms']} in it"
+    )
+    if args.max_streams:
+        open_streams = args.max_streams * CHANNELS + 2
+        answered = over["ok_per_s"] + po["ok_per_s"]
+        print(
+            f"streams open at {args.factor:g}x: the flood's {args.max_streams} x {CHANNELS} "
+            f"connections and the probe's 2 = {open_streams}; served in turn at "
+            f"{answered:.0f}/s they take {1000 * open_streams / answered:.0f} ms "
+            "(Little's law), the probe's p50 if it waits behind all of them"
+        )
     lp = res["loop"]
     print(
         f"server event loop: {lp['1x']['ms_per_answered_call']} ms of CPU per answered call "
@@ -576,6 +676,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "max_concurrent_rpcs": args.max_in_flight,
         "max_pending_rpcs": args.max_pending,
         "max_streams_per_connection": args.max_streams,
+        "intake_lanes": args.lanes,
         "admission_max_wait_ms": args.max_wait_ms,
         "admission_queue_per_caller": args.queue_per_caller,
         "admission_target_ms": args.target_ms,
@@ -603,6 +704,12 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "probe_p50_ms_overload": po["p50_ms"],
         "probe_p99_ms_overload": po["p99_ms"],
         "probe_ok_share_overload": po["ok_share"],
+        "probe_before_service_p50_ms_1x": pb["before_p50_ms"],
+        "probe_in_service_p50_ms_1x": pb["service_p50_ms"],
+        "probe_before_service_p50_ms_overload": po["before_p50_ms"],
+        "probe_before_service_p99_ms_overload": po["before_p99_ms"],
+        "probe_in_service_p50_ms_overload": po["service_p50_ms"],
+        "probe_in_service_p99_ms_overload": po["service_p99_ms"],
         "recovery_ok_per_s": rec["ok_per_s"],
         "p99_ms_recovery": rec["p99_ms"],
         "rss_mb": rss,
@@ -616,7 +723,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def default_limits() -> tuple[int, int, int, float, int, float, int]:
+def default_limits() -> tuple[int, int, int, float, int, float, int, int]:
     from centinela.config import Settings
 
     defaults = Settings()
@@ -628,6 +735,7 @@ def default_limits() -> tuple[int, int, int, float, int, float, int]:
         defaults.admission_queue_per_caller,
         defaults.admission_target_ms,
         defaults.admission_floor,
+        defaults.intake_lanes,
     )
 
 
@@ -665,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target-ms", type=float, default=-1.0, help="admission_target_ms (server default)"
     )
     parser.add_argument("--floor", type=int, default=0, help="admission_floor (server default)")
+    parser.add_argument("--lanes", type=int, default=0, help="intake_lanes (server default)")
     parser.add_argument("--overload-seconds", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=0.0)
     parser.add_argument("--keep", type=Path, help="reuse/keep the data dir under this directory")
@@ -680,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    in_flight, pending, streams, wait_ms, per_caller, target_ms, floor = default_limits()
+    in_flight, pending, streams, wait_ms, per_caller, target_ms, floor, lanes = default_limits()
+    args.lanes = args.lanes or lanes
     args.floor = args.floor or floor
     args.max_in_flight = args.max_in_flight or in_flight
     args.max_pending = args.max_pending or pending
@@ -716,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_in_flight,
         args.max_pending,
         max_streams=args.max_streams,
+        lanes=args.lanes,
         admission=(args.max_wait_ms, args.queue_per_caller, args.target_ms, args.floor),
         pin=args.pin,
     )

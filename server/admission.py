@@ -37,6 +37,19 @@ queue does not know who sent what: once one client's open streams (the stream bo
 its connections) reach half of ``max_pending_rpcs``, its calls push the others' out before
 the fair queue of :class:`InFlight` sees them (README, performance: the rule was measured
 with bounds 8, 16 and 32).
+
+Below that rule calls are not lost, but they are not served fairly either: grpcio's asyncio
+server keeps one request outstanding per registered method with gRPC core and asks for the
+next one only after the event loop has taken the last, so under a flood the loop takes calls
+in at the pace it serves them and the backlog stays in gRPC core's queue, in arrival order.
+A well-behaved client's call waits there behind every stream the flood holds open (their
+number over the answered rate, Little's law), and the per-caller queue of :class:`InFlight`
+stays empty. The streams one client can hold open (``max_streams_per_connection`` times its
+connections) therefore set what the others wait (``benchmarks/load.py`` splits a probe
+client's latency into the wait before the service and the time in it). ``intake_lanes``
+binds the port to several such servers (:class:`~centinela.server.app.CentinelaServer`), each
+taking its own connections' calls in: a flood then holds up only the connections the kernel
+put on its lanes.
 """
 
 from __future__ import annotations

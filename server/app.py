@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import ipaddress
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,6 +82,29 @@ def _is_loopback(listen: str) -> bool:
         return False
 
 
+def reserve_port(listen: str) -> int:
+    """The port ``listen`` names (a free one for port 0), after checking that no other
+    socket listens there: a plain bind, without SO_REUSEPORT, fails against any listener,
+    where the lanes' own binds would join one that set it.
+
+    Raises:
+        ConfigError: the address is invalid or the port is taken.
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(
+            host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            return int(probe.getsockname()[1])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+
+
 def ensure_tls_material(settings: Settings) -> certs.TlsFiles:
     """The server's TLS files; on embedded defaults, a development PKI is made on first run.
 
@@ -112,10 +136,13 @@ class CentinelaServer:
         identity: Callable[[grpc.aio.ServicerContext[Any, Any]], Caller] | None = None,
         on_stop: Callable[[], Any] | None = None,
         extra_handlers: Sequence[Any] = (),
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         readiness: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self._extra_handlers = tuple(extra_handlers)
+        #: Outside Centinela's own interceptor (benchmarks' instruments; nothing in production).
+        self._extra_interceptors = tuple(extra_interceptors)
         self.servicers = servicers or Servicers()
         self.interceptor = CentinelaInterceptor(
             identity or TlsIdentity.from_settings(settings),
@@ -124,7 +151,7 @@ class CentinelaServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._on_stop = on_stop
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._stopped = asyncio.Event()
         self._readiness = readiness
         self._watch: asyncio.Task[None] | None = None
@@ -139,16 +166,61 @@ class CentinelaServer:
     async def start(self) -> int:
         """Bind, register the services and start serving; return the bound port.
 
+        With ``intake_lanes`` above 1 the port is bound that many times (SO_REUSEPORT), one
+        gRPC server each, all sharing the servicers, the interceptor and its admission
+        (:func:`reserve_port` first checks that no other process listens there).
+
         Raises:
             ConfigError: insecure mode on a non-loopback address, or the port is taken.
         """
+        listen = self.settings.listen
+        if self.settings.insecure_dev and not _is_loopback(listen):
+            raise ConfigError("--insecure-dev listens on loopback addresses only")
+        lanes = self.settings.intake_lanes
+        if lanes < 1:
+            raise ConfigError("intake_lanes must be at least 1")
+        credentials = None if self.settings.insecure_dev else self._credentials()
+        if lanes > 1:
+            host = listen.rsplit(":", 1)[0]
+            listen = f"{host}:{reserve_port(listen)}"
+        servers = []
+        try:
+            for _ in range(lanes):
+                servers.append(self._bind(listen, credentials, reuse_port=lanes > 1))
+            for server in servers:
+                await server.start()
+        except BaseException:
+            await asyncio.gather(*(server.stop(None) for server in servers))
+            raise
+        self._servers = servers
+        if self.settings.insecure_dev:
+            log.warning(
+                "INSECURE_DEV_MODE",
+                detail="plaintext gRPC without client certificates; for local experiments "
+                "only, never with real data",
+            )
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self._readiness is not None:
+            self._watch = asyncio.create_task(self._watch_readiness(self._readiness))
+        log.info("server.started", listen=listen, port=self.port, lanes=lanes, version=__version__)
+        return self.port
+
+    @property
+    def lanes(self) -> int:
+        """gRPC servers bound to the port (``intake_lanes`` once started)."""
+        return len(self._servers)
+
+    def _bind(
+        self, listen: str, credentials: grpc.ServerCredentials | None, *, reuse_port: bool
+    ) -> grpc.aio.Server:
+        """One gRPC server with every service on ``listen``; sets :attr:`port`."""
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[self.interceptor],
+            interceptors=[*self._extra_interceptors, self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 *admission.server_options(self.settings),
@@ -166,30 +238,16 @@ class CentinelaServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        listen = self.settings.listen
         try:
-            if self.settings.insecure_dev:
-                if not _is_loopback(listen):
-                    raise ConfigError("--insecure-dev listens on loopback addresses only")
-                log.warning(
-                    "INSECURE_DEV_MODE",
-                    detail="plaintext gRPC without client certificates; for local experiments "
-                    "only, never with real data",
-                )
+            if credentials is None:
                 self.port = server.add_insecure_port(listen)
             else:
-                self.port = server.add_secure_port(listen, self._credentials())
+                self.port = server.add_secure_port(listen, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
         if self.port == 0:
             raise ConfigError(f"cannot listen on {listen}: address in use or invalid")
-        await server.start()
-        self._server = server
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        if self._readiness is not None:
-            self._watch = asyncio.create_task(self._watch_readiness(self._readiness))
-        log.info("server.started", listen=listen, port=self.port, version=__version__)
-        return self.port
+        return server
 
     async def _set_health(self, status: Any) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -214,12 +272,13 @@ class CentinelaServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let calls in flight finish, close components."""
-        if self._server is None or self._stopped.is_set():
+        if not self._servers or self._stopped.is_set():
             return
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        grace_s = self.settings.shutdown_grace_s if grace is None else grace
+        await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
         if self._on_stop is not None:
             result = self._on_stop()
             if asyncio.iscoroutine(result):

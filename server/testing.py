@@ -33,6 +33,8 @@ class ServerThread:
 
     settings: Settings
     build: Callable[[Settings], Any] | None = None
+    #: Outside the server's own interceptor (a test's instruments).
+    interceptors: Sequence[Any] = ()
     port: int = 0
     app: Any = None
     server: CentinelaServer | None = None
@@ -55,7 +57,11 @@ class ServerThread:
         else:
             self.app = await self.build(self.settings)
         self.server = CentinelaServer(
-            self.settings, self.app.servicers, on_stop=self.app.close, readiness=self.app.unready
+            self.settings,
+            self.app.servicers,
+            on_stop=self.app.close,
+            readiness=self.app.unready,
+            extra_interceptors=self.interceptors,
         )
         return await self.server.start()
 

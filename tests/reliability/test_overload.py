@@ -297,3 +297,83 @@ def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> 
                 again = flood.MatchFace(world.face_request(world.stranger(seed=k)), timeout=60)
                 assert again.decision.decision_id
         world.close()
+
+
+class _Arrivals(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Outside the server's own interceptor: the order in which tagged calls reach the first
+    Python code of the server, which is the order its event loop took them in."""
+
+    def __init__(self) -> None:
+        self.tags: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        tag = dict(details.invocation_metadata or ()).get("x-test-tag")
+        if tag:
+            self.tags.append(str(tag))
+        return await continuation(details)
+
+
+def _intake_order(tmp_path: Path, lanes: int) -> list[str]:
+    """Sixteen calls of one flooding connection, then one call on each of eight other
+    connections, all sent while the server's event loop is stalled (so all wait in gRPC
+    core); the order in which the loop then takes them in."""
+    settings = _settings(tmp_path / str(lanes), intake_lanes=lanes)
+    arrivals = _Arrivals()
+    with ServerThread(settings, interceptors=[arrivals]) as server:
+        world = populate(server, registry=False)
+        flood = MatchServiceStub(server.channel("muni-miraflores", **{LOCAL_POOL: 1}))
+        others = [
+            MatchServiceStub(server.channel("muni-la-victoria", **{LOCAL_POOL: 1}))
+            for _ in range(8)
+        ]
+        flood.MatchFace(world.face_request(world.stranger()), timeout=30)  # connected
+        for stub in others:
+            stub.MatchFace(world.face_request(world.stranger(), site=LAV_SITE), timeout=30)
+        stalled, release = threading.Event(), threading.Event()
+
+        async def stall() -> None:
+            stalled.set()
+            release.wait(30)  # blocks the server's event loop itself
+
+        staller = threading.Thread(target=server.call, args=(stall,))
+        staller.start()
+        try:
+            assert stalled.wait(30)
+            tag = (("x-test-tag", "flood"),)
+            calls = [
+                flood.MatchFace.future(
+                    world.face_request(world.stranger(seed=k)), timeout=60, metadata=tag
+                )
+                for k in range(16)
+            ]
+            time.sleep(1.0)  # in gRPC core's queue before the others' calls: arrival order
+            tag = (("x-test-tag", "other"),)
+            calls += [
+                stub.MatchFace.future(
+                    world.face_request(world.stranger(seed=20 + k), site=LAV_SITE),
+                    timeout=60,
+                    metadata=tag,
+                )
+                for k, stub in enumerate(others)
+            ]
+            time.sleep(0.5)
+        finally:
+            release.set()
+            staller.join(30)
+        assert [_outcome(f) for f in calls] == ["OK"] * 24
+        world.close()
+    return arrivals.tags
+
+
+def test_with_intake_lanes_other_connections_are_not_taken_in_behind_a_flood(
+    tmp_path: Path,
+) -> None:
+    """With one lane the loop takes calls in strictly in arrival order, so a flood's open
+    streams stand ahead of everyone else's calls before any fair queue sees them. With eight
+    lanes each takes its own connections' calls in, one per turn: a connection on another
+    lane than the flood's is not queued behind it (all eight others on the flood's lane
+    would be a 1 in 8^8 chance)."""
+    assert _intake_order(tmp_path, lanes=1) == ["flood"] * 16 + ["other"] * 8
+    laned = _intake_order(tmp_path, lanes=8)
+    assert sorted(laned) == ["flood"] * 16 + ["other"] * 8
+    assert "other" in laned[:16], laned
