@@ -22,6 +22,7 @@ Invariants (DESIGN.md §3, §6; RFC 9162 §2.1.3-2.1.4; c2sp.org/tlog-checkpoint
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from centinela.audit.checkpoint import SignedCheckpoint
 from centinela.audit.entry import AuditEvent, EventType
 from centinela.audit.merkle import leaf_hash
 from centinela.errors import InvalidArgument
+from centinela.logs import get_logger
 from centinela.server.audit_query import (
     EventFilter,
     Stats,
@@ -44,6 +46,8 @@ from centinela.server.identity import Caller
 from centinela.server.unimplemented import UnimplementedAudit
 from centinela.server.validation import PURPOSES, check_context, check_id, timestamp
 from centinela.v1 import audit_service_pb2 as pb
+
+log = get_logger("server.audit")
 
 T = TypeVar("T")
 
@@ -68,8 +72,17 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         self._stats = StatsCache()
         self._scan_budget = scan_budget
         # Whole-log statistics are kept incrementally; the first pass over a large log takes a
-        # while (about 40 s per million entries here), so it starts now, off the event loop.
-        components.executor.submit(self._stats.compute, components.audit, None)
+        # while (about 40 s per million entries here), so it starts now, in its own thread and
+        # throttled (StatsCache.warm), off the event loop and off the matcher's executor.
+        threading.Thread(target=self._warm_stats, name="centinela-audit-stats", daemon=True).start()
+
+    def _warm_stats(self) -> None:
+        try:
+            scanned = self._stats.warm(self.c.audit, stop=self.c.stopping)
+        except Exception as exc:  # the log failed under it: GetStats scans for itself
+            log.info("audit_stats.warm_stopped", error_type=type(exc).__name__)
+        else:
+            log.debug("audit_stats.warmed", entries=scanned)
 
     # ---- helpers -----------------------------------------------------------------------
 

@@ -113,6 +113,8 @@ class Components:
     shadow_name: str = ""
     bus: AlertBus = dataclasses.field(default_factory=AlertBus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Set when the application starts to close: background threads end at their next rest.
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     feed: AlertFeed | None = None
     #: The lock that makes this process the database's one server (``server.instance``).
     instance: InstanceLock | None = None

@@ -75,6 +75,7 @@ class Application:
     async def close(self) -> None:
         """Write SERVICE_STOP, then close components in reverse order of creation."""
         c = self.components
+        c.stopping.set()
         for name in ("purge_task", "calibration_task", "instance_task"):
             task = c.extra.get(name)
             if task is not None:

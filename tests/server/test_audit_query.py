@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -94,6 +95,40 @@ def test_stats_cache_is_incremental_and_exact(log: AuditLog) -> None:
     assert first.total == 60  # a returned copy is not changed afterwards
     recent = cache.compute(log, T0 + dt.timedelta(minutes=590))
     assert recent.total == 1 + 1  # entry 59 and the denial (stamped now)
+
+
+class _Rest(threading.Event):
+    """Records how long the warm-up asked to rest, without resting; ``stop_after`` rests
+    end it."""
+
+    def __init__(self, stop_after: int = 0) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+        self.stop_after = stop_after
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout or 0.0)
+        if len(self.asked) == self.stop_after:
+            self.set()
+        return self.is_set()
+
+
+def test_stats_warm_up_scans_in_slices_and_rests_after_each(log: AuditLog) -> None:
+    cache, rest = StatsCache(), _Rest()
+    assert cache.warm(log, share=0.25, stop=rest, slice_entries=25) == 60
+    # Slices of 25, 25 and 10, each followed by a rest three times its own work (a quarter
+    # of the time), so a restart with a large log leaves the matcher the rest of the GIL.
+    assert len(rest.asked) == 3
+    assert all(t > 0 for t in rest.asked)
+    assert cache.compute(log, None) == StatsCache().compute(log, None)
+    assert cache.warm(log, stop=rest) == 0  # nothing left: no slice, no rest
+    assert len(rest.asked) == 3
+
+
+def test_stats_warm_up_stops_and_get_stats_goes_on_from_there(log: AuditLog) -> None:
+    cache = StatsCache()
+    assert cache.warm(log, stop=_Rest(stop_after=1), slice_entries=25) == 25
+    assert cache.compute(log, None) == StatsCache().compute(log, None)
 
 
 @given(st.integers(min_value=0, max_value=10**12))
