@@ -97,6 +97,26 @@ def _audit_write_lock(settings: Settings) -> Iterator[None]:
         lock.close()
 
 
+@contextlib.contextmanager
+def _stalled_loop(server: ServerThread) -> Iterator[None]:
+    """Block the server's event loop itself (as a long GC pause or a saturated loop would)
+    for the duration: calls that arrive meanwhile wait in gRPC core."""
+    stalled, release = threading.Event(), threading.Event()
+
+    async def stall() -> None:
+        stalled.set()
+        release.wait(30)
+
+    staller = threading.Thread(target=server.call, args=(stall,))
+    staller.start()
+    try:
+        assert stalled.wait(30)
+        yield
+    finally:
+        release.set()
+        staller.join(30)
+
+
 def _interceptor(server: ServerThread) -> CentinelaInterceptor:
     assert server.server is not None
     return server.server.interceptor
@@ -175,16 +195,7 @@ def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) ->
         world = populate(server, registry=False)
         stub = world.stub("muni-miraflores")
         stub.MatchFace(world.face_request(world.stranger()), timeout=30)  # connected, warm
-        stalled, release = threading.Event(), threading.Event()
-
-        async def stall() -> None:
-            stalled.set()
-            release.wait(30)  # blocks the server's event loop itself
-
-        staller = threading.Thread(target=server.call, args=(stall,))
-        staller.start()
-        try:
-            assert stalled.wait(30)
+        with _stalled_loop(server):
             calls = [
                 stub.MatchFace.future(world.face_request(world.stranger(seed=k)), timeout=60)
                 for k in range(40)
@@ -194,9 +205,6 @@ def test_calls_beyond_the_waiting_bound_are_dropped_unstarted(tmp_path: Path) ->
             _wait(lambda: sum(f.done() for f in calls) >= 40 - 4 - 8)
             early = collections.Counter(_outcome(f) for f in calls if f.done())
             assert set(early) == {"DROPPED"}, early
-        finally:
-            release.set()
-            staller.join(30)
         outcomes = collections.Counter(_outcome(f) for f in calls)
         assert set(outcomes) == {"OK", "DROPPED"}, outcomes
         assert outcomes["OK"] >= 1  # what waited within the bound is answered
@@ -329,16 +337,7 @@ def _intake_order(tmp_path: Path, lanes: int) -> list[str]:
         flood.MatchFace(world.face_request(world.stranger()), timeout=30)  # connected
         for stub in others:
             stub.MatchFace(world.face_request(world.stranger(), site=LAV_SITE), timeout=30)
-        stalled, release = threading.Event(), threading.Event()
-
-        async def stall() -> None:
-            stalled.set()
-            release.wait(30)  # blocks the server's event loop itself
-
-        staller = threading.Thread(target=server.call, args=(stall,))
-        staller.start()
-        try:
-            assert stalled.wait(30)
+        with _stalled_loop(server):
             tag = (("x-test-tag", "flood"),)
             calls = [
                 flood.MatchFace.future(
@@ -356,10 +355,7 @@ def _intake_order(tmp_path: Path, lanes: int) -> list[str]:
                 )
                 for k, stub in enumerate(others)
             ]
-            time.sleep(0.5)
-        finally:
-            release.set()
-            staller.join(30)
+            time.sleep(0.5)  # theirs reach gRPC core too before the loop resumes
         assert [_outcome(f) for f in calls] == ["OK"] * 24
         world.close()
     return arrivals.tags
