@@ -44,9 +44,16 @@ class ServerThread:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def start(self) -> ServerThread:
+        """Start the server; if it cannot start, what was built is closed and the loop
+        stopped before the error is raised."""
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        self.port = fut.result(timeout=120)
+        try:
+            self.port = fut.result(timeout=120)
+        except BaseException:
+            self.server = None  # nothing to stop gracefully
+            self.stop()
+            raise
         return self
 
     async def _start(self) -> int:
@@ -63,7 +70,11 @@ class ServerThread:
             readiness=self.app.unready,
             extra_interceptors=self.interceptors,
         )
-        return await self.server.start()
+        try:
+            return await self.server.start()
+        except BaseException:
+            await self.app.close()
+            raise
 
     def call(self, coro_fn: Callable[[], Any], timeout: float = 60) -> Any:
         """Run a coroutine on the server's loop and return its result."""
