@@ -170,9 +170,19 @@ class CentinelaServer:
         gRPC server each, all sharing the servicers, the interceptor and its admission
         (:func:`reserve_port` first checks that no other process listens there).
 
+        If the server cannot start, ``on_stop`` runs before the error is raised, so the
+        components it would have closed are not left running.
+
         Raises:
             ConfigError: insecure mode on a non-loopback address, or the port is taken.
         """
+        try:
+            return await self._start_lanes()
+        except BaseException:
+            await self._close_components()
+            raise
+
+    async def _start_lanes(self) -> int:
         listen = self.settings.listen
         if self.settings.insecure_dev and not _is_loopback(listen):
             raise ConfigError("--insecure-dev listens on loopback addresses only")
@@ -279,12 +289,15 @@ class CentinelaServer:
         await self.health.enter_graceful_shutdown()
         grace_s = self.settings.shutdown_grace_s if grace is None else grace
         await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
+        await self._close_components()
+        self._stopped.set()
+        log.info("server.stopped")
+
+    async def _close_components(self) -> None:
         if self._on_stop is not None:
             result = self._on_stop()
             if asyncio.iscoroutine(result):
                 await result
-        self._stopped.set()
-        log.info("server.stopped")
 
     async def wait(self) -> None:
         """Wait until the server is stopped."""

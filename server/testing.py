@@ -70,11 +70,7 @@ class ServerThread:
             readiness=self.app.unready,
             extra_interceptors=self.interceptors,
         )
-        try:
-            return await self.server.start()
-        except BaseException:
-            await self.app.close()
-            raise
+        return await self.server.start()  # closes the application if it cannot start
 
     def call(self, coro_fn: Callable[[], Any], timeout: float = 60) -> Any:
         """Run a coroutine on the server's loop and return its result."""

@@ -76,12 +76,32 @@ def test_first_run_creates_pki_and_stops_gracefully_on_sigterm(tmp_path: Path) -
 
 def test_insecure_dev_refuses_non_loopback(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, listen="0.0.0.0:0", insecure_dev=True)
-    server = CentinelaServer(settings)
+    closed: list[bool] = []
+    server = CentinelaServer(settings, on_stop=lambda: closed.append(True))
 
     import asyncio
 
     with pytest.raises(ConfigError, match="loopback"):
         asyncio.run(server.start())
+    assert closed == [True]  # a server that cannot start closes what it was handed
+
+
+def test_a_taken_port_closes_what_the_server_was_handed(tmp_path: Path) -> None:
+    import asyncio
+
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = f"127.0.0.1:{other.getsockname()[1]}"
+        server = CentinelaServer(Settings(data_dir=tmp_path, listen=taken), on_stop=close)
+        with pytest.raises(ConfigError, match="cannot listen on"):
+            asyncio.run(server.start())
+    assert closed == [True]
 
 
 def test_configured_certs_dir_without_files_is_an_error(tmp_path: Path) -> None:
