@@ -355,10 +355,8 @@ async def _one(
 ) -> None:
     t0 = time.perf_counter()
     try:
-        if stamp:
-            await call(payload, timeout=deadline, metadata=((SENT_KEY, repr(time.monotonic())),))
-        else:
-            await call(payload, timeout=deadline)
+        sent = ((SENT_KEY, repr(time.monotonic())),) if stamp else None
+        await call(payload, timeout=deadline, metadata=sent)
     except grpc.aio.AioRpcError as err:
         code = err.code().name
         trailers: Any = err.trailing_metadata() or ()
