@@ -24,6 +24,15 @@ figure's median over the rounds (a p99 is each round's p99, then their median).
 then the median of those, so a slow stretch that falls on one round moves both sides of its
 ratio. Last line: one JSON object.
 
+The CPU budget. Client and server share the machine's two cores, so a cell's throughput can
+never exceed 2 cores over its CPU per answered call, client and server together
+(``cpu ms/call``: every thread of the server, from ``/proc/PID/stat``, plus this process).
+Echo uses the cores nearly fully (``cores`` near 2), so ``bound`` = echo's CPU per call over
+MatchFace's is the ratio to echo that MatchFace could reach if it, too, used both cores fully:
+with no waiting anywhere, no GIL, no serial step. ``ratio_vs_echo`` can only exceed
+``bound`` by using the cores more fully than echo does; to raise ``bound``, the CPU per call
+itself must fall. (``cpu_bound_ratio`` is paired per round, as the ratio is.)
+
 Every MatchFace and StreamMatch probe is sent once, with its own client request id: a probe
 sent twice would be answered from the idempotency store without matching. (Until session 3
 the benchmark cycled 2,000 probes, so in 10-second rounds most calls above ~200/s were such
@@ -59,7 +68,7 @@ from centinela.matcher.calibration import floor_for
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
-from centinela.server.testing import DiskMeter, LoopMeter, spawn_serving
+from centinela.server.testing import CpuMeter, DiskMeter, LoopMeter, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -240,11 +249,15 @@ async def drive_stream(
 
 
 async def metered(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
-    """``await run`` (a cell returning ``per_s`` and ``n``), adding the server loop's CPU
-    and what the disk under ``data_dir`` took per answered call."""
+    """``await run`` (a cell returning ``per_s`` and ``n``), adding the CPU per answered call
+    of the server's loop, of the whole server and of this process (the client), and what
+    the disk under ``data_dir`` took per answered call."""
     meter, disk = LoopMeter(pid), DiskMeter(data_dir)
+    server, client = CpuMeter(pid), CpuMeter(os.getpid())
     out: dict[str, Any] = await run
     out["loop_ms_per_call"], out["loop_busy"] = meter.read(out["n"])
+    out["server_ms_per_call"], out["server_cores"] = server.read(out["n"])
+    out["client_ms_per_call"], out["client_cores"] = client.read(out["n"])
     out["disk_kb_per_call"] = disk.read(out["n"])
     return out
 
@@ -325,6 +338,17 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
     return [x["per_s"] / y["per_s"] if y["per_s"] else 0.0 for x, y in zip(a, b, strict=True)]
 
 
+def cpu_ms(cell: dict[str, Any]) -> float:
+    """A cell's CPU per answered call, server (every thread) and client together."""
+    return float(cell["server_ms_per_call"] + cell["client_ms_per_call"])
+
+
+def cpu_bounds(match: list[dict[str, Any]], echo: list[dict[str, Any]]) -> list[float]:
+    """Echo's CPU per call over MatchFace's, round by round: the ratio to echo the two cores
+    would allow if both cells used them equally fully (see the module's docstring)."""
+    return [cpu_ms(e) / cpu_ms(m) for m, e in zip(match, echo, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="under a minute: 10k templates")
@@ -392,7 +416,8 @@ def main() -> None:
     print(
         f"{'size':>9} {'conc':>4} {'match/s':>9} {'echo/s':>9} {'ratio':>6} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'stream/s':>9} {'gain':>5} {'pingpong/s':>10} "
-        f"{'loop ms/call':>12} {'echo':>5} {'busy':>5} {'stream':>6} {'disk KB/call':>12}"
+        f"{'loop ms/call':>12} {'echo':>5} {'busy':>5} {'stream':>6} {'disk KB/call':>12} "
+        f"{'cpu ms/call':>11} {'echo':>5} {'bound':>5} {'cores':>5}"
     )
     summary: dict[str, Any] = {"per_size": {}}
     for size_key, r in results.items():
@@ -400,7 +425,9 @@ def main() -> None:
         for k in conc:
             ratios = paired(r[f"match_c{k}"], r[f"echo_c{k}"])
             gains = paired(r[f"stream_c{k}"], r[f"match_c{k}"])
+            bounds = cpu_bounds(r[f"match_c{k}"], r[f"echo_c{k}"])
             ratio, gain = statistics.median(ratios), statistics.median(gains)
+            bound = statistics.median(bounds)
             m, e, s, pp = (
                 median_cell(r[f"{name}_c{k}"]) for name in ("match", "echo", "stream", "pingpong")
             )
@@ -409,7 +436,9 @@ def main() -> None:
                 f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {s['per_s']:>9.0f} {gain:>5.2f} "
                 f"{pp['per_s']:>10.0f} {m['loop_ms_per_call']:>12.2f} "
                 f"{e['loop_ms_per_call']:>5.2f} {m['loop_busy']:>5.2f} "
-                f"{s['loop_ms_per_call']:>6.2f} {m['disk_kb_per_call']:>12.1f}"
+                f"{s['loop_ms_per_call']:>6.2f} {m['disk_kb_per_call']:>12.1f} "
+                f"{cpu_ms(m):>11.2f} {cpu_ms(e):>5.2f} {bound:>5.2f} "
+                f"{m['server_cores'] + m['client_cores']:>5.2f}"
             )
             per[str(k)] = {
                 "match_face_per_s": round(m["per_s"], 1),
@@ -434,6 +463,14 @@ def main() -> None:
                 "disk_kb_per_call": round(m["disk_kb_per_call"], 1),
                 "stream_disk_kb_per_probe": round(s["disk_kb_per_call"], 1),
                 "echo_disk_kb_per_call": round(e["disk_kb_per_call"], 2),
+                "server_ms_per_call": round(m["server_ms_per_call"], 3),
+                "client_ms_per_call": round(m["client_ms_per_call"], 3),
+                "echo_server_ms_per_call": round(e["server_ms_per_call"], 3),
+                "echo_client_ms_per_call": round(e["client_ms_per_call"], 3),
+                "cpu_bound_ratio": round(bound, 3),
+                "cpu_bound_ratio_rounds": [round(x, 3) for x in bounds],
+                "cores_used": round(m["server_cores"] + m["client_cores"], 2),
+                "echo_cores_used": round(e["server_cores"] + e["client_cores"], 2),
                 "errors": m["errors"],
                 "stream_errors": s["errors"] + pp["errors"],
             }

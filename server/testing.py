@@ -149,33 +149,52 @@ def spawn_serving(
     return proc, int(text)
 
 
-def loop_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid``'s main thread, which runs its event
-    loop; 0.0 where ``/proc`` is not there (the figure is then left out)."""
+def cpu_s(pid: int, *, main_thread: bool = False) -> float:
+    """CPU seconds (user + system) of process ``pid``: every thread of it, or with
+    ``main_thread`` only the main one, which runs its event loop; 0.0 where ``/proc`` is not
+    there (the figure is then left out)."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class LoopMeter:
-    """The CPU a server's event loop spends over one phase of a benchmark: made when the
-    phase starts, :meth:`read` when it ends."""
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid``'s main thread, which runs its event loop."""
+    return cpu_s(pid, main_thread=True)
 
-    def __init__(self, pid: int) -> None:
+
+class CpuMeter:
+    """The CPU a process spends over one phase of a benchmark: made when the phase starts,
+    :meth:`read` when it ends. Every thread counts (the event loop, the audit writer, the
+    executor's searches, gRPC's own threads), or with ``main_thread`` the event loop's
+    alone (:class:`LoopMeter`)."""
+
+    def __init__(self, pid: int, *, main_thread: bool = False) -> None:
         self.pid = pid
-        self._cpu_s = loop_cpu_s(pid)
+        self.main_thread = main_thread
+        self._cpu_s = cpu_s(pid, main_thread=main_thread)
         self._t0 = time.perf_counter()
 
     def read(self, answered: int) -> tuple[float, float]:
-        """(ms of loop CPU per answered call, share of the phase the loop was busy); NaN
-        where it cannot be known (no ``/proc``, nothing answered)."""
-        spent = loop_cpu_s(self.pid) - self._cpu_s
+        """(ms of CPU per answered call, CPU seconds per second of the phase: the share of
+        one core for the loop, cores for a whole process); NaN where it cannot be known
+        (no ``/proc``, nothing answered)."""
+        spent = cpu_s(self.pid, main_thread=self.main_thread) - self._cpu_s
         if not spent:
             return math.nan, math.nan
         per_call = 1000 * spent / answered if answered else math.nan
         return per_call, spent / (time.perf_counter() - self._t0)
+
+
+class LoopMeter(CpuMeter):
+    """The CPU a server's event loop spends over one phase of a benchmark (its main thread):
+    ``read`` gives ms per answered call and the share of the phase the loop was busy."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid, main_thread=True)
 
 
 def sectors_written(path: Path) -> int | None:

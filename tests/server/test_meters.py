@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from centinela.server.testing import DiskMeter, sectors_written
+from centinela.server.testing import CpuMeter, DiskMeter, LoopMeter, cpu_s, sectors_written
 
 
 def test_disk_meter_counts_what_is_written_and_synced_under_its_path(tmp_path: Path) -> None:
@@ -27,3 +29,33 @@ def test_disk_meter_counts_what_is_written_and_synced_under_its_path(tmp_path: P
 
 def test_disk_meter_says_nan_when_nothing_was_answered(tmp_path: Path) -> None:
     assert math.isnan(DiskMeter(tmp_path).read(0))
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_cpu_meter_counts_every_thread_and_loop_meter_the_main_one_alone() -> None:
+    """What ``match_e2e.py``'s CPU budget rests on: the audit writer's and the searches' CPU
+    is the server's too, while the loop's figure is its main thread's alone."""
+    if not cpu_s(os.getpid()):
+        pytest.skip("no /proc here")
+    whole, loop = CpuMeter(os.getpid()), LoopMeter(os.getpid())
+    worker = threading.Thread(target=_burn, args=(0.4,))
+    worker.start()
+    worker.join()  # the main thread waits: it spends (almost) nothing meanwhile
+    per_call, cores = whole.read(4)
+    assert per_call >= 0.3 * 1000 / 4  # 400 ms over 4 "calls", less a clock tick or two
+    assert 0 < cores <= os.cpu_count()  # type: ignore[operator]
+    loop_per_call, _ = loop.read(4)
+    assert math.isnan(loop_per_call) or loop_per_call < 0.1 * 1000 / 4
+
+
+def test_cpu_meter_says_nan_per_call_when_nothing_was_answered() -> None:
+    if not cpu_s(os.getpid()):
+        pytest.skip("no /proc here")
+    meter = CpuMeter(os.getpid())
+    _burn(0.05)
+    assert math.isnan(meter.read(0)[0])
