@@ -251,6 +251,14 @@ class Digester:
         label = f"centinela/audit/{kind}".encode() + b"\x00"
         return "hmac-sha256:" + hmac.new(self._key, label + data, sha256).hexdigest()
 
+    def seal(self, purpose: str, data: bytes) -> str:
+        """``hmac-sha256:<hex>`` sealing ``data`` the server keeps for itself (e.g. the
+        statistics it saves between runs), so that whoever can write the file or the
+        database but lacks the key cannot forge it. The label ``centinela/seal/<purpose>``
+        lies outside the digests' ``centinela/audit/<kind>`` domains."""
+        label = f"centinela/seal/{purpose}".encode() + b"\x00"
+        return "hmac-sha256:" + hmac.new(self._key, label + data, sha256).hexdigest()
+
 
 def artifact_digest(data: bytes) -> str:
     """``sha256:<hex>`` of a non-personal artifact (a policy bundle, a configuration file)."""

@@ -32,9 +32,13 @@ from centinela.audit.merkle import leaf_hash
 from centinela.errors import InvalidArgument
 from centinela.logs import get_logger
 from centinela.server.audit_query import (
+    STATS_FILE,
+    STATS_FINAL_CATCH_UP,
+    STATS_SAVE_EVERY_S,
     EventFilter,
     Stats,
     StatsCache,
+    StatsSnapshot,
     decode_cursor,
     encode_cursor,
     find_decision,
@@ -71,18 +75,49 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         self.c = components
         self._stats = StatsCache()
         self._scan_budget = scan_budget
-        # Whole-log statistics are kept incrementally; the first pass over a large log takes a
-        # while (about 40 s per million entries here), so it starts now, in its own thread and
-        # throttled (StatsCache.warm), off the event loop and off the matcher's executor.
-        threading.Thread(target=self._warm_stats, name="centinela-audit-stats", daemon=True).start()
+        self._snapshot = StatsSnapshot(
+            components.settings.data_dir / STATS_FILE, components.digester
+        )
+        # Whole-log statistics are kept incrementally and saved between runs; a first pass
+        # over a large log takes a while (about 40 s per million entries here), so resuming
+        # and catching up start now, in their own thread and throttled (StatsCache.warm),
+        # off the event loop and off the matcher's executor.
+        self._final = threading.Event()
+        self._thread = threading.Thread(
+            target=self._warm_stats, name="centinela-audit-stats", daemon=True
+        )
+        components.extra["audit_stats"] = self  # wiring's close calls finish_stats
+        self._thread.start()
 
-    def _warm_stats(self) -> None:
+    def _warm_stats(self, save_every_s: float = STATS_SAVE_EVERY_S) -> None:
+        """Resume the saved statistics, catch up with the log, save; then every
+        ``save_every_s`` catch up and save again. On :meth:`finish_stats`: count up to
+        :data:`STATS_FINAL_CATCH_UP` entries more at full speed and save a last time."""
+        stopping, audit = self.c.stopping, self.c.audit
+        saved = -1
         try:
-            scanned = self._stats.warm(self.c.audit, stop=self.c.stopping)
-        except Exception as exc:  # the log failed under it: GetStats scans for itself
+            resumed = self._snapshot.load(audit, self._stats)
+            scanned = self._stats.warm(audit, stop=stopping)
+            log.info("audit_stats.warmed", resumed_at=resumed, scanned=scanned)
+            while True:
+                upto, _ = self._stats.state()
+                if upto != saved:
+                    saved = self._snapshot.save(audit, self._stats)
+                if self._final.is_set():
+                    break
+                if self._final.wait(save_every_s):
+                    self._stats.warm(audit, share=1.0, limit=STATS_FINAL_CATCH_UP)
+                elif not stopping.is_set():
+                    self._stats.warm(audit, stop=stopping)
+        except Exception as exc:  # the log or the disk failed under it: GetStats scans itself
             log.info("audit_stats.warm_stopped", error_type=type(exc).__name__)
-        else:
-            log.debug("audit_stats.warmed", entries=scanned)
+
+    def finish_stats(self, timeout_s: float = 30.0) -> None:
+        """The server stops and its last entry is written: count it and what came before,
+        save, and end the statistics thread (blocking, at most ``timeout_s``). The log must
+        still be open."""
+        self._final.set()
+        self._thread.join(timeout_s)
 
     # ---- helpers -----------------------------------------------------------------------
 

@@ -95,6 +95,9 @@ class Application:
         await asyncio.to_thread(c.matcher.stop)
         c.policy.stop_watching()
         c.executor.shutdown(wait=True)
+        stats = c.extra.get("audit_stats")
+        if stats is not None:  # counts SERVICE_STOP and saves, while the log is still open
+            await asyncio.to_thread(stats.finish_stats)
         await asyncio.to_thread(c.audit.close)
         c.idempotency.close()
         _close_engine(c.policy.active)

@@ -6,18 +6,21 @@ import datetime as dt
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from centinela.audit.entry import AuditEvent, Caller, EventType
+from centinela.audit.entry import AuditEvent, Caller, Digester, EventType
 from centinela.audit.log import AuditLog
 from centinela.errors import InvalidArgument, NotFound
 from centinela.server.audit_query import (
     EventFilter,
+    Stats,
     StatsCache,
+    StatsSnapshot,
     decode_cursor,
     encode_cursor,
     find_decision,
@@ -129,6 +132,120 @@ def test_stats_warm_up_stops_and_get_stats_goes_on_from_there(log: AuditLog) -> 
     cache = StatsCache()
     assert cache.warm(log, stop=_Rest(stop_after=1), slice_entries=25) == 25
     assert cache.compute(log, None) == StatsCache().compute(log, None)
+
+
+class _Counting(StatsCache):
+    """A StatsCache that counts the entries it parses (how much a restart rescanned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parsed = 0
+
+    def warm(self, log: AuditLog, **kw: object) -> int:
+        scanned = super().warm(log, stop=_Rest(), **kw)  # type: ignore[arg-type]
+        self.parsed += scanned
+        return scanned
+
+
+def _denial(rule: str) -> AuditEvent:
+    return AuditEvent(EventType.DENIAL, outcome="DENIED", rule_ids=(rule,), purpose="WANTED")
+
+
+def test_saved_statistics_spare_a_restart_the_scan_and_stay_exact(
+    log: AuditLog, tmp_path: Path
+) -> None:
+    key = Digester(b"k" * 32)
+    first = _Counting()
+    first.warm(log)
+    assert StatsSnapshot(tmp_path / "s.json", key).save(log, first) == 60
+    log.append_blocking(_denial("R5"))
+    log.append_blocking(_denial("R7"))
+    # The next run: resumes at 60, parses only the two entries since.
+    again = _Counting()
+    assert StatsSnapshot(tmp_path / "s.json", key).load(log, again) == 60
+    again.warm(log)
+    assert again.parsed == 2
+    assert again.compute(log, None) == StatsCache().compute(log, None)
+    assert again.compute(log, None).denials_by_rule == {"R5": 1, "R7": 1}
+
+
+def _saved(log: AuditLog, path: Path, key: Digester) -> dict[str, object]:
+    cache = StatsCache()
+    cache.warm(log, stop=_Rest())
+    StatsSnapshot(path, key).save(log, cache)
+    return dict(json.loads(path.read_text()))
+
+
+def _refused(log: AuditLog, path: Path, key: Digester) -> bool:
+    cache = _Counting()
+    resumed = StatsSnapshot(path, key).load(log, cache)
+    cache.warm(log)
+    assert cache.compute(log, None) == StatsCache().compute(log, None)  # exact either way
+    return resumed == 0 and cache.parsed == log.size
+
+
+def test_an_edited_snapshot_is_refused_and_the_log_scanned(log: AuditLog, tmp_path: Path) -> None:
+    key, path = Digester(b"k" * 32), tmp_path / "s.json"
+    doc = _saved(log, path, key)
+    body = doc["body"]
+    assert isinstance(body, dict)
+    body["stats"]["denials_by_rule"] = {"R7": 1000}  # made to look like many R7 denials
+    path.write_text(json.dumps(doc))
+    assert _refused(log, path, key)
+    path.write_text("{not json")
+    assert _refused(log, path, key)
+
+
+def test_a_snapshot_sealed_with_another_key_is_refused(log: AuditLog, tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    _saved(log, path, Digester(b"x" * 32))
+    assert _refused(log, path, Digester(b"k" * 32))
+
+
+def test_a_snapshot_of_another_log_is_refused(log: AuditLog, db_url: str, tmp_path: Path) -> None:
+    """Sealed with the right key, but counting a log whose entries differ (another data
+    directory's, or this one's entries since altered): the roots differ."""
+    key, path = Digester(b"k" * 32), tmp_path / "s.json"
+    other_engine = make_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    other = AuditLog.open(other_engine, Ed25519PrivateKey.generate(), checkpoint_every_seconds=3600)
+    try:
+        for i in range(70):
+            other.append_blocking(_denial(f"R{i % 16 + 1}"))
+        _saved(other, path, key)
+    finally:
+        other.close()
+        other_engine.dispose()
+    cache = StatsCache()
+    for _ in range(10):  # from another database altogether: longer than this log
+        log.append_blocking(_denial("R1"))
+    assert log.size == 70
+    assert StatsSnapshot(path, key).load(log, cache) == 0
+
+
+def test_a_snapshot_counting_more_than_the_log_holds_is_refused(
+    log: AuditLog, tmp_path: Path
+) -> None:
+    """The database restored from a backup older than the snapshot: the log is shorter."""
+    key, path = Digester(b"k" * 32), tmp_path / "s.json"
+    doc = _saved(log, path, key)
+    body = doc["body"]
+    assert isinstance(body, dict)
+    body["size"] = body["stats"]["total"] = 61
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    path.write_text(json.dumps({"body": body, "seal": key.seal("audit-stats", raw)}))
+    assert _refused(log, path, key)
+
+
+def test_statistics_round_trip_through_their_document() -> None:
+    stats = Stats()
+    stats.by_site["mira-portico-01"] = 3
+    stats.denials_by_rule.update({"R5": 2, "-": 1})
+    stats.confirmed.add("alt_01")
+    stats.total = 9
+    assert Stats.from_doc(json.loads(json.dumps(stats.to_doc()))) == stats
+    for bad in ({}, {**stats.to_doc(), "total": -1}, {**stats.to_doc(), "by_site": {"x": 1.5}}):
+        with pytest.raises(ValueError):  # noqa: PT011
+            Stats.from_doc(bad)
 
 
 @given(st.integers(min_value=0, max_value=10**12))

@@ -12,6 +12,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -338,6 +340,61 @@ def test_stats_count_what_the_log_holds(world: World) -> None:
     since = apb.GetStatsRequest()
     since.since.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     assert audit(world).GetStats(since, timeout=30).total_events == 0
+
+
+def _warmed(text: str) -> dict[str, int]:
+    """The counts of the server's ``audit_stats.warmed`` log line in ``text`` (JSON or
+    console rendering)."""
+    for line in text.splitlines():
+        if "audit_stats.warmed" in line:
+            fields = dict(re.findall(r'"?(resumed_at|scanned)"?[=:] ?(\d+)', line))
+            return {k: int(v) for k, v in fields.items()}
+    raise AssertionError("no audit_stats.warmed line")
+
+
+def test_a_restart_resumes_the_saved_statistics_instead_of_scanning_the_log(
+    tmp_path: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A clean stop saves whole-log statistics (sealed, bound to the log's root); the next
+    start resumes from them and counts only what came after, and GetStats stays exact."""
+    settings = Settings(data_dir=tmp_path / "d", listen="127.0.0.1:0", shutdown_grace_s=1.0)
+    with ServerThread(settings) as server:
+        w = populate(server, registry=False)
+        traffic(w)
+        w.close()
+    saved = json.loads((tmp_path / "d" / "audit-stats.json").read_text())["body"]
+    assert saved["size"] == saved["stats"]["total"] > 10
+    capfd.readouterr()
+    with ServerThread(settings) as server:
+        deadline, text = time.monotonic() + 30, ""
+        while "audit_stats.warmed" not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            out = capfd.readouterr()
+            text += out.out + out.err
+        warmed = _warmed(text)
+        ch = server.channel("compliance")
+        resp = agrpc.AuditServiceStub(ch).GetStats(apb.GetStatsRequest(), timeout=30)
+        ch.close()
+        log = server.app.components.audit
+        docs = [json.loads(e) for e in log.entries(0, log.size)]
+    # The stopping server counted every entry of its run, its own SERVICE_STOP included.
+    assert docs[saved["size"] - 1]["type"] == "SERVICE_STOP"
+    assert docs[saved["size"]]["type"] == "SERVICE_START"
+    assert warmed["resumed_at"] == saved["size"]
+    assert warmed["scanned"] <= 2  # what this run added before it warmed, nothing older
+    counted = docs[: resp.total_events]
+    assert resp.total_events >= saved["size"]
+    outcomes: dict[str, int] = {}
+    for d in counted:
+        if "outcome" in d:
+            outcomes[d["outcome"]] = outcomes.get(d["outcome"], 0) + 1
+    assert dict(resp.by_outcome) == outcomes
+    denials: dict[str, int] = {}
+    for d in counted:
+        if d["type"] == "DENIAL":
+            for r in d.get("rule_ids") or ["-"]:
+                denials[r] = denials.get(r, 0) + 1
+    assert dict(resp.denials_by_rule) == denials
 
 
 # ---- the audit of audit reads (R16) ----------------------------------------------------------
