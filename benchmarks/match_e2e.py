@@ -460,6 +460,9 @@ def main() -> None:
                 "loop_cpu_vs_echo": round(m["loop_ms_per_call"] / e["loop_ms_per_call"], 2),
                 "loop_busy": round(m["loop_busy"], 3),
                 "stream_loop_ms_per_probe": round(s["loop_ms_per_call"], 3),
+                "stream_cpu_ms_per_probe": round(cpu_ms(s), 3),
+                # The stream gain the CPU alone allows (as ``cpu_bound_ratio`` for echo).
+                "stream_gain_cpu_bound": round(cpu_ms(m) / cpu_ms(s), 3),
                 "disk_kb_per_call": round(m["disk_kb_per_call"], 1),
                 "stream_disk_kb_per_probe": round(s["disk_kb_per_call"], 1),
                 "echo_disk_kb_per_call": round(e["disk_kb_per_call"], 2),
