@@ -314,22 +314,26 @@ def test_export_streams_consecutive_entries_then_the_signed_note(world: World) -
     assert cp.size >= 9
 
 
+def assert_counts(resp: apb.GetStatsResponse, counted: list[dict[str, Any]]) -> None:
+    """GetStats' denials by rule and outcomes are those of the ``counted`` entries."""
+    denials: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    for d in counted:
+        if d["type"] == "DENIAL":
+            for r in d.get("rule_ids") or ["-"]:
+                denials[r] = denials.get(r, 0) + 1
+        if "outcome" in d:
+            outcomes[d["outcome"]] = outcomes.get(d["outcome"], 0) + 1
+    assert dict(resp.denials_by_rule) == denials
+    assert dict(resp.by_outcome) == outcomes
+
+
 def test_stats_count_what_the_log_holds(world: World) -> None:
     resp = audit(world).GetStats(apb.GetStatsRequest(), timeout=30)
     docs = [json.loads(e) for e in leaves(world)]
     assert resp.total_events <= len(docs)
     counted = docs[: resp.total_events]
-    denials: dict[str, int] = {}
-    for d in counted:
-        if d["type"] == "DENIAL":
-            for r in d.get("rule_ids") or ["-"]:
-                denials[r] = denials.get(r, 0) + 1
-    assert dict(resp.denials_by_rule) == denials
-    outcomes: dict[str, int] = {}
-    for d in counted:
-        if "outcome" in d:
-            outcomes[d["outcome"]] = outcomes.get(d["outcome"], 0) + 1
-    assert dict(resp.by_outcome) == outcomes
+    assert_counts(resp, counted)
     match = [
         d
         for d in counted
@@ -382,19 +386,8 @@ def test_a_restart_resumes_the_saved_statistics_instead_of_scanning_the_log(
     assert docs[saved["size"]]["type"] == "SERVICE_START"
     assert warmed["resumed_at"] == saved["size"]
     assert warmed["scanned"] <= 2  # what this run added before it warmed, nothing older
-    counted = docs[: resp.total_events]
     assert resp.total_events >= saved["size"]
-    outcomes: dict[str, int] = {}
-    for d in counted:
-        if "outcome" in d:
-            outcomes[d["outcome"]] = outcomes.get(d["outcome"], 0) + 1
-    assert dict(resp.by_outcome) == outcomes
-    denials: dict[str, int] = {}
-    for d in counted:
-        if d["type"] == "DENIAL":
-            for r in d.get("rule_ids") or ["-"]:
-                denials[r] = denials.get(r, 0) + 1
-    assert dict(resp.denials_by_rule) == denials
+    assert_counts(resp, docs[: resp.total_events])
 
 
 # ---- the audit of audit reads (R16) ----------------------------------------------------------
