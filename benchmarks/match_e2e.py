@@ -15,9 +15,12 @@ The figures that hold on a noisy 2-core machine are the ratios: ``ratio_vs_echo`
 loop; ``loop_cpu_vs_echo`` is its ratio to echo's). Throughput on a shared machine moves
 with whatever else runs, up to 30 % between runs of the same code; CPU per call moves far
 less, and ``loop_busy`` (the thread's CPU over the cell's time) says whether the loop was
-the bottleneck: near 1.0, it was. ``disk_kb_per_call`` is what the device under the data
-directory took per answered call (``/proc/diskstats``: the audit entry, its companions, the
-WAL and its checkpoints; echo's figure is the floor of the machine's own writes). Every cell
+the bottleneck: near 1.0, it was. ``audit_entries_per_call`` is what the cell added to the
+server's audit log per answer: every worked call adds its decision's entry before it is
+answered, so under 1.0 means answers were replayed from the idempotency store, and the run
+warns. ``disk_kb_per_call`` is what the device under the data directory took per answered
+call (``/proc/diskstats``: the audit entry, its companions, the WAL and its checkpoints;
+echo's figure is the floor of the machine's own writes). Every cell
 runs ``--rounds`` times (3; 1 with ``--quick``), round after round, and the table gives each
 figure's median over the rounds (a p99 is each round's p99, then their median).
 ``ratio_vs_echo`` and ``stream_gain`` are paired: the ratio of two cells of the same round,
@@ -68,7 +71,7 @@ from centinela.matcher.calibration import floor_for
 from centinela.server import certs
 from centinela.server.demo import MIRA_SITE, ts
 from centinela.server.match_service import STREAM_WINDOW
-from centinela.server.testing import CpuMeter, DiskMeter, LoopMeter, spawn_serving
+from centinela.server.testing import AuditMeter, CpuMeter, DiskMeter, LoopMeter, spawn_serving
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
 from centinela.v1 import match_service_pb2_grpc as mgrpc
@@ -250,11 +253,13 @@ async def drive_stream(
 
 async def metered(pid: int, data_dir: Path, run: Any) -> dict[str, Any]:
     """``await run`` (a cell returning ``per_s`` and ``n``), adding the CPU per answered call
-    of the server's loop, of the whole server and of this process (the client), and what
-    the disk under ``data_dir`` took per answered call."""
+    of the server's loop, of the whole server and of this process (the client), what the
+    disk under ``data_dir`` took, and the audit entries the cell added, per answered call."""
     meter, disk = LoopMeter(pid), DiskMeter(data_dir)
     server, client = CpuMeter(pid), CpuMeter(os.getpid())
+    audited = AuditMeter(data_dir / "centinela.db")
     out: dict[str, Any] = await run
+    out["audit_entries_per_call"] = audited.read(out["n"])
     out["loop_ms_per_call"], out["loop_busy"] = meter.read(out["n"])
     out["server_ms_per_call"], out["server_cores"] = server.read(out["n"])
     out["client_ms_per_call"], out["client_cores"] = client.read(out["n"])
@@ -464,6 +469,8 @@ def main() -> None:
                 # The stream gain the CPU alone allows (as ``cpu_bound_ratio`` for echo).
                 "stream_gain_cpu_bound": round(cpu_ms(m) / cpu_ms(s), 3),
                 "disk_kb_per_call": round(m["disk_kb_per_call"], 1),
+                "audit_entries_per_call": round(m["audit_entries_per_call"], 3),
+                "stream_audit_entries_per_probe": round(s["audit_entries_per_call"], 3),
                 "stream_disk_kb_per_probe": round(s["disk_kb_per_call"], 1),
                 "echo_disk_kb_per_call": round(e["disk_kb_per_call"], 2),
                 "server_ms_per_call": round(m["server_ms_per_call"], 3),
@@ -514,6 +521,20 @@ def main() -> None:
             print(
                 f"WARNING: at {size_key} templates {failed} calls or stream probes were "
                 "answered with an error (not counted as answers)",
+                file=sys.stderr,
+            )
+        # A worked MatchFace or probe adds its decision's entry before it is answered: fewer
+        # entries than answers means answers came from the idempotency store (ids reused).
+        unworked = [
+            f"c = {k}"
+            for k, v in per.items()
+            if min(v["audit_entries_per_call"], v["stream_audit_entries_per_probe"]) < 0.99
+        ]
+        if unworked:
+            print(
+                f"WARNING: at {size_key} templates some answers added no audit entry "
+                f"({', '.join(unworked)}): they were replayed, not worked; the figures are "
+                "inflated",
                 file=sys.stderr,
             )
         rates = [v["alert_rate"] for v in per.values()]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -229,6 +230,40 @@ class DiskMeter:
         if self._start is None or end is None or not answered:
             return math.nan
         return (end - self._start) * 512 / 1024 / answered
+
+
+def audit_size(db: Path) -> int | None:
+    """Entries in the audit log of the SQLite database ``db`` (read-only); None where it
+    cannot be read."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        (size,) = conn.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM audit_leaves").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return int(size)
+
+
+class AuditMeter:
+    """The audit entries a benchmark phase added to a server's SQLite log, per answered call:
+    made when the phase starts, :meth:`read` when it ends. Every worked MatchFace or stream
+    probe adds its decision's entry before it is answered, so a figure under 1.0 says that
+    answers were replayed from the idempotency store (a request id sent twice), not worked."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self._start = audit_size(db)
+
+    def read(self, answered: int) -> float:
+        """Entries added per answered call; NaN where it cannot be known."""
+        end = audit_size(self.db)
+        if self._start is None or end is None or not answered:
+            return math.nan
+        return (end - self._start) / answered
 
 
 def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:

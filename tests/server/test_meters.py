@@ -9,8 +9,19 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from centinela.server.testing import CpuMeter, DiskMeter, LoopMeter, cpu_s, sectors_written
+from centinela.audit.entry import AuditEvent, EventType
+from centinela.audit.log import AuditLog
+from centinela.server.testing import (
+    AuditMeter,
+    CpuMeter,
+    DiskMeter,
+    LoopMeter,
+    cpu_s,
+    sectors_written,
+)
+from centinela.storage import make_engine
 
 
 def test_disk_meter_counts_what_is_written_and_synced_under_its_path(tmp_path: Path) -> None:
@@ -59,3 +70,21 @@ def test_cpu_meter_says_nan_per_call_when_nothing_was_answered() -> None:
     meter = CpuMeter(os.getpid())
     _burn(0.05)
     assert math.isnan(meter.read(0)[0])
+
+
+def test_audit_meter_counts_the_entries_a_phase_added_per_answer(tmp_path: Path) -> None:
+    """How match_e2e tells a worked answer (one audit entry each) from a replayed one."""
+    db = tmp_path / "centinela.db"
+    engine = make_engine(f"sqlite:///{db}")
+    log = AuditLog.open(engine, Ed25519PrivateKey.generate(), checkpoint_every_seconds=3600)
+    try:
+        log.append_blocking(AuditEvent(EventType.DENIAL, outcome="DENIED", rule_ids=("R5",)))
+        meter = AuditMeter(db)
+        for _ in range(3):
+            log.append_blocking(AuditEvent(EventType.DENIAL, outcome="DENIED", rule_ids=("R5",)))
+        assert meter.read(3) == 1.0  # three answers, each worked and audited
+        assert meter.read(6) == 0.5  # six answers, three of them without an entry: replays
+    finally:
+        log.close()
+        engine.dispose()
+    assert math.isnan(AuditMeter(tmp_path / "missing.db").read(3))
