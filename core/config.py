@@ -72,7 +72,7 @@ class Settings:
     #: connection must not find its next stream held forever. Where every client is one
     #: portico, 8 keeps the others' calls under a 10x flood from one of them, as long as
     #: this bound times the connections one client opens stays below half of
-    #: ``max_pending_rpcs`` (README, performance; ``centinela.server.admission``).
+    #: ``max_pending_rpcs`` (docs/performance.md; ``centinela.server.admission``).
     max_streams_per_connection: int = 100
     #: gRPC servers bound to the one port (SO_REUSEPORT), sharing the service and its
     #: admission, each taking calls in on its own. grpcio's asyncio server asks gRPC core for
@@ -80,7 +80,7 @@ class Settings:
     #: server a flood's open streams wait in gRPC core's queue, in arrival order, ahead of
     #: everyone else's calls, where the per-caller queue of the admission cannot reorder
     #: them. The kernel spreads connections over the lanes by address, so a flood holds up
-    #: only the clients on its lanes. Opt-in (README, performance: intake lanes).
+    #: only the clients on its lanes. Opt-in (docs/performance.md: intake lanes).
     intake_lanes: int = 1
     #: Grace period for in-flight calls on SIGTERM, in seconds.
     shutdown_grace_s: float = 10.0

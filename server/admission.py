@@ -35,7 +35,7 @@ The waiting bound is gRPC core's pending-request protection: up to half of
 rising probability (random early detection), beyond it every new call is refused. That
 queue does not know who sent what: once one client's open streams (the stream bound times
 its connections) reach half of ``max_pending_rpcs``, its calls push the others' out before
-the fair queue of :class:`InFlight` sees them (README, performance: the rule was measured
+the fair queue of :class:`InFlight` sees them (docs/performance.md: the rule was measured
 with bounds 8, 16 and 32).
 
 Below that rule calls are not lost, but they are not served fairly either: grpcio's asyncio
