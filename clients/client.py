@@ -44,6 +44,16 @@ from centinela.v1 import watchlist_service_pb2_grpc as wpb_grpc
 
 #: Largest message the client accepts (exports and pages of events can be large).
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+#: HTTP/2 keepalive: a ping after this long without activity on the connection, while a
+#: call is open. A portico's StreamMatch stays open all day and is idle between captures;
+#: without pings, a connection that died without a word (a NAT entry expired, a link cut)
+#: would hold it unanswered: idle, indefinitely; with a probe sent, until TCP gave up
+#: retransmitting (~15 minutes). The server accepts pings this often
+#: (``centinela.server.app.MIN_CLIENT_PING_S``).
+KEEPALIVE_S = 20.0
+#: How long a ping may go unanswered before the connection is declared dead (its calls
+#: then fail with UNAVAILABLE, which the portico and the retry policy handle).
+KEEPALIVE_TIMEOUT_S = 10.0
 
 
 def _stamp_stream_request(request: mpb.StreamMatchRequest) -> mpb.StreamMatchRequest:
@@ -68,6 +78,9 @@ class CentinelaClient:
     retries included; ``retry`` bounds the retries of UNAVAILABLE; ``operator_id`` fills
     ``RequestContext.operator_id`` where a request leaves it empty. ``interceptors`` are
     client interceptors put in front of the channel (tests use one to see what is sent).
+    ``keepalive_s`` and ``keepalive_timeout_s`` pace the HTTP/2 pings that find a dead
+    connection under an open call (0 turns them off); the server refuses pings more often
+    than every 10 s on an idle connection.
     A client may be shared between threads (gRPC channels are thread-safe and the client
     keeps no per-call state).
 
@@ -88,6 +101,8 @@ class CentinelaClient:
         operator_id: str = "",
         interceptors: Sequence[Any] = (),
         options: Sequence[tuple[str, Any]] = (),
+        keepalive_s: float = KEEPALIVE_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     ) -> None:
         if tls is None:
             if cert is None or key is None or ca is None:
@@ -110,6 +125,18 @@ class CentinelaClient:
             ("grpc.min_reconnect_backoff_ms", reconnect_ms),
             ("grpc.max_reconnect_backoff_ms", max(reconnect_ms, int(policy.max_backoff * 1000))),
         ]
+        if keepalive_s > 0:
+            opts += [
+                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", max(1, int(keepalive_timeout_s * 1000))),
+                # Any ping's ack, not only a keepalive's: the flow-control (BDP) ping sent
+                # after data would otherwise wait 60 s and hold the keepalive back.
+                ("grpc.http2.ping_timeout_ms", max(1, int(keepalive_timeout_s * 1000))),
+                # Keep pinging while the open call sends nothing (gRPC stops after 2, and
+                # would space pings without data 5 minutes apart).
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.min_time_between_pings_ms", int(keepalive_s * 1000)),
+            ]
         opts += list(options)
         channel: grpc.Channel = grpc.secure_channel(server, tls.credentials(), options=opts)
         self._raw_channel = channel

@@ -53,6 +53,10 @@ from centinela.v1 import (
 log = get_logger("server")
 #: How often health follows the components' readiness, in seconds.
 READINESS_INTERVAL_S = 1.0
+#: The shortest interval at which a client may ping a connection that carries no data
+#: (an open, idle stream) without being told to go away: clients keep a portico's stream
+#: alive with pings every 20 s (``centinela.clients.client.KEEPALIVE_S``).
+MIN_CLIENT_PING_S = 10.0
 
 SERVICE_NAMES = (
     match_service_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
@@ -233,6 +237,13 @@ class CentinelaServer:
                 ("grpc.so_reuseport", int(reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.max_pings_without_data", 0),
+                # Clients ping an idle open call to find dead connections (a portico's
+                # stream: centinela.clients.client.KEEPALIVE_S); gRPC's default would
+                # answer pings more often than every 5 minutes with GOAWAY.
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    int(MIN_CLIENT_PING_S * 1000),
+                ),
                 *admission.server_options(self.settings),
             ],
             maximum_concurrent_rpcs=None,

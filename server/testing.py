@@ -281,3 +281,94 @@ def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:
         node[leaf] = value
     (target / "data.json").write_text(json.dumps(data, indent=1))
     return target
+
+
+class TcpProxy:
+    """A TCP relay to ``host:port`` on a loopback port, on its own event loop thread: a real
+    network between a test's two ends, which the test can break.
+
+    ``cut()`` aborts every relayed connection and stops listening (both ends see a reset,
+    then new connections are refused, as when the server behind is down); ``restore()``
+    listens again on the same port. ``freeze()`` silently drops everything the connections
+    open at that moment carry, in both directions, and keeps them open (a peer that is gone
+    without a word: a NAT entry expired, a cable pulled); connections made after it are
+    relayed as usual. Each returns once done.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._live: set[asyncio.Event] = set()
+        #: Connections relayed so far (each client connection counts once).
+        self.connections = 0
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(30)
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._run(self._listen)
+        return self
+
+    def cut(self) -> None:
+        self._run(self._cut)
+
+    def restore(self) -> None:
+        self._run(self._listen)
+
+    def freeze(self) -> None:
+        self._run(self._freeze)
+
+    def close(self) -> None:
+        self._run(self._cut)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._open):
+            writer.transport.abort()  # RST to both ends
+        self._open.clear()
+
+    async def _freeze(self) -> None:
+        for frozen in self._live:
+            frozen.set()
+        self._live.clear()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self.connections += 1
+        frozen = asyncio.Event()
+        self._live.add(frozen)
+        self._open |= {client_w, up_w}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if frozen.is_set():
+                        continue  # swallowed: the other end hears nothing, not even a close
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                if not frozen.is_set():  # a frozen peer does not even close: close() will
+                    dst.transport.abort()
+                    self._open.discard(dst)
+
+        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
+        self._live.discard(frozen)

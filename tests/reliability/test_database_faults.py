@@ -16,7 +16,6 @@ every alert answered is stored.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import threading
@@ -34,7 +33,7 @@ from centinela.matcher import synth
 from centinela.matcher.service import REGISTRY
 from centinela.policy.bundle import Bundle
 from centinela.server.demo import World, populate
-from centinela.server.testing import ServerThread
+from centinela.server.testing import ServerThread, TcpProxy
 from centinela.v1 import common_pb2
 from centinela.v1 import registry_service_pb2 as rpb
 from centinela.v1 import registry_service_pb2_grpc as rgrpc
@@ -42,74 +41,6 @@ from centinela.v1 import registry_service_pb2_grpc as rgrpc
 from ._proc import lifted_bundle, verified_entries
 
 THREADS = 8
-
-
-class TcpProxy:
-    """A TCP relay to ``host:port`` on a loopback port, on its own event loop thread.
-
-    ``cut()`` aborts every relayed connection and stops listening; ``restore()`` listens
-    again on the same port. Both return once done.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.base_events.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
-
-    def _run(self, fn: Callable[[], Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(30)
-
-    def start(self) -> TcpProxy:
-        self._thread.start()
-        self._run(self._listen)
-        return self
-
-    def cut(self) -> None:
-        self._run(self._cut)
-
-    def restore(self) -> None:
-        self._run(self._listen)
-
-    def close(self) -> None:
-        self._run(self._cut)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._open):
-            writer.transport.abort()  # RST to both ends
-        self._open.clear()
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_w.transport.abort()
-            return
-        self._open |= {client_w, up_w}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.transport.abort()
-                self._open.discard(dst)
-
-        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
 
 
 @dataclasses.dataclass(frozen=True)
