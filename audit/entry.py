@@ -248,16 +248,18 @@ class Digester:
         if kind not in DIGEST_KINDS:
             raise InvalidArgument("unknown digest kind", field="kind")
         data = value.encode() if isinstance(value, str) else bytes(value)
-        label = f"centinela/audit/{kind}".encode() + b"\x00"
-        return "hmac-sha256:" + hmac.new(self._key, label + data, sha256).hexdigest()
+        return self._mac(f"centinela/audit/{kind}", data)
 
     def seal(self, purpose: str, data: bytes) -> str:
         """``hmac-sha256:<hex>`` sealing ``data`` the server keeps for itself (e.g. the
         statistics it saves between runs), so that whoever can write the file or the
         database but lacks the key cannot forge it. The label ``centinela/seal/<purpose>``
         lies outside the digests' ``centinela/audit/<kind>`` domains."""
-        label = f"centinela/seal/{purpose}".encode() + b"\x00"
-        return "hmac-sha256:" + hmac.new(self._key, label + data, sha256).hexdigest()
+        return self._mac(f"centinela/seal/{purpose}", data)
+
+    def _mac(self, label: str, data: bytes) -> str:
+        mac = hmac.new(self._key, label.encode() + b"\x00" + data, sha256)
+        return "hmac-sha256:" + mac.hexdigest()
 
 
 def artifact_digest(data: bytes) -> str:

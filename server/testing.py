@@ -162,11 +162,6 @@ def cpu_s(pid: int, *, main_thread: bool = False) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loop_cpu_s(pid: int) -> float:
-    """CPU seconds of process ``pid``'s main thread, which runs its event loop."""
-    return cpu_s(pid, main_thread=True)
-
-
 class CpuMeter:
     """The CPU a process spends over one phase of a benchmark: made when the phase starts,
     :meth:`read` when it ends. Every thread counts (the event loop, the audit writer, the
