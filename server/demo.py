@@ -7,15 +7,19 @@ written straight into the encrypted store of the running in-process server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from centinela.config import Settings
 from centinela.matcher import synth
 from centinela.matcher.store import TemplateRecord
 from centinela.server.testing import ServerThread
@@ -201,3 +205,18 @@ def populate(server: ServerThread, *, registry: bool = True) -> World:
         )
         components.matcher.catch_up()
     return world
+
+
+@contextlib.contextmanager
+def serving_world(
+    data_dir: Path, *, registry: bool = True, shutdown_grace_s: float = 1.0
+) -> Iterator[World]:
+    """A server on embedded defaults over ``data_dir`` (loopback, a free port), populated
+    (:func:`populate`); its channels and the server are closed on exit."""
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0", shutdown_grace_s=shutdown_grace_s)
+    with ServerThread(settings) as server:
+        world = populate(server, registry=registry)
+        try:
+            yield world
+        finally:
+            world.close()

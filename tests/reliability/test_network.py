@@ -26,21 +26,15 @@ import pytest
 
 from centinela.clients.client import CentinelaClient
 from centinela.clients.errors import ClientError
-from centinela.config import Settings
-from centinela.server.demo import World, populate
-from centinela.server.testing import ServerThread, TcpProxy
+from centinela.server.demo import World, serving_world
+from centinela.server.testing import TcpProxy
 from centinela.v1 import match_service_pb2 as mpb
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("net"), listen="127.0.0.1:0", shutdown_grace_s=1.0
-    )
-    with ServerThread(settings) as server:
-        w = populate(server, registry=False)
+    with serving_world(tmp_path_factory.mktemp("net"), registry=False) as w:
         yield w
-        w.close()
 
 
 class Stream:

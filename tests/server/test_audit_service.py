@@ -23,7 +23,7 @@ import pytest
 from centinela.audit.checkpoint import SignedCheckpoint, Verifier, open_checkpoint
 from centinela.audit.merkle import root_from_inclusion_proof, verify_consistency, verify_inclusion
 from centinela.config import Settings
-from centinela.server.demo import World, populate, rid
+from centinela.server.demo import World, populate, rid, serving_world
 from centinela.server.testing import ServerThread
 from centinela.v1 import audit_service_pb2 as apb
 from centinela.v1 import audit_service_pb2_grpc as agrpc
@@ -32,14 +32,9 @@ from centinela.v1 import common_pb2 as c
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("audit-svc"), listen="127.0.0.1:0", shutdown_grace_s=1.0
-    )
-    with ServerThread(settings) as server:
-        w = populate(server, registry=False)
+    with serving_world(tmp_path_factory.mktemp("audit-svc"), registry=False) as w:
         traffic(w)
         yield w
-        w.close()
 
 
 def traffic(w: World) -> None:

@@ -14,23 +14,16 @@ from typing import Any
 
 import pytest
 
-from centinela.config import Settings
 from centinela.matcher.service import WATCHLIST
-from centinela.server.demo import PLATE, World, populate
+from centinela.server.demo import PLATE, World, serving_world
 from centinela.server.match_service import SearchPlacement
-from centinela.server.testing import ServerThread
 from centinela.v1 import match_service_pb2 as mpb
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("inline"), listen="127.0.0.1:0", shutdown_grace_s=1.0
-    )
-    with ServerThread(settings) as server:
-        w = populate(server, registry=False)
+    with serving_world(tmp_path_factory.mktemp("inline"), registry=False) as w:
         yield w
-        w.close()
 
 
 def _record_waits(matcher: Any) -> list[bool]:

@@ -16,7 +16,7 @@ import pytest
 
 from centinela.clients.retry import retryable
 from centinela.config import Settings
-from centinela.server.demo import LAV_SITE, MIRA_SITE, PLATE, World, populate, rid
+from centinela.server.demo import LAV_SITE, MIRA_SITE, PLATE, World, populate, rid, serving_world
 from centinela.server.testing import ServerThread, bundle_variant
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import match_service_pb2 as mpb
@@ -24,13 +24,8 @@ from centinela.v1 import match_service_pb2 as mpb
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("world"), listen="127.0.0.1:0", shutdown_grace_s=1.0
-    )
-    with ServerThread(settings) as server:
-        w = populate(server)
+    with serving_world(tmp_path_factory.mktemp("world")) as w:
         yield w
-        w.close()
 
 
 def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
