@@ -210,21 +210,31 @@ def sectors_written(path: Path) -> int | None:
     return None
 
 
-class DiskMeter:
-    """What a benchmark phase wrote to the disk under ``path``: made when the phase starts,
-    :meth:`read` when it ends. It counts every writer of that device (the machine's own
-    too), so it is read against a quiet machine or compared between alternating runs."""
+class CounterMeter:
+    """What a counter of the machine rose by over one benchmark phase, per answered call:
+    made when the phase starts, :meth:`read` when it ends. ``count`` reads the counter (None
+    where it cannot), ``scale`` turns its units into the figure's."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._start = sectors_written(path)
+    def __init__(self, count: Callable[[], int | None], scale: float = 1.0) -> None:
+        self._count = count
+        self._scale = scale
+        self._start = count()
 
     def read(self, answered: int) -> float:
-        """KB written per answered call; NaN where it cannot be known."""
-        end = sectors_written(self.path)
+        """The rise per answered call; NaN where it cannot be known."""
+        end = self._count()
         if self._start is None or end is None or not answered:
             return math.nan
-        return (end - self._start) * 512 / 1024 / answered
+        return (end - self._start) * self._scale / answered
+
+
+class DiskMeter(CounterMeter):
+    """KB a benchmark phase wrote to the disk under ``path``, per answered call. It counts
+    every writer of that device (the machine's own too), so it is read against a quiet
+    machine or compared between alternating runs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(lambda: sectors_written(path), scale=512 / 1024)
 
 
 def audit_size(db: Path) -> int | None:
@@ -243,22 +253,14 @@ def audit_size(db: Path) -> int | None:
     return int(size)
 
 
-class AuditMeter:
-    """The audit entries a benchmark phase added to a server's SQLite log, per answered call:
-    made when the phase starts, :meth:`read` when it ends. Every worked MatchFace or stream
-    probe adds its decision's entry before it is answered, so a figure under 1.0 says that
-    answers were replayed from the idempotency store (a request id sent twice), not worked."""
+class AuditMeter(CounterMeter):
+    """Audit entries a benchmark phase added to a server's SQLite log, per answered call.
+    Every worked MatchFace or stream probe adds its decision's entry before it is answered,
+    so a figure under 1.0 says that answers were replayed from the idempotency store (a
+    request id sent twice), not worked."""
 
     def __init__(self, db: Path) -> None:
-        self.db = db
-        self._start = audit_size(db)
-
-    def read(self, answered: int) -> float:
-        """Entries added per answered call; NaN where it cannot be known."""
-        end = audit_size(self.db)
-        if self._start is None or end is None or not answered:
-            return math.nan
-        return (end - self._start) / answered
+        super().__init__(lambda: audit_size(db))
 
 
 def bundle_variant(tmp: Path, base: str, patch: dict[str, Any]) -> Path:
