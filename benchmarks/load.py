@@ -2,7 +2,7 @@
 
     python benchmarks/load.py [--quick] [--templates N] [--factor 10] [--deadline-ms 1000]
                               [--max-in-flight N] [--max-pending N] [--max-streams N]
-                              [--lanes N] [--pin]
+                              [--lanes N] [--pin] [--flood-stream] [--probe-stream]
 
 A real server runs in a subprocess (the real MatchService on a synthetic watchlist, as
 ``_bench_server.py`` builds it, R14 ceilings lifted) with the admission bounds given
@@ -34,6 +34,18 @@ policy, search, audit), printed per phase. Requests are pre-built bytes with a f
 ``client_request_id`` each (the idempotency store never short-cuts the work); one probe in
 ten is a listed person's (an alert). Clients and server share the machine: the offered rate
 achieved is what the table shows. Prints a table; the last line is one JSON object.
+
+The flood and the well-behaved client each come in two shapes. By default both send unary
+MatchFace calls: every call is a new HTTP/2 stream that gRPC core queues, in arrival order,
+until the server's event loop takes it in. ``--probe-stream`` makes the well-behaved client
+a portico: two StreamMatch streams opened once, each probe a message on its open stream,
+which that queue never holds (its answer is late past the deadline; the split before/in
+the service is measured for unary calls only). ``--flood-stream`` sends the flood as
+StreamMatch messages, one stream per connection, written as fast as each stream takes them
+(the server reads a stream only while it has a unit for its next probe); a message still
+unwritten a deadline after its turn is dropped in the client, as a camera drops a stale
+frame, and counted DEADLINE_EXCEEDED. The server's admission limit, units in flight and
+work waiting are sampled every 50 ms and their medians printed per phase.
 
 ``--pin`` puts the server on CPU 0 and this process and the probe client on CPU 1 (needs two
 CPUs): the load generator then cannot take the server's CPU, which on two shared cores made
@@ -71,6 +83,9 @@ from centinela.v1 import match_service_pb2 as mpb
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "/centinela.v1.MatchService/MatchFace"
+STREAM_METHOD = "/centinela.v1.MatchService/StreamMatch"
+#: What ``read()`` returns at a stream's end (grpc.aio.EOF; not in grpcio's type stubs).
+STREAM_END: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 INFO = "/centinela.v1.MatchService/GetServerInfo"
 PLACEHOLDER = b"0" * 32
 CHANNELS = 4
@@ -119,12 +134,14 @@ async def serve(args: argparse.Namespace) -> None:
         extra_interceptors=[timing],
     )
     port = await server.start()
+    sampler = asyncio.create_task(timing.sample(server.interceptor.admission))
     freeze_startup_heap()  # as `centinela serve` does
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(2.0)))
     args.port_file.write_text(str(port))
     await server.wait()
+    sampler.cancel()
 
 
 #: The probe's send time (``time.monotonic()``) on each of its calls.
@@ -141,6 +158,13 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self) -> None:
         self.before_ms: list[float] = []
         self.service_ms: list[float] = []
+        #: The server's admission limit, units in flight and work waiting, every 50 ms.
+        self.admission_samples: list[tuple[int, int, int]] = []
+
+    async def sample(self, admission: Any) -> None:
+        while True:
+            self.admission_samples.append((admission.limit, admission.count, admission.waiting))
+            await asyncio.sleep(0.05)
 
     async def intercept_service(
         self,
@@ -169,8 +193,12 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def handler(self) -> Any:
         async def timings(request: bytes, context: Any) -> bytes:
-            doc = {"before_ms": self.before_ms, "service_ms": self.service_ms}
-            self.before_ms, self.service_ms = [], []
+            doc = {
+                "before_ms": self.before_ms,
+                "service_ms": self.service_ms,
+                "admission": self.admission_samples,
+            }
+            self.before_ms, self.service_ms, self.admission_samples = [], [], []
             return json.dumps(doc).encode()
 
         return grpc.method_handlers_generic_handler(
@@ -332,6 +360,7 @@ class Run:
             "deadline_exceeded_per_s": round(self.codes["DEADLINE_EXCEEDED"] / self.seconds, 1),
             "backlog_dropped_per_s": round(self.codes[DROPPED] / self.seconds, 1),
             "refused_stream_per_s": round(self.codes[REFUSED] / self.seconds, 1),
+            "late_per_s": round(self.codes[LATE] / self.seconds, 1),
             "ok_share": round(self.codes["OK"] / self.offered, 4) if self.offered else 0.0,
             "other_errors": other,
             "other_codes": {k: n for k, n in self.codes.items() if k not in _EXPECTED},
@@ -347,7 +376,10 @@ DROPPED = "CANCELLED_BY_BACKLOG"
 #: REFUSED_STREAM, error code 7; the client sees UNAVAILABLE). Opened in the moment after the
 #: client cancelled one the server had not yet closed.
 REFUSED = "REFUSED_STREAM"
-_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED}
+#: A StreamMatch answer that came after its deadline: decided (and audited), too late for
+#: the camera. A stream has no per-message deadline the server could see.
+LATE = "ANSWERED_LATE"
+_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED, LATE}
 
 
 async def _one(
@@ -404,31 +436,112 @@ async def open_loop(
     seconds: float,
     deadline: float,
     on_tick: Any = None,
+    streams: StreamFlood | None = None,
 ) -> Run:
     """Send ``rate`` calls a second on a fixed schedule for ``seconds``, whatever happens to
-    them; ``run.seconds`` is the sending time (so offered/s is the achieved sending rate)."""
+    them; ``run.seconds`` is the sending time (so offered/s is the achieved sending rate).
+    With ``streams``, each is a StreamMatch message instead of a unary call."""
     run = Run(seconds)
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     start = loop.time()
     total = int(rate * seconds)
     next_tick = start
+    if streams is not None:
+        streams.start(run, deadline)
     for i in range(total):
         delay = start + i / rate - loop.time()
         await asyncio.sleep(max(0.0, delay))
-        task = asyncio.create_task(_one(calls[i % len(calls)], payloads.get(i), deadline, run))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        if streams is not None:
+            streams.send(i, payloads.get(i))
+        else:
+            task = asyncio.create_task(_one(calls[i % len(calls)], payloads.get(i), deadline, run))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
         run.offered += 1
         if on_tick is not None and loop.time() >= next_tick:
             on_tick()
             next_tick = loop.time() + 0.25
     run.seconds = loop.time() - start
+    if streams is not None:
+        finishing = asyncio.create_task(streams.finish())
+        pending.add(finishing)
+        finishing.add_done_callback(pending.discard)
     while pending:
         if on_tick is not None:
             on_tick()
         await asyncio.sleep(0.25)
+    if streams is not None:
+        finishing.result()  # a stream's own failure ends the run
     return run
+
+
+class StreamFlood:
+    """The flood as StreamMatch messages: one stream per connection, each message written
+    when its turn comes, as fast as the stream takes them (the server reads a stream only
+    while it has a unit for its next probe: HTTP/2 flow control holds the writer back).
+    A message still unwritten ``deadline`` after its scheduled time is dropped in the client
+    (a camera's stale frame) and counted DEADLINE_EXCEEDED, as is an answer later than that;
+    an answer carrying an error counts by its code."""
+
+    def __init__(self, channels: list[Any]) -> None:
+        self.channels = channels
+        self._queues: list[asyncio.Queue[tuple[int, float, bytes] | None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, run: Run, deadline: float) -> None:
+        for channel in self.channels:
+            outbox: asyncio.Queue[tuple[int, float, bytes] | None] = asyncio.Queue()
+            self._queues.append(outbox)
+            self._tasks.append(asyncio.create_task(self._stream(channel, outbox, run, deadline)))
+
+    def send(self, i: int, payload: bytes) -> None:
+        self._queues[i % len(self._queues)].put_nowait((i, time.perf_counter(), payload))
+
+    async def finish(self) -> None:
+        for outbox in self._queues:
+            outbox.put_nowait(None)
+        await asyncio.gather(*self._tasks)
+
+    @staticmethod
+    async def _stream(
+        channel: Any,
+        outbox: asyncio.Queue[tuple[int, float, bytes] | None],
+        run: Run,
+        deadline: float,
+    ) -> None:
+        call = channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=mpb.StreamMatchRequest.SerializeToString,
+            response_deserializer=mpb.StreamMatchResponse.FromString,
+        )()
+        sent: dict[int, float] = {}
+
+        async def write() -> None:
+            while (item := await outbox.get()) is not None:
+                i, scheduled, payload = item
+                if time.perf_counter() - scheduled > deadline:
+                    run.codes["DEADLINE_EXCEEDED"] += 1  # stale before it could be sent
+                    continue
+                sent[i] = scheduled
+                face = mpb.MatchFaceRequest.FromString(payload)
+                await call.write(mpb.StreamMatchRequest(sequence=i, face=face))
+            await call.done_writing()
+
+        async def read() -> None:
+            while (answer := await call.read()) is not STREAM_END:
+                took = time.perf_counter() - sent.pop(answer.sequence)
+                if answer.HasField("error"):
+                    code = _CODE_NAMES[answer.error.code]
+                    run.details.setdefault(code, answer.error.message[:200])
+                    run.codes[code] += 1
+                elif took > deadline:
+                    run.codes[LATE] += 1
+                else:
+                    run.latencies.append(took)
+                    run.codes["OK"] += 1
+
+        await asyncio.gather(write(), read())
 
 
 async def connect(
@@ -445,22 +558,80 @@ async def connect(
     return chans, Payloads(gallery.model_id, gallery.size, n, who[1])
 
 
+async def stream_closed_loop(
+    channel: Any, payloads: Payloads, conc: int, seconds: float, deadline: float
+) -> Run:
+    """``conc`` StreamMatch streams on one connection, as a portico gateway holds them, each
+    sending its next face when the last is answered. An answer later than ``deadline``
+    counts as DEADLINE_EXCEEDED (a portico's alarm that came too late), an answer carrying
+    an error by its code."""
+    run = Run(seconds)
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**12))
+
+    async def worker() -> None:
+        call = channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=mpb.StreamMatchRequest.SerializeToString,
+            response_deserializer=mpb.StreamMatchResponse.FromString,
+        )()
+        while time.perf_counter() < stop:
+            i = next(counter)
+            face = mpb.MatchFaceRequest.FromString(payloads.get(i))
+            run.offered += 1
+            t0 = time.perf_counter()
+            await call.write(mpb.StreamMatchRequest(sequence=i, face=face))
+            answer = await call.read()
+            took = time.perf_counter() - t0
+            if answer.sequence != i:
+                raise SystemExit(f"StreamMatch answered {answer.sequence} for {i}")
+            if answer.HasField("error"):
+                code = _CODE_NAMES[answer.error.code]
+                run.details.setdefault(code, answer.error.message[:200])
+                run.codes[code] += 1
+            elif took > deadline:
+                run.codes[LATE] += 1
+            else:
+                run.latencies.append(took)
+                run.codes["OK"] += 1
+        await call.done_writing()
+        while await call.read() is not STREAM_END:
+            pass
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+#: gRPC status code numbers to their names.
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 async def probe(args: argparse.Namespace) -> None:
     """``--probe``: a light, well-behaved client (closed loop at concurrency 2, the same
     deadline) in its own process, so that its latencies are not those of a saturated load
-    generator. Says ``ready``, waits for a line on stdin, runs, prints one JSON row."""
+    generator. Unary MatchFace calls, or with ``--probe-stream`` two StreamMatch streams (a
+    portico's way). Says ``ready``, waits for a line on stdin, runs, prints one JSON row."""
     chans, payloads = await connect(args.data_dir, args.port, 50, PROBE)
     calls = [ch.unary_unary(METHOD) for ch in chans[:1]]
     await closed_loop(calls, payloads, 1, 0.5)
+    if args.probe_stream:
+        await stream_closed_loop(chans[0], payloads, 1, 0.5, 30.0)
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
-    run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000, True)
+    if args.probe_stream:
+        run = await stream_closed_loop(chans[0], payloads, 2, args.seconds, args.deadline_ms / 1000)
+    else:
+        run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000, True)
     row = run.row()
     timings = chans[0].unary_unary(TIMINGS)
     doc = json.loads(await timings(b"", timeout=30))
     for part in ("before", "service"):
         row[f"{part}_p50_ms"] = round(percentile(doc[f"{part}_ms"], 0.50), 2)
         row[f"{part}_p99_ms"] = round(percentile(doc[f"{part}_ms"], 0.99), 2)
+    for k, name in enumerate(("limit", "in_flight", "waiting")):
+        row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in doc["admission"]], 0.5)
     print(json.dumps(row), flush=True)
     for ch in chans:
         await ch.close()
@@ -484,6 +655,7 @@ class Probe:
                 str(seconds),
                 "--deadline-ms",
                 str(args.deadline_ms),
+                *(["--probe-stream"] if args.probe_stream else []),
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -546,7 +718,13 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     rss_start = rss_mb(pid)
     meter = LoopMeter(pid)
     over = await open_loop(
-        calls, payloads, rate, args.overload_seconds, args.deadline_ms / 1000, sample
+        calls,
+        payloads,
+        rate,
+        args.overload_seconds,
+        args.deadline_ms / 1000,
+        sample,
+        StreamFlood(chans) if args.flood_stream else None,
     )
     loop["overload"] = _loop_figures(meter, over.codes["OK"])
     growth["overload"] = (rss_mb(pid) - rss_start) * 1024 / max(1, over.codes["OK"])
@@ -617,7 +795,8 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     )
     print(
         f"{'phase':<24} {'offered/s':>9} {'ok/s':>6} {'exhausted/s':>11} {'dropped/s':>9} "
-        f"{'deadline/s':>10} {'refused/s':>9} {'other':>5} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'deadline/s':>10} {'refused/s':>9} {'late/s':>6} {'other':>5} {'p50 ms':>7} "
+        f"{'p99 ms':>7}"
     )
     rows = [
         (f"1x closed loop (c={res['base_concurrency']})", base),
@@ -631,13 +810,14 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
             f"{name:<24} {r['offered_per_s']:>9.0f} {r['ok_per_s']:>6.0f} "
             f"{r['resource_exhausted_per_s']:>11.0f} {r['backlog_dropped_per_s']:>9.0f} "
             f"{r['deadline_exceeded_per_s']:>10.0f} {r['refused_stream_per_s']:>9.0f} "
-            f"{r['other_errors']:>5} "
+            f"{r['late_per_s']:>6.0f} {r['other_errors']:>5} "
             f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}"
         )
     print(
         "exhausted = RESOURCE_EXHAUSTED (max_concurrent_rpcs); dropped = CANCELLED by gRPC "
         "before the service (max_pending_rpcs); deadline = DEADLINE_EXCEEDED; refused = "
-        "REFUSED_STREAM (UNAVAILABLE: past max_streams_per_connection, the client retries)"
+        "REFUSED_STREAM (UNAVAILABLE: past max_streams_per_connection, the client retries); "
+        "late = a StreamMatch answer after its deadline (the server decided it)"
     )
     print(
         f"capacity {res['capacity_per_s']:.0f}/s; offered target {res['target_per_s']:.0f}/s; "
@@ -652,6 +832,14 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"{pb['before_p99_ms']} before the service, {pb['service_p50_ms']} / "
         f"{pb['service_p99_ms']} in it; at {args.factor:g}x {po['before_p50_ms']} / "
         f"{po['before_p99_ms']} before, {po['service_p50_ms']} / {po['service_p99_ms']} in it"
+    )
+    at = {
+        phase: ", ".join(f"{r[f'admission_{k}_p50']:g}" for k in ("limit", "in_flight", "waiting"))
+        for phase, r in (("1x", pb), (f"{args.factor:g}x", po))
+    }
+    print(
+        "server admission while the probe ran (median of 50 ms samples: limit, units in "
+        "flight, waiting): " + "; ".join(f"at {phase} {figures}" for phase, figures in at.items())
     )
     if args.max_streams:
         open_streams = args.max_streams * CHANNELS + 2
@@ -690,6 +878,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "shed_backlog_cancelled_per_s": over["backlog_dropped_per_s"],
         "shed_deadline_exceeded_per_s": over["deadline_exceeded_per_s"],
         "shed_refused_stream_per_s": over["refused_stream_per_s"],
+        "answered_late_per_s": over["late_per_s"],
         "other_errors": sum(r["other_errors"] for _, r in rows),
         "other_codes": {k: v for _, r in rows for k, v in r["other_codes"].items()},
         "other_details": {k: v for _, r in rows for k, v in r["other_details"].items()},
@@ -779,6 +968,18 @@ def main(argv: list[str] | None = None) -> int:
         "--pin",
         action="store_true",
         help=f"server on CPU {SERVER_CPU}, load generator and probe client on CPU {CLIENT_CPU}",
+    )
+    parser.add_argument(
+        "--flood-stream",
+        action="store_true",
+        help="the overload arrives as StreamMatch messages (one stream per connection) "
+        "instead of unary MatchFace calls",
+    )
+    parser.add_argument(
+        "--probe-stream",
+        action="store_true",
+        help="the well-behaved client holds two StreamMatch streams, as a portico does, "
+        "instead of sending unary MatchFace calls",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
