@@ -49,9 +49,10 @@ class Settings:
     #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
     #: Mean time in the service that admitted work should keep, in milliseconds: when a
-    #: window's mean exceeds it the in-flight limit shrinks (down to 32), when demand fills
-    #: the limit within it the limit grows back (up to ``max_concurrent_rpcs``). 0 turns the
-    #: adaptation off (a fixed ceiling). See ``centinela.server.admission``.
+    #: window's mean exceeds it the in-flight limit shrinks (down to ``admission_floor``),
+    #: when demand fills the limit within it the limit grows back (up to
+    #: ``max_concurrent_rpcs``). 0 turns the adaptation off (a fixed ceiling). See
+    #: ``centinela.server.admission``; ``deploy/centinela.example.toml`` says when to lower it.
     admission_target_ms: float = 100.0
     #: The adaptive in-flight limit never shrinks below this many units.
     admission_floor: int = 32

@@ -49,7 +49,11 @@ connections) therefore set what the others wait (``benchmarks/load.py`` splits a
 client's latency into the wait before the service and the time in it). ``intake_lanes``
 binds the port to several such servers (:class:`~centinela.server.app.CentinelaServer`), each
 taking its own connections' calls in: a flood then holds up only the connections the kernel
-put on its lanes.
+put on its lanes. None of this queue holds a StreamMatch probe: it is a message on a call
+already taken in, read by that call's own coroutine, so a portico's probes reach
+:class:`InFlight` (and its fairness) however many calls wait in gRPC core. A flood sent as
+StreamMatch messages reaches it too; then the in-flight limit decides what the others wait,
+because the units in flight share the loop (docs/performance.md, session 15).
 """
 
 from __future__ import annotations
