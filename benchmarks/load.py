@@ -84,6 +84,8 @@ from centinela.v1 import match_service_pb2 as mpb
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "/centinela.v1.MatchService/MatchFace"
 STREAM_METHOD = "/centinela.v1.MatchService/StreamMatch"
+#: gRPC status code numbers to their names (a StreamMatch answer's error carries the number).
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 #: What ``read()`` returns at a stream's end (grpc.aio.EOF; not in grpcio's type stubs).
 STREAM_END: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 INFO = "/centinela.v1.MatchService/GetServerInfo"
@@ -351,6 +353,19 @@ class Run:
     def ok_per_s(self) -> float:
         return self.codes["OK"] / self.seconds
 
+    def answered(self, answer: mpb.StreamMatchResponse, took: float, deadline: float) -> None:
+        """Count a StreamMatch answer that took ``took`` seconds: by its error's code, as
+        LATE past ``deadline``, else OK."""
+        if answer.HasField("error"):
+            code = _CODE_NAMES[answer.error.code]
+            self.details.setdefault(code, answer.error.message[:200])
+            self.codes[code] += 1
+        elif took > deadline:
+            self.codes[LATE] += 1
+        else:
+            self.latencies.append(took)
+            self.codes["OK"] += 1
+
     def row(self) -> dict[str, Any]:
         other = sum(n for k, n in self.codes.items() if k not in _EXPECTED)
         return {
@@ -476,13 +491,22 @@ async def open_loop(
     return run
 
 
+def open_stream(channel: Any) -> Any:
+    """A StreamMatch call on ``channel``."""
+    return channel.stream_stream(
+        STREAM_METHOD,
+        request_serializer=mpb.StreamMatchRequest.SerializeToString,
+        response_deserializer=mpb.StreamMatchResponse.FromString,
+    )()
+
+
 class StreamFlood:
     """The flood as StreamMatch messages: one stream per connection, each message written
     when its turn comes, as fast as the stream takes them (the server reads a stream only
     while it has a unit for its next probe: HTTP/2 flow control holds the writer back).
     A message still unwritten ``deadline`` after its scheduled time is dropped in the client
-    (a camera's stale frame) and counted DEADLINE_EXCEEDED, as is an answer later than that;
-    an answer carrying an error counts by its code."""
+    (a camera's stale frame) and counted DEADLINE_EXCEEDED; answers count as
+    :meth:`Run.answered` says."""
 
     def __init__(self, channels: list[Any]) -> None:
         self.channels = channels
@@ -510,11 +534,7 @@ class StreamFlood:
         run: Run,
         deadline: float,
     ) -> None:
-        call = channel.stream_stream(
-            STREAM_METHOD,
-            request_serializer=mpb.StreamMatchRequest.SerializeToString,
-            response_deserializer=mpb.StreamMatchResponse.FromString,
-        )()
+        call = open_stream(channel)
         sent: dict[int, float] = {}
 
         async def write() -> None:
@@ -530,16 +550,7 @@ class StreamFlood:
 
         async def read() -> None:
             while (answer := await call.read()) is not STREAM_END:
-                took = time.perf_counter() - sent.pop(answer.sequence)
-                if answer.HasField("error"):
-                    code = _CODE_NAMES[answer.error.code]
-                    run.details.setdefault(code, answer.error.message[:200])
-                    run.codes[code] += 1
-                elif took > deadline:
-                    run.codes[LATE] += 1
-                else:
-                    run.latencies.append(took)
-                    run.codes["OK"] += 1
+                run.answered(answer, time.perf_counter() - sent.pop(answer.sequence), deadline)
 
         await asyncio.gather(write(), read())
 
@@ -562,19 +573,14 @@ async def stream_closed_loop(
     channel: Any, payloads: Payloads, conc: int, seconds: float, deadline: float
 ) -> Run:
     """``conc`` StreamMatch streams on one connection, as a portico gateway holds them, each
-    sending its next face when the last is answered. An answer later than ``deadline``
-    counts as DEADLINE_EXCEEDED (a portico's alarm that came too late), an answer carrying
-    an error by its code."""
+    sending its next face when the last is answered; answers count as :meth:`Run.answered`
+    says (one later than ``deadline`` is LATE: a portico's alarm that came too late)."""
     run = Run(seconds)
     stop = time.perf_counter() + seconds
     counter = iter(range(10**12))
 
     async def worker() -> None:
-        call = channel.stream_stream(
-            STREAM_METHOD,
-            request_serializer=mpb.StreamMatchRequest.SerializeToString,
-            response_deserializer=mpb.StreamMatchResponse.FromString,
-        )()
+        call = open_stream(channel)
         while time.perf_counter() < stop:
             i = next(counter)
             face = mpb.MatchFaceRequest.FromString(payloads.get(i))
@@ -585,15 +591,7 @@ async def stream_closed_loop(
             took = time.perf_counter() - t0
             if answer.sequence != i:
                 raise SystemExit(f"StreamMatch answered {answer.sequence} for {i}")
-            if answer.HasField("error"):
-                code = _CODE_NAMES[answer.error.code]
-                run.details.setdefault(code, answer.error.message[:200])
-                run.codes[code] += 1
-            elif took > deadline:
-                run.codes[LATE] += 1
-            else:
-                run.latencies.append(took)
-                run.codes["OK"] += 1
+            run.answered(answer, took, deadline)
         await call.done_writing()
         while await call.read() is not STREAM_END:
             pass
@@ -602,10 +600,6 @@ async def stream_closed_loop(
     await asyncio.gather(*(worker() for _ in range(conc)))
     run.seconds = time.perf_counter() - t0
     return run
-
-
-#: gRPC status code numbers to their names.
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 async def probe(args: argparse.Namespace) -> None:
