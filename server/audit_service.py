@@ -81,12 +81,12 @@ class AuditServicer(UnimplementedAudit):  # type: ignore[misc]
         # Whole-log statistics are kept incrementally and saved between runs; a first pass
         # over a large log takes a while (about 40 s per million entries here), so resuming
         # and catching up start now, in their own thread and throttled (StatsCache.warm),
-        # off the event loop and off the matcher's executor.
+        # off the event loop and off the matcher's executor. Application.close calls
+        # finish_stats.
         self._final = threading.Event()
         self._thread = threading.Thread(
             target=self._warm_stats, name="centinela-audit-stats", daemon=True
         )
-        components.extra["audit_stats"] = self  # wiring's close calls finish_stats
         self._thread.start()
 
     def _warm_stats(self, save_every_s: float = STATS_SAVE_EVERY_S) -> None:

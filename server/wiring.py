@@ -95,9 +95,11 @@ class Application:
         await asyncio.to_thread(c.matcher.stop)
         c.policy.stop_watching()
         c.executor.shutdown(wait=True)
-        stats = c.extra.get("audit_stats")
-        if stats is not None:  # counts SERVICE_STOP and saves, while the log is still open
-            await asyncio.to_thread(stats.finish_stats)
+        from centinela.server.audit_service import AuditServicer
+
+        if isinstance(self.servicers.audit, AuditServicer):
+            # Counts SERVICE_STOP and saves the statistics, while the log is still open.
+            await asyncio.to_thread(self.servicers.audit.finish_stats)
         await asyncio.to_thread(c.audit.close)
         c.idempotency.close()
         _close_engine(c.policy.active)
