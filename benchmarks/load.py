@@ -121,7 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
         intake_lanes=args.lanes,
         admission_max_wait_ms=args.max_wait_ms,
         admission_queue_per_caller=args.queue_per_caller,
-        admission_target_ms=args.target_ms,
+        admission_gain=args.gain,
         admission_floor=args.floor,
         policy_bundle=str(bench_bundle(args.data_dir)),
         shutdown_grace_s=2.0,
@@ -229,7 +229,7 @@ def start_server(
     admission: tuple[float, int, float, int] = (-1.0, 0, -1.0, 0),
     pin: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    max_wait_ms, queue_per_caller, target_ms, floor = admission
+    max_wait_ms, queue_per_caller, gain, floor = admission
     port_file = data_dir / "port"
     return spawn_serving(
         [
@@ -253,8 +253,8 @@ def start_server(
             str(max_wait_ms),
             "--queue-per-caller",
             str(queue_per_caller),
-            "--target-ms",
-            str(target_ms),
+            "--gain",
+            str(gain),
             "--floor",
             str(floor),
             "--port-file",
@@ -796,7 +796,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"max_pending_rpcs {args.max_pending}; max_streams_per_connection "
         f"{args.max_streams or 'unlimited'}; intake_lanes {args.lanes}; "
         f"admission wait {args.max_wait_ms:g} ms, "
-        f"queue per caller {args.queue_per_caller}, target {args.target_ms:g} ms, "
+        f"queue per caller {args.queue_per_caller}, gain {args.gain:g}, "
         f"floor {args.floor}; "
         f"deadline {args.deadline_ms:g} ms; "
         f"load average {os.getloadavg()[0]:.1f})"
@@ -873,7 +873,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "intake_lanes": args.lanes,
         "admission_max_wait_ms": args.max_wait_ms,
         "admission_queue_per_caller": args.queue_per_caller,
-        "admission_target_ms": args.target_ms,
+        "admission_gain": args.gain,
         "admission_floor": args.floor,
         "deadline_ms": args.deadline_ms,
         "factor": args.factor,
@@ -928,7 +928,7 @@ def default_limits() -> tuple[int, int, int, float, int, float, int, int]:
         defaults.max_streams_per_connection,
         defaults.admission_max_wait_ms,
         defaults.admission_queue_per_caller,
-        defaults.admission_target_ms,
+        defaults.admission_gain,
         defaults.admission_floor,
         defaults.intake_lanes,
     )
@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         help="admission_queue_per_caller (server default)",
     )
     parser.add_argument(
-        "--target-ms", type=float, default=-1.0, help="admission_target_ms (server default)"
+        "--gain", type=float, default=-1.0, help="admission_gain (server default; 0 = fixed)"
     )
     parser.add_argument("--floor", type=int, default=0, help="admission_floor (server default)")
     parser.add_argument("--lanes", type=int, default=0, help="intake_lanes (server default)")
@@ -996,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    in_flight, pending, streams, wait_ms, per_caller, target_ms, floor, lanes = default_limits()
+    in_flight, pending, streams, wait_ms, per_caller, gain, floor, lanes = default_limits()
     args.lanes = args.lanes or lanes
     args.floor = args.floor or floor
     args.max_in_flight = args.max_in_flight or in_flight
@@ -1004,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_streams = streams if args.max_streams < 0 else args.max_streams
     args.max_wait_ms = wait_ms if args.max_wait_ms < 0 else args.max_wait_ms
     args.queue_per_caller = args.queue_per_caller or per_caller
-    args.target_ms = target_ms if args.target_ms < 0 else args.target_ms
+    args.gain = gain if args.gain < 0 else args.gain
     if args.serve:
         asyncio.run(serve(args))
         return 0
@@ -1034,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_pending,
         max_streams=args.max_streams,
         lanes=args.lanes,
-        admission=(args.max_wait_ms, args.queue_per_caller, args.target_ms, args.floor),
+        admission=(args.max_wait_ms, args.queue_per_caller, args.gain, args.floor),
         pin=args.pin,
     )
     try:

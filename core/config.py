@@ -48,14 +48,15 @@ class Settings:
     #: Work in flight (a call, or one probe of a StreamMatch) admitted before shedding with
     #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
-    #: Mean time in the service that admitted work should keep, in milliseconds: when a
-    #: window's mean exceeds it the in-flight limit shrinks (down to ``admission_floor``),
-    #: when demand fills the limit within it the limit grows back (up to
-    #: ``max_concurrent_rpcs``). 0 turns the adaptation off (a fixed ceiling). See
-    #: ``centinela.server.admission``; ``deploy/centinela.example.toml`` says when to lower it.
-    admission_target_ms: float = 100.0
-    #: The adaptive in-flight limit never shrinks below this many units.
-    admission_floor: int = 32
+    #: The adaptive in-flight limit is this many times the work the service completes in its
+    #: own unloaded time (recent peak rate x lowest window mean, remeasured at the floor when
+    #: stale), between ``admission_floor`` and ``max_concurrent_rpcs``: the time admitted work
+    #: spends in the service stays near this multiple of its unloaded time. 0 keeps
+    #: ``max_concurrent_rpcs`` as a fixed limit. See ``centinela.server.admission``.
+    admission_gain: float = 2.0
+    #: The adaptive in-flight limit never goes below this many units, and drops to it for
+    #: one window every ten seconds under load to remeasure the unloaded time.
+    admission_floor: int = 4
     #: How long a call past the in-flight limit may wait for a unit, in milliseconds, in its
     #: caller's queue (units go round robin to the callers that wait); then
     #: RESOURCE_EXHAUSTED. 0 refuses at the limit at once (``centinela.server.admission``).

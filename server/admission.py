@@ -86,8 +86,11 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         raise ConfigError("max_concurrent_rpcs must be at least 1")
     if settings.max_pending_rpcs < 2:
         raise ConfigError("max_pending_rpcs must be at least 2")
-    if not 0.0 <= settings.admission_target_ms < 3_600_000:
-        raise ConfigError("admission_target_ms must be 0 (off) or a positive number of ms")
+    if not (settings.admission_gain == 0.0 or 1.0 <= settings.admission_gain <= 100.0):
+        raise ConfigError(
+            "admission_gain must be 0 (a fixed limit) or between 1 and 100: below 1 the "
+            "limit could not keep the rate it measures"
+        )
     if not 0.0 <= settings.admission_max_wait_ms < 3_600_000:
         raise ConfigError(
             "admission_max_wait_ms must be 0 (refuse at once) or a positive number of ms"
@@ -107,18 +110,21 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-#: The adaptive limit never goes below this many units.
-MIN_LIMIT = 32
+#: The adaptive limit never goes below this many units (the default ``admission_floor``).
+MIN_LIMIT = 4
 
 
 class InFlight:
     """Work admitted and not yet answered, against an adaptive in-flight limit, with the
     work past the limit waiting in a queue **per caller**, served in turn.
 
-    A unit is a unary call, a client-streamed import, an export, or **one message** of a
-    StreamMatch: a portico's stream stays open all day and is idle between captures, so it
-    holds a unit only while one of its probes is being decided (a thousand open streams must
-    not lock unary callers out).
+    A unit is a unary call or **one message** of a StreamMatch: a portico's stream stays open
+    all day and is idle between captures, so it holds a unit only while one of its probes is
+    being decided (a thousand open streams must not lock unary callers out). **Bulk** work (a
+    client-streamed import, a server-streamed export) holds a unit of the ``ceiling`` only,
+    not of the adaptive limit, and never waits: it lasts seconds to minutes, and at a limit of
+    a few units a handful of imports would otherwise lock every match out until they end.
+    Past the ceiling it is refused at once.
 
     **Past the limit, work waits, fairly** (:meth:`acquire`). Each caller (a client
     certificate) has its own queue; when a unit frees it goes to the caller whose turn it is,
@@ -139,29 +145,43 @@ class InFlight:
     not read meanwhile: backpressure, as HTTP/2 flow control means it; one probe at a time
     per stream).
 
-    **Adaptive limit.** A fixed ceiling keeps memory bounded but not latency: at ten times
-    the capacity, 256 calls in flight on a loop that serves ~300/s each wait ~0.9 s. So the
-    limit follows the time admitted work spends in the service (Little's law: the work in
-    flight that the loop can serve within ``target_s``), per window of at least
-    ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
+    **Adaptive limit: the work the service completes in its own unloaded time, times a
+    gain.** Units in flight share one event loop, so each one's time in the service grows
+    with their number; past the number that keeps the loop busy, more units only lengthen
+    everyone's time, and a well-behaved client's call waits behind the units a flood holds.
+    The limit is therefore set as TCP BBR sets its window (Cardwell et al., 2016): the
+    bandwidth-delay product, here the highest completion rate seen lately times the lowest
+    mean time in the service, times ``gain`` (Little's law: ``rate x time`` units keep the
+    service at that rate; the gain is headroom for the audit commit's waits). Both are
+    measured per window of at least ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
 
-    * mean above ``target_s``: the limit shrinks by a quarter (never below ``floor``);
-    * otherwise, if the limit was reached in the window (demand wants more): it grows by an
-      eighth (at least one; never above ``ceiling``).
+    * the **rate** is the window's completions over its length, the highest of the windows
+      of the last ``RATE_S`` seconds;
+    * the **unloaded time** is the lowest window mean. A mean measured with many units in
+      flight includes their sharing, and a limit computed from it only confirms itself. So
+      when no window has come in under the current value for ``PROBE_S`` seconds (or none has
+      been measured yet) the limit drops to ``floor`` for one window, once the units in flight
+      have drained to it, and that window's mean becomes the new value (BBR's ProbeRTT). Under
+      a steady flood this costs one window in ``PROBE_S``.
 
-    This is AIMD on latency, the loop of TCP congestion control and of Netflix's
-    concurrency-limits, in its simplest form. ``target_s`` 0 keeps the ceiling fixed.
-    Everything runs on the server's event loop: no lock.
+    The limit moves at most to twice its value per window (a start from the floor doubles
+    while the time stays low) and stays between ``floor`` and ``ceiling``. On one core with a
+    local database the limit settles near ``gain`` times the floor: one decision's unloaded
+    time is a few milliseconds of CPU. Where the audit commits to a distant database, the
+    unloaded time is longer and the limit larger by as much, without a setting to change.
+    ``gain`` 0 keeps the ceiling fixed. Everything runs on the server's event loop: no lock.
     """
 
     WINDOW_UNITS = 32
     WINDOW_S = 0.25
+    RATE_S = 5.0
+    PROBE_S = 10.0
 
     def __init__(
         self,
         ceiling: int,
         *,
-        target_s: float = 0.0,
+        gain: float = 0.0,
         floor: int = MIN_LIMIT,
         max_wait_s: float = 0.0,
         queue_per_caller: int = 128,
@@ -171,14 +191,23 @@ class InFlight:
         self.ceiling = ceiling
         self.limit = ceiling
         self.floor = min(floor, ceiling)
-        self.target_s = target_s
+        self.gain = gain
         self.max_wait_s = max_wait_s
         self.queue_per_caller = queue_per_caller
+        #: Units held: measured work against ``limit``, bulk work against ``ceiling`` only.
         self.count = 0
+        self.bulk = 0
         self._waiting = 0
         #: Each waiting caller's queue, and the callers in turn order (each once).
         self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._turns: collections.deque[str] = collections.deque()
+        #: The estimates: lowest window mean (and when it was seen), recent window rates.
+        self.unloaded_s: float | None = None
+        self._unloaded_at = 0.0
+        self._rates: collections.deque[tuple[float, float]] = collections.deque()
+        #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
+        self.probing = False
+        self._probe_armed = False
         self._reset(clock())
 
     @classmethod
@@ -186,11 +215,16 @@ class InFlight:
         """The limit, adaptation and queues a server's settings give."""
         return cls(
             settings.max_concurrent_rpcs,
-            target_s=settings.admission_target_ms / 1000.0,
+            gain=settings.admission_gain,
             floor=settings.admission_floor,
             max_wait_s=settings.admission_max_wait_ms / 1000.0,
             queue_per_caller=settings.admission_queue_per_caller,
         )
+
+    @property
+    def rate(self) -> float:
+        """The highest completion rate (units/s) of the recent windows; 0 before any."""
+        return max((r for _t, r in self._rates), default=0.0)
 
     @property
     def waiting(self) -> int:
@@ -206,34 +240,40 @@ class InFlight:
         self._window_start = now
         self._units = 0
         self._total_s = 0.0
-        self._saturated = False
 
-    def enter(self) -> None:
-        """Take a unit at once, or refuse.
+    def _free(self) -> bool:
+        return self.count < self.limit and self.count + self.bulk < self.ceiling
+
+    def enter(self, *, bulk: bool = False) -> None:
+        """Take a unit at once, or refuse (``bulk``: a unit of the ceiling only).
 
         Raises:
             ResourceExhausted: the limit is reached.
         """
-        if self.count >= self.limit or self._waiting:
-            self._saturated = True
+        if bulk:
+            if self.count + self.bulk >= self.ceiling:
+                raise ResourceExhausted(
+                    f"server holds its ceiling of {self.ceiling} units of work; retry with backoff"
+                )
+            self.bulk += 1
+            return
+        if not self._free() or self._waiting:
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
         self.count += 1
-        if self.count >= self.limit:
-            self._saturated = True
 
-    async def acquire(self, caller: str = "", *, stream: bool = False) -> None:
+    async def acquire(self, caller: str = "", *, stream: bool = False, bulk: bool = False) -> None:
         """Take a unit, waiting in ``caller``'s queue at the limit.
 
         A call (``stream`` false) waits at most ``max_wait_s`` and is refused when its
-        caller already has ``queue_per_caller`` waiting; a stream's probe waits unbounded.
+        caller already has ``queue_per_caller`` waiting; a stream's probe waits unbounded;
+        ``bulk`` work never waits (:meth:`enter`).
 
         Raises:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
         """
-        if (self.count < self.limit and not self._waiting) or (not stream and self.max_wait_s <= 0):
-            self.enter()  # a free unit, or (no wait) a refusal at the limit
+        if bulk or (self._free() and not self._waiting) or (not stream and self.max_wait_s <= 0):
+            self.enter(bulk=bulk)  # a free unit, or (no wait) a refusal at the limit
             return
-        self._saturated = True
         queue = self._queues.get(caller)
         if not stream and queue is not None and len(queue) >= self.queue_per_caller:
             raise ResourceExhausted(
@@ -290,7 +330,7 @@ class InFlight:
         )
 
     def _hand_over(self) -> None:
-        while self._turns and self.count < self.limit:
+        while self._turns and self._free():
             caller = self._turns.popleft()
             queue = self._queues[caller]
             waiter = queue.popleft()
@@ -303,26 +343,54 @@ class InFlight:
                 self.count += 1
                 waiter.set_result(None)
 
-    def leave(self, elapsed_s: float | None = None) -> None:
+    def leave(self, elapsed_s: float | None = None, *, bulk: bool = False) -> None:
         """Give a unit back; ``elapsed_s`` (its time in the service) feeds the adaptation."""
-        self.count -= 1
-        self._adapt(elapsed_s)
+        if bulk:
+            self.bulk -= 1
+        else:
+            self.count -= 1
+            self._adapt(elapsed_s)
         self._hand_over()
 
     def _adapt(self, elapsed_s: float | None) -> None:
-        if not self.target_s or elapsed_s is None:
+        if not self.gain or elapsed_s is None:
+            return
+        now = self._clock()
+        if self.probing and not self._probe_armed:
+            if self.count > self.floor:
+                return  # still draining to the floor: these times are the loaded ones
+            self._probe_armed = True
+            self._reset(now)  # the probe's window starts with the next completion
             return
         self._units += 1
         self._total_s += elapsed_s
-        now = self._clock()
-        if self._units < self.WINDOW_UNITS or now - self._window_start < self.WINDOW_S:
+        length = now - self._window_start
+        if self._units < self.WINDOW_UNITS or length < self.WINDOW_S:
             return
         mean = self._total_s / self._units
+        self._rates.append((now, self._units / max(length, 1e-6)))
+        while len(self._rates) > 1 and now - self._rates[0][0] > self.RATE_S:
+            self._rates.popleft()
         before = self.limit
-        if mean > self.target_s:
-            self.limit = max(self.floor, self.limit * 3 // 4)
-        elif self._saturated:
-            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 8))
+        if self.probing or (self.unloaded_s is not None and mean <= self.unloaded_s):
+            self.unloaded_s = mean
+            self._unloaded_at = now
+        self.probing = False
+        if self.unloaded_s is None or now - self._unloaded_at > self.PROBE_S:
+            self.probing = True  # measure the unloaded time afresh, at the floor
+            self._probe_armed = False
+            self.limit = self.floor
+        else:
+            wanted = round(self.gain * self.rate * self.unloaded_s)
+            self.limit = max(self.floor, min(self.ceiling, 2 * self.limit, wanted))
         if self.limit != before:
-            log.debug("admission.limit", limit=self.limit, was=before, mean_ms=mean * 1000)
+            log.debug(
+                "admission.limit",
+                limit=self.limit,
+                was=before,
+                probing=self.probing,
+                mean_ms=round(mean * 1000, 3),
+                unloaded_ms=round((self.unloaded_s or 0.0) * 1000, 3),
+                rate=round(self.rate, 1),
+            )
         self._reset(now)

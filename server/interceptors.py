@@ -20,7 +20,8 @@ Invariants:
 * Beyond the limit of units of work in flight (a call, or one message of a long-lived
   stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
   queue, served round robin with the other callers' (identity is therefore resolved first),
-  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound.
+  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Imports and exports
+  hold a unit of the ceiling only and are refused past it, never queued.
 """
 
 from __future__ import annotations
@@ -279,8 +280,8 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     @property
     def in_flight(self) -> int:
-        """Units of work currently admitted (see :class:`InFlight`)."""
-        return self.admission.count
+        """Units of work currently admitted, bulk work included (see :class:`InFlight`)."""
+        return self.admission.count + self.admission.bulk
 
     async def intercept_service(
         self,
@@ -429,13 +430,13 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     if not streaming_request:
                         _check_decoded(request)
                     if holds_unit:
-                        await interceptor.admission.acquire(state.share)
+                        await interceptor.admission.acquire(state.share, bulk=True)
                     try:
                         async for item in inner_s(request, context):
                             yield item
                     finally:
                         if holds_unit:
-                            interceptor.admission.leave()
+                            interceptor.admission.leave(bulk=True)
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
@@ -469,13 +470,13 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             try:
                 state = interceptor._begin(context, method, protected, rid)
                 token = set_call(state)
-                await interceptor.admission.acquire(state.share)
+                await interceptor.admission.acquire(state.share, bulk=True)
                 try:
                     result = inner_su(_decoded(request_iterator), context)
                     if inspect.isawaitable(result):
                         result = await result
                 finally:
-                    interceptor.admission.leave()
+                    interceptor.admission.leave(bulk=True)
                 interceptor._log_call(state, grpc.StatusCode.OK, started)
                 return result
             except Exception as exc:

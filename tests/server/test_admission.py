@@ -1,8 +1,8 @@
 """The adaptive in-flight limit (``centinela.server.admission.InFlight``), unit by unit.
 
-The limit is driven with the elapsed times it is told, so each window's mean is exact; the
-windows' minimum duration is set to 0 so a window closes after ``WINDOW_UNITS`` completions.
-The live behaviour under load is measured by ``benchmarks/load.py``.
+The limit is driven by a model of the service on a clock of the test's own (:class:`Service`),
+so each window's times and rate are exact. The live behaviour under load is measured by
+``benchmarks/load.py``.
 """
 
 from __future__ import annotations
@@ -24,94 +24,185 @@ from centinela.server.admission import (
 )
 
 
-def _limiter(ceiling: int = 256, target_s: float = 0.1, floor: int = 32) -> InFlight:
-    f = InFlight(ceiling, target_s=target_s, floor=floor)
-    f.WINDOW_S = 0.0
-    return f
+class Service:
+    """A model of the server for the limit to drive, on a clock of its own: units in flight
+    share a CPU that completes ``capacity`` units a second, and none takes less than
+    ``unloaded_s`` (one decision with its audit commit, alone). Demand is saturated: every
+    unit that completes is replaced at once, up to the limit. No wall clock is involved."""
+
+    def __init__(self, limiter: InFlight, clock: list[float], capacity: float, unloaded_s: float):
+        self.f = limiter
+        self.clock = clock
+        self.capacity = capacity
+        self.unloaded_s = unloaded_s
+        self.times: list[float] = []  # each completed unit's time in the service
+
+    def fill(self) -> None:
+        while True:
+            try:
+                self.f.enter()
+            except ResourceExhausted:
+                return
+
+    def serve(self, seconds: float) -> list[int]:
+        """Run for ``seconds`` of model time; the limit after each completion."""
+        limits = []
+        end = self.clock[0] + seconds
+        self.fill()
+        while self.clock[0] < end:
+            in_flight = self.f.count
+            elapsed = max(self.unloaded_s, in_flight / self.capacity)
+            self.clock[0] += elapsed / in_flight  # in_flight units complete per `elapsed`
+            self.f.leave(elapsed)
+            self.times.append(elapsed)
+            self.fill()
+            limits.append(self.f.limit)
+        return limits
 
 
-def _window(f: InFlight, elapsed_s: float, *, saturate: bool) -> None:
-    """One window of completions, each ``elapsed_s``; with ``saturate`` demand fills the
-    limit first (the units beyond it are shed)."""
-    held = 0
-    want = f.limit + 5 if saturate else min(f.WINDOW_UNITS, f.limit - 1)
-    shed = 0
-    for _ in range(want):
-        try:
-            f.enter()
-            held += 1
-        except ResourceExhausted:
-            shed += 1
-    assert held <= f.limit
-    assert shed == (5 if saturate else 0)
-    done = 0
-    while done < f.WINDOW_UNITS:
-        if held == 0:
-            f.enter()
-            held += 1
-        f.leave(elapsed_s)
-        held -= 1
-        done += 1
-    for _ in range(held):
-        f.count -= 1  # the rest finish in the next window, unobserved
+def _service(
+    capacity: float = 600.0, unloaded_s: float = 0.003, *, ceiling: int = 256, floor: int = 4
+) -> Service:
+    clock = [1000.0]
+    f = InFlight(ceiling, gain=2.0, floor=floor, clock=lambda: clock[0])
+    return Service(f, clock, capacity, unloaded_s)
 
 
-def test_slow_windows_shrink_the_limit_to_the_floor_and_no_further() -> None:
-    f = _limiter()
-    limits = []
-    for _ in range(20):
-        _window(f, 0.5, saturate=True)
-        limits.append(f.limit)
-    assert limits[0] == 192  # a quarter off
-    assert limits == sorted(limits, reverse=True)
-    assert limits[-1] == 32
+def test_the_first_window_probes_at_the_floor_then_the_limit_is_gain_x_rate_x_time() -> None:
+    """One core serving 600/s, 3 ms unloaded: at the floor (4 units) the CPU is already the
+    bottleneck, each unit takes 4/600 s; the limit becomes 2 x 600/s x 6.7 ms = 8, not the 256
+    a limit that only watched its mean time against 100 ms would keep."""
+    s = _service()
+    s.serve(0.3)  # the first window (at the ceiling) ends within 0.3 s
+    assert (s.f.probing, s.f.limit) == (True, 4)
+    limits = s.serve(5.0)
+    assert s.f.unloaded_s == pytest.approx(4 / 600)
+    assert s.f.rate == pytest.approx(600, rel=0.01)
+    assert s.f.limit == 8
+    assert limits[-1000:] == [8] * 1000  # settled, no oscillation
+    # The time each unit spends in the service: 8/600 s, twice the floor's (the gain).
+    assert s.times[-1] == pytest.approx(2 * 4 / 600)
 
 
-def test_fast_windows_under_demand_grow_it_back_to_the_ceiling() -> None:
-    f = _limiter()
-    for _ in range(20):
-        _window(f, 0.5, saturate=True)
-    assert f.limit == 32
-    limits = []
-    for _ in range(40):
-        _window(f, 0.01, saturate=True)
-        limits.append(f.limit)
-    assert limits[0] == 36  # an eighth more
-    assert limits == sorted(limits)
-    assert limits[-1] == 256
+def test_where_the_audit_commit_is_slow_the_limit_grows_to_keep_the_rate() -> None:
+    """30 ms unloaded (a distant database), the same CPU: the floor completes only
+    4/30 ms = 133/s, so the limit doubles window by window while the time stays 30 ms, and
+    settles at 2 x 600/s x 30 ms = 36, where the CPU is busy and the time is 60 ms."""
+    s = _service(unloaded_s=0.030)
+    s.serve(0.3)
+    assert s.f.limit == 4  # probing
+    limits = s.serve(10.0)
+    grown = sorted(set(limits))
+    assert grown[:4] == [4, 8, 16, 32]  # at most twice per window
+    assert s.f.unloaded_s == pytest.approx(0.030)
+    assert s.f.limit == 36
+    assert s.f.rate == pytest.approx(600, rel=0.01)
+    assert s.times[-1] == pytest.approx(36 / 600)
 
 
-def test_fast_windows_without_demand_leave_it_alone() -> None:
-    f = _limiter()
-    for _ in range(20):
-        _window(f, 0.5, saturate=True)
-    for _ in range(10):
-        _window(f, 0.01, saturate=False)
-    assert f.limit == 32
+def test_a_stale_unloaded_time_is_measured_again_at_the_floor() -> None:
+    """Under a steady load no window comes in under the unloaded time, so every PROBE_S the
+    limit drains to the floor for one window. A service that has become slower (the
+    database, say) is measured afresh there, and the limit follows it."""
+    s = _service()
+    s.serve(5.0)
+    assert s.f.limit == 8
+    s.unloaded_s = 0.030  # the audit commit slows down
+    limits = s.serve(s.f.PROBE_S + 10.0)
+    probes = [n for n in range(1, len(limits)) if limits[n] == 4 and limits[n - 1] != 4]
+    assert len(probes) >= 1
+    assert s.f.unloaded_s == pytest.approx(0.030)
+    assert s.f.limit == 36
+    # Back at the old speed: 36 units still share the CPU (60 ms each), so no window comes in
+    # under 30 ms; the next probe finds the speed and the limit comes back down.
+    s.unloaded_s = 0.003
+    s.serve(2.0)
+    assert s.f.limit == 36
+    s.serve(s.f.PROBE_S)
+    assert s.f.unloaded_s == pytest.approx(4 / 600, rel=0.01)
+    assert s.f.limit == 8
 
 
-def test_target_zero_keeps_the_ceiling_fixed() -> None:
-    f = _limiter(target_s=0.0)
-    for _ in range(10):
-        _window(f, 5.0, saturate=True)
-    assert f.limit == 256
+def test_a_probe_window_starts_only_once_the_units_have_drained_to_the_floor() -> None:
+    clock = [1000.0]
+    f = InFlight(256, gain=2.0, floor=4, clock=lambda: clock[0])
+    f.probing = True
+    f.limit = 4
+    for _ in range(64):
+        f.count += 1
+    # Loaded completions while 64 drain to 4 do not count toward the probe's window.
+    for _ in range(60):
+        clock[0] += 0.1
+        f.leave(1.0)
+    assert (f.probing, f.unloaded_s) == (True, None)
+    for _ in range(2 * f.WINDOW_UNITS):
+        clock[0] += 0.01
+        f.leave(0.004)
+        f.enter()
+    assert not f.probing
+    assert f.unloaded_s == pytest.approx(0.004)
+
+
+def test_gain_zero_keeps_the_ceiling_fixed() -> None:
+    clock = [1000.0]
+    s = Service(InFlight(256, gain=0.0, clock=lambda: clock[0]), clock, 600.0, 0.003)
+    assert set(s.serve(5.0)) == {256}
+    assert s.f.unloaded_s is None
 
 
 def test_a_window_needs_its_minimum_duration() -> None:
     clock = [1000.0]
-    f = InFlight(256, target_s=0.1, clock=lambda: clock[0])  # WINDOW_S as shipped
-    for _ in range(4 * f.WINDOW_UNITS):  # many slow completions, all in the same instant
+    f = InFlight(256, gain=2.0, clock=lambda: clock[0])
+    for _ in range(4 * f.WINDOW_UNITS):  # many completions, all in the same instant
         f.enter()
-        f.leave(1.0)
-    assert f.limit == 256
+        f.leave(0.003)
+    assert (f.limit, f.probing) == (256, False)
     clock[0] += f.WINDOW_S
     f.enter()
-    f.leave(1.0)
-    assert f.limit == 192
+    f.leave(0.003)
+    assert (f.limit, f.probing) == (f.floor, True)
+
+
+def test_bulk_work_takes_units_of_the_ceiling_only_and_never_waits() -> None:
+    """Imports and exports last minutes: at a limit of a few units they would lock matches
+    out. They hold units of the ceiling, beside the limit, and are refused past it."""
+
+    async def scenario() -> None:
+        f = InFlight(6, floor=2, max_wait_s=60.0)
+        f.limit = 2
+        for _ in range(3):
+            await f.acquire("admin", bulk=True)  # past the limit of 2: bulk does not count
+        await f.acquire("muni")
+        await f.acquire("muni")
+        waiter = asyncio.create_task(f.acquire("muni"))  # the limit: this one waits
+        await asyncio.sleep(0)
+        assert (f.count, f.bulk, f.waiting) == (2, 3, 1)
+        await f.acquire("admin", bulk=True)  # the sixth unit of the ceiling
+        with pytest.raises(ResourceExhausted, match="ceiling of 6"):
+            await f.acquire("admin", bulk=True)  # refused at once, not queued
+        assert f.waiting == 1
+        f.leave(bulk=True)  # a bulk unit frees, but the limit holds the call
+        await asyncio.sleep(0)
+        assert (f.count, f.bulk, f.waiting) == (2, 3, 1)
+        f.leave()  # a measured unit frees: the waiting call takes it
+        await waiter
+        assert (f.count, f.bulk, f.waiting) == (2, 3, 0)
+        # The ceiling holds measured work too: under the limit, but bulk fills the ceiling.
+        f.leave()
+        await f.acquire("admin", bulk=True)
+        await f.acquire("admin", bulk=True)
+        waiter = asyncio.create_task(f.acquire("muni"))
+        await asyncio.sleep(0)
+        assert (f.count, f.bulk, f.waiting) == (1, 5, 1)
+        f.leave(bulk=True)
+        await waiter
+        assert (f.count, f.bulk, f.waiting) == (2, 4, 0)
+
+    asyncio.run(scenario())
 
 
 def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
-    f = _limiter(ceiling=4)
+    f = InFlight(4, gain=2.0, floor=32)
     assert (f.limit, f.floor) == (4, 4)
     for _ in range(3):
         f.enter()
@@ -277,6 +368,9 @@ def test_server_options_carry_the_bounds_and_refuse_bad_ones(tmp_path: Path) -> 
         {"max_concurrent_rpcs": 0},
         {"admission_max_wait_ms": -1.0},
         {"admission_queue_per_caller": 0},
+        {"admission_gain": 0.5},
+        {"admission_gain": -1.0},
+        {"admission_floor": 0},
     ):
         with pytest.raises(ConfigError):
             server_options(Settings(data_dir=tmp_path, **bad))
