@@ -162,11 +162,19 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.before_ms: list[float] = []
         self.service_ms: list[float] = []
         #: The server's admission limit, units in flight and work waiting, every 50 ms.
-        self.admission_samples: list[tuple[int, int, int]] = []
+        self.admission_samples: list[tuple[int, int, int, int, int]] = []
 
     async def sample(self, admission: Any) -> None:
         while True:
-            self.admission_samples.append((admission.limit, admission.count, admission.waiting))
+            self.admission_samples.append(
+                (
+                    admission.limit,
+                    admission.count,
+                    admission.waiting,
+                    int(admission.probing),
+                    admission.streams,
+                )
+            )
             await asyncio.sleep(0.05)
 
     async def intercept_service(
@@ -638,8 +646,14 @@ async def probe(args: argparse.Namespace) -> None:
     for part in ("before", "service"):
         row[f"{part}_p50_ms"] = round(percentile(doc[f"{part}_ms"], 0.50), 2)
         row[f"{part}_p99_ms"] = round(percentile(doc[f"{part}_ms"], 0.99), 2)
+    samples = doc["admission"]
     for k, name in enumerate(("limit", "in_flight", "waiting")):
-        row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in doc["admission"]], 0.5)
+        row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in samples], 0.5)
+    # How often the limit held stream probes back, and how often it was remeasuring.
+    row["admission_at_limit_share"] = round(
+        sum(a[4] >= a[0] for a in samples) / max(1, len(samples)), 3
+    )
+    row["admission_probing_share"] = round(sum(a[3] for a in samples) / max(1, len(samples)), 3)
     print(json.dumps(row), flush=True)
     for ch in chans:
         await ch.close()
@@ -843,11 +857,15 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     )
     at = {
         phase: ", ".join(f"{r[f'admission_{k}_p50']:g}" for k in ("limit", "in_flight", "waiting"))
+        + f"; at the limit {100 * r['admission_at_limit_share']:.0f} %, probing "
+        f"{100 * r['admission_probing_share']:.0f} %"
         for phase, r in (("1x", pb), (f"{args.factor:g}x", po))
     }
     print(
         "server admission while the probe ran (median of 50 ms samples: limit, units in "
-        "flight, waiting): " + "; ".join(f"at {phase} {figures}" for phase, figures in at.items())
+        "flight, waiting; share of samples with the stream probes at the limit, and "
+        "remeasuring at the floor): "
+        + "; ".join(f"at {phase} {figures}" for phase, figures in at.items())
     )
     if args.max_streams:
         open_streams = args.max_streams * CHANNELS + 2

@@ -48,15 +48,17 @@ class Settings:
     #: Work in flight (a call, or one probe of a StreamMatch) admitted before shedding with
     #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
-    #: The adaptive in-flight limit is this many times the work the service completes in its
-    #: own unloaded time (recent peak rate x lowest window mean, remeasured at the floor when
-    #: stale), between ``admission_floor`` and ``max_concurrent_rpcs``: the time admitted work
-    #: spends in the service stays near this multiple of its unloaded time. 0 keeps
-    #: ``max_concurrent_rpcs`` as a fixed limit. See ``centinela.server.admission``.
+    #: StreamMatch probes in flight are held at an adaptive limit: this many times the work
+    #: the service completes in its own unloaded time (recent peak rate x lowest window mean,
+    #: remeasured at the floor when stale), between ``admission_floor`` and
+    #: ``max_concurrent_rpcs``, so that a flood over streams waits in its own queue and the
+    #: others' time in the service stays near this multiple of the unloaded time. Unary calls
+    #: are held at ``max_concurrent_rpcs`` only. 0 keeps the ceiling for probes too. See
+    #: ``centinela.server.admission``.
     admission_gain: float = 2.0
-    #: The adaptive in-flight limit never goes below this many units, and drops to it for
-    #: one window every ten seconds under load to remeasure the unloaded time.
-    admission_floor: int = 4
+    #: The adaptive limit never goes below this many probes, and drops to it for one window
+    #: every ten seconds under load to remeasure the unloaded time.
+    admission_floor: int = 2
     #: How long a call past the in-flight limit may wait for a unit, in milliseconds, in its
     #: caller's queue (units go round robin to the callers that wait); then
     #: RESOURCE_EXHAUSTED. 0 refuses at the limit at once (``centinela.server.admission``).

@@ -15,12 +15,13 @@ Three bounds shed what the server cannot serve in time:
   again. A StreamMatch is one stream whatever it carries.
 
 * **In flight** (``max_concurrent_rpcs``, :class:`InFlight`, kept by
-  :class:`~centinela.server.interceptors.CentinelaInterceptor`): work past the (adaptive)
-  limit waits in a queue per caller (client certificate), and freed units go round robin to
-  the callers that wait, so one client's flood costs every other client one turn, not the
-  flood's length. A call waits at most ``admission_max_wait_ms`` and a caller may have
+  :class:`~centinela.server.interceptors.CentinelaInterceptor`): work past the limit waits
+  in a queue per caller (client certificate), and freed units go round robin to the callers
+  that wait, so one client's flood costs every other client one turn, not the flood's
+  length. A call waits at most ``admission_max_wait_ms`` and a caller may have
   ``admission_queue_per_caller`` waiting; past either it gets RESOURCE_EXHAUSTED. A unit is
-  a call, or one probe of a StreamMatch (an open, idle stream holds none).
+  a call, or one probe of a StreamMatch (an open, idle stream holds none); probes are held
+  at an adaptive limit below the ceiling, which follows the service's own unloaded time.
 * **Waiting** (``max_pending_rpcs``, here): calls the transport accepted but the server's
   event loop has not picked up yet. When the loop is saturated (10x the capacity on a small
   machine), this queue, not the work in flight, decides the latency: gRPC's own defaults let
@@ -53,7 +54,9 @@ put on its lanes. None of this queue holds a StreamMatch probe: it is a message 
 already taken in, read by that call's own coroutine, so a portico's probes reach
 :class:`InFlight` (and its fairness) however many calls wait in gRPC core. A flood sent as
 StreamMatch messages reaches it too; then the in-flight limit decides what the others wait,
-because the units in flight share the loop (docs/performance.md, session 15).
+because the units in flight share the loop (docs/performance.md, session 15). That is why
+probes, and only probes, are held at an adaptive limit that follows the service's own
+unloaded time (:class:`InFlight`; session 16).
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from centinela.config import Settings
-from centinela.errors import ConfigError, ResourceExhausted
+from centinela.errors import ConfigError, DeadlineExceeded, ResourceExhausted
 from centinela.logs import get_logger
 
 log = get_logger("server.admission")
@@ -110,21 +114,39 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+class _Waiter(NamedTuple):
+    future: asyncio.Future[None]
+    deadline: float | None
+    stream: bool
+
+
+_TOO_LATE = (
+    "the call's deadline leaves less time than the service takes now; not started "
+    "(send it again with a longer deadline, or later)"
+)
+
 #: The adaptive limit never goes below this many units (the default ``admission_floor``).
-MIN_LIMIT = 4
+MIN_LIMIT = 2
 
 
 class InFlight:
-    """Work admitted and not yet answered, against an adaptive in-flight limit, with the
-    work past the limit waiting in a queue **per caller**, served in turn.
+    """Work admitted and not yet answered, against a ceiling and, for stream probes, an
+    adaptive limit, with the work past them waiting in a queue **per caller**, served in turn.
 
-    A unit is a unary call or **one message** of a StreamMatch: a portico's stream stays open
-    all day and is idle between captures, so it holds a unit only while one of its probes is
-    being decided (a thousand open streams must not lock unary callers out). **Bulk** work (a
-    client-streamed import, a server-streamed export) holds a unit of the ``ceiling`` only,
-    not of the adaptive limit, and never waits: it lasts seconds to minutes, and at a limit of
-    a few units a handful of imports would otherwise lock every match out until they end.
-    Past the ceiling it is refused at once.
+    Three kinds of unit, all counted against ``ceiling`` (``max_concurrent_rpcs``):
+
+    * **a unary call.** It has already waited in gRPC core's arrival-order queue, taken in
+      at the pace the loop serves (module doc), so it is held only at the ceiling. Holding
+      it again at the adaptive limit under a unary flood cost 20-30 % of the answers and
+      shortened a well-behaved client's p50 by a sixth (docs/performance.md, session 16).
+    * **one message of a StreamMatch** (a stream probe). A portico's stream stays open all
+      day and is idle between captures, so it holds a unit only while one of its probes is
+      being decided (a thousand open streams must not lock unary callers out). Probes skip
+      gRPC core's queue, so a flood sent over streams meets its first bound here: they are
+      also held at the adaptive ``limit`` (below), and there they wait, fairly.
+    * **bulk** work (a client-streamed import, a server-streamed export): it lasts seconds to
+      minutes, holds a unit of the ceiling only, and never waits: past the ceiling it is
+      refused at once.
 
     **Past the limit, work waits, fairly** (:meth:`acquire`). Each caller (a client
     certificate) has its own queue; when a unit frees it goes to the caller whose turn it is,
@@ -145,31 +167,37 @@ class InFlight:
     not read meanwhile: backpressure, as HTTP/2 flow control means it; one probe at a time
     per stream).
 
-    **Adaptive limit: the work the service completes in its own unloaded time, times a
-    gain.** Units in flight share one event loop, so each one's time in the service grows
-    with their number; past the number that keeps the loop busy, more units only lengthen
-    everyone's time, and a well-behaved client's call waits behind the units a flood holds.
-    The limit is therefore set as TCP BBR sets its window (Cardwell et al., 2016): the
-    bandwidth-delay product, here the highest completion rate seen lately times the lowest
-    mean time in the service, times ``gain`` (Little's law: ``rate x time`` units keep the
-    service at that rate; the gain is headroom for the audit commit's waits). Both are
-    measured per window of at least ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
+    **Adaptive limit (stream probes): the work the service completes in its own unloaded
+    time, times a gain.** Units in flight share one event loop, so each one's time in the
+    service grows with their number; past the number that keeps the loop busy, more units
+    only lengthen everyone's time, and a well-behaved client's call waits behind the units a
+    stream flood holds. The limit is therefore set as TCP BBR sets its window (Cardwell et
+    al., 2016): the bandwidth-delay product, here the highest completion rate seen lately
+    times the lowest mean time in the service, times ``gain`` (Little's law: ``rate x time``
+    units keep the service at that rate; the gain is headroom for the audit commit's waits).
+    Both are measured over all measured units (calls and probes), per window of at least
+    ``WINDOW_UNITS`` completions and ``WINDOW_S`` seconds:
 
     * the **rate** is the window's completions over its length, the highest of the windows
       of the last ``RATE_S`` seconds;
     * the **unloaded time** is the lowest window mean. A mean measured with many units in
       flight includes their sharing, and a limit computed from it only confirms itself. So
       when no window has come in under the current value for ``PROBE_S`` seconds (or none has
-      been measured yet) the limit drops to ``floor`` for one window, once the units in flight
-      have drained to it, and that window's mean becomes the new value (BBR's ProbeRTT). Under
-      a steady flood this costs one window in ``PROBE_S``.
+      been measured yet) the limit drops to ``floor`` for one window, once the probes in
+      flight have drained to it, and that window's mean becomes the new value (BBR's
+      ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``.
 
     The limit moves at most to twice its value per window (a start from the floor doubles
     while the time stays low) and stays between ``floor`` and ``ceiling``. On one core with a
-    local database the limit settles near ``gain`` times the floor: one decision's unloaded
-    time is a few milliseconds of CPU. Where the audit commits to a distant database, the
-    unloaded time is longer and the limit larger by as much, without a setting to change.
-    ``gain`` 0 keeps the ceiling fixed. Everything runs on the server's event loop: no lock.
+    local database it settles near ``gain`` times the work the floor keeps in flight: one
+    decision's unloaded time is a few milliseconds of CPU. Where the audit commits to a
+    distant database, the unloaded time is longer and the limit larger by as much, without a
+    setting to change. ``gain`` 0 keeps the ceiling fixed.
+
+    **Deadlines.** Each window's mean is also what a call admitted now can expect
+    (``expected_s``): a call whose deadline leaves less is refused with DEADLINE_EXCEEDED,
+    when it arrives or when its turn comes, rather than worked for a caller that will have
+    gone. Everything runs on the server's event loop: no lock.
     """
 
     WINDOW_UNITS = 32
@@ -196,13 +224,17 @@ class InFlight:
         self.queue_per_caller = queue_per_caller
         #: Units held: measured work against ``limit``, bulk work against ``ceiling`` only.
         self.count = 0
+        self.streams = 0
         self.bulk = 0
         self._waiting = 0
+        self._waiting_calls = 0
         #: Each waiting caller's queue, and the callers in turn order (each once).
-        self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._queues: dict[str, collections.deque[_Waiter]] = {}
         self._turns: collections.deque[str] = collections.deque()
         #: The estimates: lowest window mean (and when it was seen), recent window rates.
         self.unloaded_s: float | None = None
+        #: The last window's mean time in the service: what a call admitted now can expect.
+        self.expected_s = 0.0
         self._unloaded_at = 0.0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
@@ -241,11 +273,14 @@ class InFlight:
         self._units = 0
         self._total_s = 0.0
 
-    def _free(self) -> bool:
-        return self.count < self.limit and self.count + self.bulk < self.ceiling
+    def _free(self, stream: bool) -> bool:
+        if self.count + self.bulk >= self.ceiling:
+            return False
+        return not stream or self.streams < self.limit
 
-    def enter(self, *, bulk: bool = False) -> None:
-        """Take a unit at once, or refuse (``bulk``: a unit of the ceiling only).
+    def enter(self, *, stream: bool = False, bulk: bool = False) -> None:
+        """Take a unit at once, or refuse: a call's (against the ceiling), a stream probe's
+        (``stream``: against the adaptive limit too) or bulk work's (against the ceiling).
 
         Raises:
             ResourceExhausted: the limit is reached.
@@ -257,22 +292,41 @@ class InFlight:
                 )
             self.bulk += 1
             return
-        if not self._free() or self._waiting:
+        if not self._free(stream) or (self._waiting if stream else self._waiting_calls):
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
         self.count += 1
+        if stream:
+            self.streams += 1
 
-    async def acquire(self, caller: str = "", *, stream: bool = False, bulk: bool = False) -> None:
+    def _too_late(self, deadline: float | None) -> bool:
+        return deadline is not None and deadline - self._clock() < self.expected_s
+
+    async def acquire(
+        self,
+        caller: str = "",
+        *,
+        stream: bool = False,
+        bulk: bool = False,
+        deadline: float | None = None,
+    ) -> None:
         """Take a unit, waiting in ``caller``'s queue at the limit.
 
         A call (``stream`` false) waits at most ``max_wait_s`` and is refused when its
         caller already has ``queue_per_caller`` waiting; a stream's probe waits unbounded;
-        ``bulk`` work never waits (:meth:`enter`).
+        ``bulk`` work never waits (:meth:`enter`). A call whose ``deadline`` (on this
+        limiter's clock) leaves less than the last window's mean time in the service, when it
+        arrives or when its turn comes, is refused instead of started: its answer would come
+        too late, and the unit is worth more to a call that can still use it.
 
         Raises:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
+            DeadlineExceeded: the call's deadline would end before its answer.
         """
-        if bulk or (self._free() and not self._waiting) or (not stream and self.max_wait_s <= 0):
-            self.enter(bulk=bulk)  # a free unit, or (no wait) a refusal at the limit
+        if not bulk and self._too_late(deadline):
+            raise DeadlineExceeded(_TOO_LATE)
+        queued = self._waiting if stream else self._waiting_calls
+        if bulk or (self._free(stream) and not queued) or (not stream and self.max_wait_s <= 0):
+            self.enter(stream=stream, bulk=bulk)  # a free unit, or (no wait) a refusal
             return
         queue = self._queues.get(caller)
         if not stream and queue is not None and len(queue) >= self.queue_per_caller:
@@ -284,8 +338,8 @@ class InFlight:
             queue = self._queues[caller] = collections.deque()
             self._turns.append(caller)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(waiter)
-        self._waiting += 1
+        queue.append(_Waiter(waiter, deadline, stream))
+        self._count_waiting(stream, 1)
         timer = (
             None
             if stream
@@ -297,7 +351,7 @@ class InFlight:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.leave()  # handed a unit just as the call went away: give it back
+                self.leave(stream=stream)  # handed a unit just as the call went away
             else:
                 self._discard(caller, waiter)
             raise
@@ -305,15 +359,22 @@ class InFlight:
             if timer is not None:
                 timer.cancel()
 
+    def _count_waiting(self, stream: bool, n: int) -> None:
+        self._waiting += n
+        if not stream:
+            self._waiting_calls += n
+
     def _discard(self, caller: str, waiter: asyncio.Future[None]) -> None:
         queue = self._queues.get(caller)
         if queue is None:
             return  # already handed over or expired
-        try:
-            queue.remove(waiter)
-        except ValueError:
+        for item in queue:
+            if item.future is waiter:
+                queue.remove(item)
+                break
+        else:
             return
-        self._waiting -= 1
+        self._count_waiting(item.stream, -1)
         if not queue:
             del self._queues[caller]
             self._turns.remove(caller)
@@ -330,34 +391,57 @@ class InFlight:
         )
 
     def _hand_over(self) -> None:
-        while self._turns and self._free():
-            caller = self._turns.popleft()
+        """Free units to the callers that wait, in turn. A caller whose next unit is a stream
+        probe while the streams are at their limit lets its turn pass (to the back of the
+        line, in the same order as the others it passes with) to a caller with a call."""
+        passed = 0
+        while self._turns and passed < len(self._turns):
+            caller = self._turns[0]
             queue = self._queues[caller]
-            waiter = queue.popleft()
-            self._waiting -= 1
+            item = queue[0]
+            if not item.future.done() and not self._free(item.stream):
+                if self.count + self.bulk >= self.ceiling:
+                    return  # nothing can be handed over
+                self._turns.rotate(-1)
+                passed += 1
+                continue
+            passed = 0
+            self._turns.popleft()
+            queue.popleft()
+            self._count_waiting(item.stream, -1)
             if queue:
-                self._turns.append(caller)  # its next call after every other caller's
+                self._turns.append(caller)  # its next unit after every other caller's
             else:
                 del self._queues[caller]
-            if not waiter.done():  # a cancelled one (its task not yet resumed) takes none
-                self.count += 1
-                waiter.set_result(None)
+            if item.future.done():
+                continue  # a cancelled one (its task not yet resumed) takes none
+            if self._too_late(item.deadline):
+                item.future.set_exception(DeadlineExceeded(_TOO_LATE))  # the unit goes on
+                continue
+            self.count += 1
+            if item.stream:
+                self.streams += 1
+            item.future.set_result(None)
 
-    def leave(self, elapsed_s: float | None = None, *, bulk: bool = False) -> None:
+    def leave(
+        self, elapsed_s: float | None = None, *, stream: bool = False, bulk: bool = False
+    ) -> None:
         """Give a unit back; ``elapsed_s`` (its time in the service) feeds the adaptation."""
         if bulk:
             self.bulk -= 1
         else:
             self.count -= 1
+            if stream:
+                self.streams -= 1
             self._adapt(elapsed_s)
         self._hand_over()
 
     def _adapt(self, elapsed_s: float | None) -> None:
-        if not self.gain or elapsed_s is None:
+        if elapsed_s is None:
             return
         now = self._clock()
         if self.probing and not self._probe_armed:
-            if self.count > self.floor:
+            if self.streams > self.floor:
                 return  # still draining to the floor: these times are the loaded ones
             self._probe_armed = True
             self._reset(now)  # the probe's window starts with the next completion
@@ -368,6 +452,10 @@ class InFlight:
         if self._units < self.WINDOW_UNITS or length < self.WINDOW_S:
             return
         mean = self._total_s / self._units
+        self.expected_s = mean
+        if not self.gain:  # a fixed limit: the mean is all a window gives
+            self._reset(now)
+            return
         self._rates.append((now, self._units / max(length, 1e-6)))
         while len(self._rates) > 1 and now - self._rates[0][0] > self.RATE_S:
             self._rates.popleft()

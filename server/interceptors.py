@@ -20,8 +20,10 @@ Invariants:
 * Beyond the limit of units of work in flight (a call, or one message of a long-lived
   stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
   queue, served round robin with the other callers' (identity is therefore resolved first),
-  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Imports and exports
-  hold a unit of the ceiling only and are refused past it, never queued.
+  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes are
+  also held at an adaptive limit below the ceiling; imports and exports hold a unit of the
+  ceiling only and are refused past it, never queued. A unary call whose deadline leaves
+  less than the service takes now is refused with DEADLINE_EXCEEDED, not started.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ LONG_LIVED = frozenset(
 )
 
 IdentityResolver = Callable[[grpc.aio.ServicerContext[Any, Any]], Caller]
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The call's deadline on ``time.monotonic``'s clock (the admission's), if it has one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 # ---- identity --------------------------------------------------------------------------
@@ -385,7 +393,7 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
                     _check_decoded(request)
-                    await interceptor.admission.acquire(state.share)
+                    await interceptor.admission.acquire(state.share, deadline=_deadline(context))
                     entered = time.perf_counter()
                     try:
                         result = inner_uu(request, context)

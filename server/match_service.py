@@ -146,7 +146,7 @@ def _give_back(admission: InFlight, started: float) -> Callable[[asyncio.Task[An
     """A done callback that returns a stream probe's in-flight unit."""
 
     def done(_task: asyncio.Task[Any]) -> None:
-        admission.leave(time.perf_counter() - started)
+        admission.leave(time.perf_counter() - started, stream=True)
 
     return done
 

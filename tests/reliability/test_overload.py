@@ -277,6 +277,58 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
         world.close()
 
 
+def test_stream_probes_wait_at_the_adaptive_limit_and_a_call_passes_them(tmp_path: Path) -> None:
+    """A flood over StreamMatch meets its first bound at the adaptive limit, and waits there;
+    a unary call of another client (which has had its wait in gRPC core's queue) is admitted
+    under the ceiling past the probes that wait. The limit is set to 1 and held there (gain 0)
+    so the test does not depend on what the adaptation measured; calls are refused rather
+    than queued (``admission_max_wait_ms`` 0), so a call held at the limit would fail."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    from centinela.v1 import match_service_pb2 as mpb
+
+    settings = _settings(tmp_path, max_concurrent_rpcs=8, admission_max_wait_ms=0)
+    with ServerThread(settings) as server, ThreadPoolExecutor(1) as reader:
+        world = populate(server, registry=False)
+        flood, other = world.stub("muni-miraflores"), world.stub("muni-la-victoria")
+        interceptor = _interceptor(server)
+        admission = interceptor.admission
+
+        def probe(seq: int) -> mpb.StreamMatchRequest:
+            face = world.face_request(world.stranger(seed=200 + seq))
+            return mpb.StreamMatchRequest(sequence=seq, face=face)
+
+        inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
+        answers = iter(flood.StreamMatch(iter(inbox.get, None), timeout=120))
+        inbox.put(probe(0))
+        assert next(answers).sequence == 0
+
+        async def hold_the_limit_at_one() -> None:
+            admission.gain = 0.0
+            admission.limit = 1
+
+        server.call(hold_the_limit_at_one)
+        try:
+            with _audit_write_lock(settings):  # admitted work waits for its audit entry
+                for seq in (1, 2, 3):
+                    inbox.put(probe(seq))
+                got = reader.submit(lambda: [next(answers).sequence for _ in range(3)])
+                _wait(lambda: admission.streams == 1 and admission.waiting == 1)
+                request = world.face_request(world.stranger(), site=LAV_SITE)
+                call = other.MatchFace.future(request, timeout=60)
+                _wait(lambda: interceptor.in_flight == 2)  # admitted, past the waiting probe
+                assert not call.done()
+                assert (admission.streams, admission.waiting) == (1, 1)
+            assert _outcome(call) == "OK"
+            assert got.result(timeout=60) == [1, 2, 3]
+        finally:
+            inbox.put(None)
+        assert list(answers) == []
+        _wait(lambda: interceptor.in_flight == 0 and admission.waiting == 0)
+        world.close()
+
+
 def test_calls_past_a_connections_streams_wait_in_the_client(tmp_path: Path) -> None:
     settings = _settings(tmp_path, max_streams_per_connection=2, max_concurrent_rpcs=64)
     with ServerThread(settings) as server:

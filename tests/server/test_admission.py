@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from centinela.config import Settings
-from centinela.errors import ConfigError, ResourceExhausted
+from centinela.errors import ConfigError, DeadlineExceeded, ResourceExhausted
 from centinela.server.admission import (
     MAX_PENDING_HARD,
     MAX_STREAMS,
@@ -40,7 +40,7 @@ class Service:
     def fill(self) -> None:
         while True:
             try:
-                self.f.enter()
+                self.f.enter(stream=True)
             except ResourceExhausted:
                 return
 
@@ -53,7 +53,7 @@ class Service:
             in_flight = self.f.count
             elapsed = max(self.unloaded_s, in_flight / self.capacity)
             self.clock[0] += elapsed / in_flight  # in_flight units complete per `elapsed`
-            self.f.leave(elapsed)
+            self.f.leave(elapsed, stream=True)
             self.times.append(elapsed)
             self.fill()
             limits.append(self.f.limit)
@@ -128,17 +128,16 @@ def test_a_probe_window_starts_only_once_the_units_have_drained_to_the_floor() -
     f = InFlight(256, gain=2.0, floor=4, clock=lambda: clock[0])
     f.probing = True
     f.limit = 4
-    for _ in range(64):
-        f.count += 1
+    f.count = f.streams = 64
     # Loaded completions while 64 drain to 4 do not count toward the probe's window.
     for _ in range(60):
         clock[0] += 0.1
-        f.leave(1.0)
+        f.leave(1.0, stream=True)
     assert (f.probing, f.unloaded_s) == (True, None)
     for _ in range(2 * f.WINDOW_UNITS):
         clock[0] += 0.01
-        f.leave(0.004)
-        f.enter()
+        f.leave(0.004, stream=True)
+        f.enter(stream=True)
     assert not f.probing
     assert f.unloaded_s == pytest.approx(0.004)
 
@@ -172,31 +171,68 @@ def test_bulk_work_takes_units_of_the_ceiling_only_and_never_waits() -> None:
         f.limit = 2
         for _ in range(3):
             await f.acquire("admin", bulk=True)  # past the limit of 2: bulk does not count
-        await f.acquire("muni")
-        await f.acquire("muni")
-        waiter = asyncio.create_task(f.acquire("muni"))  # the limit: this one waits
+        await f.acquire("portico", stream=True)
+        await f.acquire("portico", stream=True)
+        waiter = asyncio.create_task(f.acquire("portico", stream=True))  # the limit: waits
         await asyncio.sleep(0)
         assert (f.count, f.bulk, f.waiting) == (2, 3, 1)
         await f.acquire("admin", bulk=True)  # the sixth unit of the ceiling
         with pytest.raises(ResourceExhausted, match="ceiling of 6"):
             await f.acquire("admin", bulk=True)  # refused at once, not queued
         assert f.waiting == 1
-        f.leave(bulk=True)  # a bulk unit frees, but the limit holds the call
+        f.leave(bulk=True)  # a bulk unit frees, but the limit holds the probe
         await asyncio.sleep(0)
         assert (f.count, f.bulk, f.waiting) == (2, 3, 1)
-        f.leave()  # a measured unit frees: the waiting call takes it
+        f.leave(stream=True)  # a probe's unit frees: the waiting probe takes it
         await waiter
         assert (f.count, f.bulk, f.waiting) == (2, 3, 0)
-        # The ceiling holds measured work too: under the limit, but bulk fills the ceiling.
-        f.leave()
+        # The ceiling holds everything else too: under the limit, but bulk fills the ceiling.
+        f.leave(stream=True)
         await f.acquire("admin", bulk=True)
         await f.acquire("admin", bulk=True)
-        waiter = asyncio.create_task(f.acquire("muni"))
+        waiter = asyncio.create_task(f.acquire("portico", stream=True))
         await asyncio.sleep(0)
         assert (f.count, f.bulk, f.waiting) == (1, 5, 1)
         f.leave(bulk=True)
         await waiter
         assert (f.count, f.bulk, f.waiting) == (2, 4, 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_adaptive_limit_holds_stream_probes_and_calls_pass_them_to_the_ceiling() -> None:
+    """A unary call has waited in gRPC core's arrival-order queue before it reaches the
+    admission; holding it again below the ceiling only cost throughput under a unary flood
+    (docs/performance.md, session 16). A stream's probe skipped that queue: the adaptive
+    limit is where a flood over streams waits, and a call passes the probes that wait."""
+
+    async def scenario() -> None:
+        f = InFlight(4, floor=1, max_wait_s=60.0)
+        f.limit = 1
+        await f.acquire("flood", stream=True)
+        probes = [asyncio.create_task(f.acquire("flood", stream=True)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert (f.streams, f.waiting) == (1, 3)
+        await f.acquire("muni")  # a call: past the waiting probes, under the ceiling
+        await f.acquire("muni")
+        assert (f.count, f.streams) == (3, 1)
+        await f.acquire("muni")  # the ceiling of 4
+        calls = [asyncio.create_task(f.acquire("muni")) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert f.waiting == 5
+        # A call's unit frees: the flood's turn comes first, but its probe cannot take a call's
+        # unit past the stream limit, so the turn passes to the call that waits.
+        f.leave()
+        await asyncio.sleep(0)
+        assert [t.done() for t in calls] == [True, False]
+        assert (f.count, f.streams, f.waiting) == (4, 1, 4)
+        f.leave(stream=True)  # a probe's unit frees: the next probe takes it
+        await asyncio.sleep(0)
+        assert sum(t.done() for t in probes) == 1
+        assert (f.count, f.streams) == (4, 1)
+        for task in (*probes, *calls):
+            task.cancel()
+        await asyncio.gather(*probes, *calls, return_exceptions=True)
 
     asyncio.run(scenario())
 
@@ -241,9 +277,9 @@ def test_stream_probes_wait_in_order_and_a_cancelled_waiter_leaks_nothing() -> N
         await last
         assert got == ["first", "last"]
         assert (f.count, f.waiting) == (2, 0)
-        f.leave()
-        f.leave()
-        assert f.count == 0
+        f.leave(stream=True)
+        f.leave(stream=True)
+        assert (f.count, f.streams) == (0, 0)
         # Handed a unit at the moment it is cancelled: the unit is given back.
         f.enter()
         f.enter()
@@ -324,10 +360,12 @@ def test_no_wait_refuses_at_the_limit_and_a_stream_probe_ignores_the_bounds() ->
         assert f.waiting_for("a") == 3  # past queue_per_caller, and no timer
         with pytest.raises(ResourceExhausted):
             f.enter()  # nobody jumps a queue that waits
-        for task in probes:
-            f.leave()
+        f.leave()  # the call's unit goes to the first probe, each probe's to the next
+        for n, task in enumerate(probes):
             await task
-        assert (f.count, f.waiting) == (1, 0)
+            if n < len(probes) - 1:
+                f.leave(stream=True)
+        assert (f.count, f.streams, f.waiting) == (1, 1, 0)
 
     _run(scenario)
 
@@ -374,3 +412,39 @@ def test_server_options_carry_the_bounds_and_refuse_bad_ones(tmp_path: Path) -> 
     ):
         with pytest.raises(ConfigError):
             server_options(Settings(data_dir=tmp_path, **bad))
+
+
+def test_a_call_whose_deadline_leaves_less_than_the_service_takes_is_not_started() -> None:
+    """A unit given to a call that will answer after its caller has gone is a unit lost to
+    one that could still use it: at arrival and at its turn, a call whose deadline leaves
+    less than the last window's mean time in the service is refused, and its turn passes on.
+    """
+
+    async def scenario() -> None:
+        clock = [1000.0]
+        f = InFlight(1, floor=1, max_wait_s=60.0, clock=lambda: clock[0])
+        for _ in range(f.WINDOW_UNITS):  # one window whose units took 20 ms each
+            f.enter()
+            clock[0] += 0.01
+            f.leave(0.020)
+        assert f.expected_s == pytest.approx(0.020)
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            await f.acquire("flood", deadline=clock[0] + 0.010)  # free unit, too little time
+        assert f.count == 0
+        await f.acquire("flood", deadline=clock[0] + 0.030)
+        late = asyncio.create_task(f.acquire("flood", deadline=clock[0] + 0.050))
+        other = asyncio.create_task(f.acquire("portico", deadline=clock[0] + 1.0))
+        await asyncio.sleep(0)
+        assert f.waiting == 2
+        clock[0] += 0.040  # the first call's answer; 10 ms are left to the waiting one
+        f.leave(0.040)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await other  # the unit went on to the next in turn
+        assert (f.count, f.waiting) == (1, 0)
+        # Without a deadline (a stream's probe), nothing is refused for time.
+        f.leave(0.02)
+        await f.acquire("portico", stream=True)
+        assert f.count == 1
+
+    asyncio.run(scenario())
