@@ -195,15 +195,17 @@ class InFlight:
     setting to change. ``gain`` 0 keeps the ceiling fixed.
 
     **Deadlines.** Each window's mean is also what a call admitted now can expect
-    (``expected_s``): a call whose deadline leaves less is refused with DEADLINE_EXCEEDED,
-    when it arrives or when its turn comes, rather than worked for a caller that will have
-    gone. Everything runs on the server's event loop: no lock.
+    (``expected_s``, for ``EXPECTED_S`` after the window): a call whose deadline leaves less
+    is refused with DEADLINE_EXCEEDED, when it arrives or when its turn comes, rather than
+    worked for a caller that will have gone. Everything runs on the server's event loop: no lock.
     """
 
     WINDOW_UNITS = 32
     WINDOW_S = 0.25
     RATE_S = 5.0
     PROBE_S = 10.0
+    #: How long a window's mean counts as what a call admitted now can expect.
+    EXPECTED_S = 1.0
 
     def __init__(
         self,
@@ -222,7 +224,8 @@ class InFlight:
         self.gain = gain
         self.max_wait_s = max_wait_s
         self.queue_per_caller = queue_per_caller
-        #: Units held: measured work against ``limit``, bulk work against ``ceiling`` only.
+        #: Units held: calls and probes (``count``; the probes also in ``streams``, against
+        #: ``limit``) and bulk work, all against ``ceiling``.
         self.count = 0
         self.streams = 0
         self.bulk = 0
@@ -235,6 +238,7 @@ class InFlight:
         self.unloaded_s: float | None = None
         #: The last window's mean time in the service: what a call admitted now can expect.
         self.expected_s = 0.0
+        self._expected_at = 0.0
         self._unloaded_at = 0.0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
@@ -299,7 +303,13 @@ class InFlight:
             self.streams += 1
 
     def _too_late(self, deadline: float | None) -> bool:
-        return deadline is not None and deadline - self._clock() < self.expected_s
+        if deadline is None:
+            return False
+        now = self._clock()
+        # A stale expectation counts for nothing: refused calls complete no window, and one
+        # slow window (a database stall) must not refuse every later call for good.
+        fresh = now - self._expected_at <= self.EXPECTED_S
+        return deadline - now < (self.expected_s if fresh else 0.0)
 
     async def acquire(
         self,
@@ -453,6 +463,7 @@ class InFlight:
             return
         mean = self._total_s / self._units
         self.expected_s = mean
+        self._expected_at = now
         if not self.gain:  # a fixed limit: the mean is all a window gives
             self._reset(now)
             return
