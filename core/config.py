@@ -48,14 +48,15 @@ class Settings:
     #: Work in flight (a call, or one probe of a StreamMatch) admitted before shedding with
     #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
-    #: StreamMatch probes in flight are held at an adaptive limit: this many times the work
-    #: the service completes in its own unloaded time (recent peak rate x lowest window mean,
-    #: remeasured at the floor when stale), between ``admission_floor`` and
-    #: ``max_concurrent_rpcs``, so that a flood over streams waits in its own queue and the
-    #: others' time in the service stays near this multiple of the unloaded time. Unary calls
-    #: are held at ``max_concurrent_rpcs`` only. 0 keeps the ceiling for probes too. See
-    #: ``centinela.server.admission``.
-    admission_gain: float = 2.0
+    #: 0 (the default): StreamMatch probes, like calls, are held at ``max_concurrent_rpcs``.
+    #: Above 0 (2 is a good start), probes are also held at an adaptive limit: this many
+    #: times the work the service completes in its own unloaded time (recent peak rate x
+    #: lowest window mean, remeasured at ``admission_floor`` when stale), so that a flood over
+    #: streams waits in its own queue and the others' time in the service stays near this
+    #: multiple of the unloaded time. It costs StreamMatch throughput at high concurrency
+    #: (fewer probes per audit commit): opt in where a client may flood over streams. See
+    #: ``centinela.server.admission`` and docs/performance.md (session 16).
+    admission_gain: float = 0.0
     #: The adaptive limit never goes below this many probes, and drops to it for one window
     #: every ten seconds under load to remeasure the unloaded time.
     admission_floor: int = 2
