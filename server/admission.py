@@ -280,10 +280,11 @@ class InFlight:
         self._units = 0
         self._total_s = 0.0
 
+    def _at_ceiling(self) -> bool:
+        return self.count + self.bulk >= self.ceiling
+
     def _free(self, stream: bool) -> bool:
-        if self.count + self.bulk >= self.ceiling:
-            return False
-        return not stream or self.streams < self.limit
+        return not self._at_ceiling() and (not stream or self.streams < self.limit)
 
     def enter(self, *, stream: bool = False, bulk: bool = False) -> None:
         """Take a unit at once, or refuse: a call's (against the ceiling), a stream probe's
@@ -293,7 +294,7 @@ class InFlight:
             ResourceExhausted: the limit is reached.
         """
         if bulk:
-            if self.count + self.bulk >= self.ceiling:
+            if self._at_ceiling():
                 raise ResourceExhausted(
                     f"server holds its ceiling of {self.ceiling} units of work; retry with backoff"
                 )
@@ -413,7 +414,7 @@ class InFlight:
             queue = self._queues[caller]
             item = queue[0]
             if not item.future.done() and not self._free(item.stream):
-                if self.count + self.bulk >= self.ceiling:
+                if self._at_ceiling():
                     return  # nothing can be handed over
                 self._turns.rotate(-1)
                 passed += 1
