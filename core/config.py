@@ -48,17 +48,17 @@ class Settings:
     #: Work in flight (a call, or one probe of a StreamMatch) admitted before shedding with
     #: RESOURCE_EXHAUSTED: the ceiling of the adaptive limit below.
     max_concurrent_rpcs: int = 256
-    #: 0 (the default): StreamMatch probes, like calls, are held at ``max_concurrent_rpcs``.
-    #: Above 0 (2 is a good start), probes are also held at an adaptive limit: this many
-    #: times the work the service completes in its own unloaded time (recent peak rate x
-    #: lowest window mean, remeasured at ``admission_floor`` when stale), so that a flood over
-    #: streams waits in its own queue and the others' time in the service stays near this
-    #: multiple of the unloaded time. It costs StreamMatch throughput at high concurrency
-    #: (fewer probes per audit commit): opt in where a client may flood over streams. See
-    #: ``centinela.server.admission`` and docs/performance.md (session 16).
-    admission_gain: float = 0.0
+    #: StreamMatch probes are held at an adaptive limit: this many times the work the service
+    #: completes in its own unloaded time (recent peak rate x lowest window mean, remeasured
+    #: at ``admission_floor`` when stale), shared equally by the clients active in the last
+    #: second, so that a flood over streams waits in its own queue and the others' time in
+    #: the service stays near this multiple of the unloaded time. A client alone is held at
+    #: ``max_concurrent_rpcs`` only (nobody to protect; a limit would only cost it
+    #: throughput). 0: probes, like calls, are held at ``max_concurrent_rpcs`` always. See
+    #: ``centinela.server.admission`` and docs/performance.md (sessions 16 and 17).
+    admission_gain: float = 2.0
     #: The adaptive limit never goes below this many probes, and drops to it for one window
-    #: every ten seconds under load to remeasure the unloaded time.
+    #: every ten seconds while two or more clients are active, to remeasure the unloaded time.
     admission_floor: int = 2
     #: How long a call past the in-flight limit may wait for a unit, in milliseconds, in its
     #: caller's queue (units go round robin to the callers that wait); then

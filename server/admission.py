@@ -21,8 +21,9 @@ Three bounds shed what the server cannot serve in time:
   length. A call waits at most ``admission_max_wait_ms`` and a caller may have
   ``admission_queue_per_caller`` waiting; past either it gets RESOURCE_EXHAUSTED. A unit is
   a call, or one probe of a StreamMatch (an open, idle stream holds none); with
-  ``admission_gain`` set, probes are also held at an adaptive limit below the ceiling,
-  which follows the service's own unloaded time.
+  ``admission_gain`` set, a client's probes are also held at its share of an adaptive
+  limit below the ceiling, which follows the service's own unloaded time, whenever another
+  client needs the service too.
 * **Waiting** (``max_pending_rpcs``, here): calls the transport accepted but the server's
   event loop has not picked up yet. When the loop is saturated (10x the capacity on a small
   machine), this queue, not the work in flight, decides the latency: gRPC's own defaults let
@@ -56,8 +57,10 @@ already taken in, read by that call's own coroutine, so a portico's probes reach
 :class:`InFlight` (and its fairness) however many calls wait in gRPC core. A flood sent as
 StreamMatch messages reaches it too; then the in-flight limit decides what the others wait,
 because the units in flight share the loop (docs/performance.md, session 15). That is why
-probes, and only probes, can be held at an adaptive limit that follows the service's own
-unloaded time (:class:`InFlight`; opt-in, as it costs StreamMatch throughput: session 16).
+probes, and only probes, are held at an adaptive limit that follows the service's own
+unloaded time, each active client at its equal share of it, and a client alone at the
+ceiling only (:class:`InFlight`; held in total, the limit cost a lone client's StreamMatch
+throughput: sessions 16 and 17).
 """
 
 from __future__ import annotations
@@ -144,9 +147,8 @@ class InFlight:
       day and is idle between captures, so it holds a unit only while one of its probes is
       being decided (a thousand open streams must not lock unary callers out). Probes skip
       gRPC core's queue, so a flood sent over streams meets its first bound here: with a
-      ``gain``, they are also held at the adaptive ``limit`` (below), and wait there, fairly.
-      Off by default: fewer probes then share each audit commit, and StreamMatch
-      throughput at 8-32 probes outstanding fell by 20-40 % (session 16).
+      ``gain``, each caller's probes are also held at its **share** of the adaptive
+      ``limit`` (below), and wait there, fairly.
     * **bulk** work (a client-streamed import, a server-streamed export): it lasts seconds to
       minutes, holds a unit of the ceiling only, and never waits: past the ceiling it is
       refused at once.
@@ -170,6 +172,21 @@ class InFlight:
     not read meanwhile: backpressure, as HTTP/2 flow control means it; one probe at a time
     per stream).
 
+    **Shares: the limit binds only between callers.** A caller (client certificate) that
+    asked for a call or a probe in the last ``ACTIVE_S`` (to twice that: the list is pruned
+    once per ``ACTIVE_S``) is *active*; health checks and reflection (no certificate) and
+    bulk work do not count. A lone active caller's probes are held at the ceiling only:
+    there is nobody to protect, and holding its probes at a few units only made fewer of
+    them share each audit commit (StreamMatch throughput at 8-32 outstanding fell by
+    20-40 % in session 16, when the limit held all probes together). With ``n`` active
+    callers each may have ``limit // n`` probes in flight, and never fewer than ``floor``
+    (a portico's two streams each keep a probe in flight), but for the one window in
+    ``PROBE_S`` that remeasures the unloaded time, when each has ``floor // n`` (at least
+    one). The flood's share shrinks to make room for the others, and a portico that has
+    fewer probes outstanding than its share is not held at all. Unary calls are never held
+    at the limit, but their callers count, so a flood over streams cannot take the loop from
+    a unary client.
+
     **Adaptive limit (stream probes): the work the service completes in its own unloaded
     time, times a gain.** Units in flight share one event loop, so each one's time in the
     service grows with their number; past the number that keeps the loop busy, more units
@@ -186,9 +203,11 @@ class InFlight:
     * the **unloaded time** is the lowest window mean. A mean measured with many units in
       flight includes their sharing, and a limit computed from it only confirms itself. So
       when no window has come in under the current value for ``PROBE_S`` seconds (or none has
-      been measured yet) the limit drops to ``floor`` for one window, once the probes in
-      flight have drained to it, and that window's mean becomes the new value (BBR's
-      ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``.
+      been measured yet) the limit drops to ``floor`` for one window, once every caller's
+      probes in flight have drained to its share of it, and that window's mean becomes the
+      new value (BBR's ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``.
+      It happens only while two or more callers are active (a lone caller's windows
+      measure its own load), and at once when a second caller arrives with no fresh value.
 
     The limit moves at most to twice its value per window (a start from the floor doubles
     while the time stays low) and stays between ``floor`` and ``ceiling``. On one core with a
@@ -209,6 +228,8 @@ class InFlight:
     PROBE_S = 10.0
     #: How long a window's mean counts as what a call admitted now can expect.
     EXPECTED_S = 1.0
+    #: How long a caller counts as active (sharing the limit) after it last asked for a unit.
+    ACTIVE_S = 1.0
 
     def __init__(
         self,
@@ -227,8 +248,9 @@ class InFlight:
         self.gain = gain
         self.max_wait_s = max_wait_s
         self.queue_per_caller = queue_per_caller
-        #: Units held: calls and probes (``count``; the probes also in ``streams``, against
-        #: ``limit``) and bulk work, all against ``ceiling``.
+        #: Units held: calls and probes (``count``; the probes also in ``streams``, and per
+        #: caller in ``_held``, against each caller's share of ``limit``) and bulk work, all
+        #: against ``ceiling``.
         self.count = 0
         self.streams = 0
         self.bulk = 0
@@ -247,6 +269,11 @@ class InFlight:
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
         self.probing = False
         self._probe_armed = False
+        #: Stream probes in flight per caller, and when each caller last asked for a unit:
+        #: the callers seen in the last ``ACTIVE_S`` share the limit.
+        self._held: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+        self._pruned_at = clock()
         self._reset(clock())
 
     @classmethod
@@ -283,16 +310,70 @@ class InFlight:
     def _at_ceiling(self) -> bool:
         return self.count + self.bulk >= self.ceiling
 
-    def _free(self, stream: bool) -> bool:
-        return not self._at_ceiling() and (not stream or self.streams < self.limit)
+    @property
+    def active(self) -> int:
+        """Callers (client certificates) that asked for a unit in the last ``ACTIVE_S``."""
+        return len(self._seen)
 
-    def enter(self, *, stream: bool = False, bulk: bool = False) -> None:
+    def share(self) -> int:
+        """Stream probes one caller may have in flight: the ceiling while it is the only
+        active caller (or the limit is the ceiling), else its equal part of the limit, at
+        least the floor; while the unloaded time is remeasured, its equal part of the floor
+        (at least one), so that the probe window runs near the floor in total."""
+        callers = len(self._seen)
+        if callers <= 1 or self.limit >= self.ceiling:
+            return self.ceiling
+        if self.probing:
+            return max(1, self.floor // callers)
+        return max(self.floor, self.limit // callers)
+
+    def held_by(self, caller: str) -> int:
+        """Stream probes ``caller`` has in flight."""
+        return self._held.get(caller, 0)
+
+    @property
+    def most_held(self) -> int:
+        """The most stream probes one caller has in flight."""
+        return max(self._held.values(), default=0)
+
+    def _free(self, stream: bool, caller: str = "") -> bool:
+        return not self._at_ceiling() and (not stream or self._held.get(caller, 0) < self.share())
+
+    def _take(self, stream: bool, caller: str) -> None:
+        self.count += 1
+        if stream:
+            self.streams += 1
+            self._held[caller] = self._held.get(caller, 0) + 1
+
+    def _see(self, caller: str, now: float) -> None:
+        """Note ``caller`` as active; forget the callers not seen for ``ACTIVE_S``. Calls
+        without a client certificate (health checks, reflection) and bulk work (imports,
+        exports: nobody waits on their latency) do not count."""
+        if now - self._pruned_at > self.ACTIVE_S:
+            self._pruned_at = now
+            for gone in [c for c, t in self._seen.items() if now - t > self.ACTIVE_S]:
+                del self._seen[gone]
+        if not caller:
+            return
+        if caller not in self._seen and len(self._seen) == 1 and self._stale(now):
+            # A second caller: the limit starts to bind, so measure the unloaded time now
+            # (a lone caller's windows measured it loaded, or not at all).
+            self._start_probe()
+        self._seen[caller] = now
+
+    def enter(self, caller: str = "", *, stream: bool = False, bulk: bool = False) -> None:
         """Take a unit at once, or refuse: a call's (against the ceiling), a stream probe's
-        (``stream``: against the adaptive limit too) or bulk work's (against the ceiling).
+        (``stream``: against ``caller``'s share of the adaptive limit too) or bulk work's
+        (against the ceiling).
 
         Raises:
             ResourceExhausted: the limit is reached.
         """
+        if not bulk:
+            self._see(caller, self._clock())
+        self._enter(caller, stream=stream, bulk=bulk)
+
+    def _enter(self, caller: str, *, stream: bool, bulk: bool) -> None:
         if bulk:
             if self._at_ceiling():
                 raise ResourceExhausted(
@@ -300,16 +381,20 @@ class InFlight:
                 )
             self.bulk += 1
             return
-        if not self._free(stream) or (self._waiting if stream else self._waiting_calls):
+        if not self._free(stream, caller) or self._queued(stream, caller):
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
-        self.count += 1
-        if stream:
-            self.streams += 1
+        self._take(stream, caller)
 
-    def _too_late(self, deadline: float | None) -> bool:
+    def _queued(self, stream: bool, caller: str) -> bool:
+        """Whether a new unit must queue behind others: a call behind the calls that wait
+        (at the ceiling), a probe behind its own caller's."""
+        return caller in self._queues if stream else self._waiting_calls > 0
+
+    def _too_late(self, deadline: float | None, now: float | None = None) -> bool:
         if deadline is None:
             return False
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         # A stale expectation counts for nothing: refused calls complete no window, and one
         # slow window (a database stall) must not refuse every later call for good.
         fresh = now - self._expected_at <= self.EXPECTED_S
@@ -336,11 +421,17 @@ class InFlight:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
             DeadlineExceeded: the call's deadline would end before its answer.
         """
-        if not bulk and self._too_late(deadline):
+        now = self._clock()
+        if not bulk:
+            self._see(caller, now)
+        if not bulk and self._too_late(deadline, now):
             raise DeadlineExceeded(_TOO_LATE)
-        queued = self._waiting if stream else self._waiting_calls
-        if bulk or (self._free(stream) and not queued) or (not stream and self.max_wait_s <= 0):
-            self.enter(stream=stream, bulk=bulk)  # a free unit, or (no wait) a refusal
+        if (
+            bulk
+            or (self._free(stream, caller) and not self._queued(stream, caller))
+            or (not stream and self.max_wait_s <= 0)
+        ):
+            self._enter(caller, stream=stream, bulk=bulk)  # a free unit, or a refusal
             return
         queue = self._queues.get(caller)
         if not stream and queue is not None and len(queue) >= self.queue_per_caller:
@@ -365,7 +456,7 @@ class InFlight:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.leave(stream=stream)  # handed a unit just as the call went away
+                self.leave(stream=stream, caller=caller)  # handed a unit as the call went away
             else:
                 self._discard(caller, waiter)
             raise
@@ -406,14 +497,15 @@ class InFlight:
 
     def _hand_over(self) -> None:
         """Free units to the callers that wait, in turn. A caller whose next unit is a stream
-        probe while the streams are at their limit lets its turn pass (to the back of the
-        line, in the same order as the others it passes with) to a caller with a call."""
+        probe while its probes are at its share of the limit lets its turn pass (to the back
+        of the line, in the same order as the others it passes with) to a caller that can
+        take a unit."""
         passed = 0
         while self._turns and passed < len(self._turns):
             caller = self._turns[0]
             queue = self._queues[caller]
             item = queue[0]
-            if not item.future.done() and not self._free(item.stream):
+            if not item.future.done() and not self._free(item.stream, caller):
                 if self._at_ceiling():
                     return  # nothing can be handed over
                 self._turns.rotate(-1)
@@ -432,34 +524,64 @@ class InFlight:
             if self._too_late(item.deadline):
                 item.future.set_exception(DeadlineExceeded(_TOO_LATE))  # the unit goes on
                 continue
-            self.count += 1
-            if item.stream:
-                self.streams += 1
+            self._take(item.stream, caller)
             item.future.set_result(None)
 
     def leave(
-        self, elapsed_s: float | None = None, *, stream: bool = False, bulk: bool = False
+        self,
+        elapsed_s: float | None = None,
+        *,
+        stream: bool = False,
+        bulk: bool = False,
+        caller: str = "",
     ) -> None:
-        """Give a unit back; ``elapsed_s`` (its time in the service) feeds the adaptation."""
+        """Give a unit back (a stream probe's, ``stream``, to ``caller``'s share);
+        ``elapsed_s`` (its time in the service) feeds the adaptation."""
         if bulk:
             self.bulk -= 1
         else:
             self.count -= 1
             if stream:
                 self.streams -= 1
+                held = self._held.get(caller, 0) - 1
+                if held > 0:
+                    self._held[caller] = held
+                else:
+                    self._held.pop(caller, None)
             self._adapt(elapsed_s)
         self._hand_over()
+
+    def _stale(self, now: float) -> bool:
+        """No unloaded time, or none confirmed for ``PROBE_S``: it is measured again."""
+        return bool(self.gain) and (
+            self.unloaded_s is None or now - self._unloaded_at > self.PROBE_S
+        )
+
+    def _start_probe(self) -> None:
+        self.probing = True
+        self._probe_armed = False
+        self.limit = self.floor
+
+    def _drained(self) -> bool:
+        """Every caller's probes are down to its share of the floor."""
+        return self.most_held <= self.share()
 
     def _adapt(self, elapsed_s: float | None) -> None:
         if elapsed_s is None:
             return
         now = self._clock()
+        contended = len(self._seen) > 1
         if self.probing and not self._probe_armed:
-            if self.streams > self.floor:
+            if not contended:
+                # A lone caller is held at the ceiling only: its window would measure its own
+                # load, so the probe waits for a second caller (``_see``).
+                self.probing = False
+            elif not self._drained():
                 return  # still draining to the floor: these times are the loaded ones
-            self._probe_armed = True
-            self._reset(now)  # the probe's window starts with the next completion
-            return
+            else:
+                self._probe_armed = True
+                self._reset(now)  # the probe's window starts with the next completion
+                return
         self._units += 1
         self._total_s += elapsed_s
         length = now - self._window_start
@@ -475,15 +597,15 @@ class InFlight:
         while len(self._rates) > 1 and now - self._rates[0][0] > self.RATE_S:
             self._rates.popleft()
         before = self.limit
-        if self.probing or (self.unloaded_s is not None and mean <= self.unloaded_s):
+        if (self.probing and contended) or (
+            self.unloaded_s is not None and mean <= self.unloaded_s
+        ):
             self.unloaded_s = mean
             self._unloaded_at = now
         self.probing = False
-        if self.unloaded_s is None or now - self._unloaded_at > self.PROBE_S:
-            self.probing = True  # measure the unloaded time afresh, at the floor
-            self._probe_armed = False
-            self.limit = self.floor
-        else:
+        if contended and self._stale(now):
+            self._start_probe()  # measure the unloaded time afresh, at the floor
+        elif self.unloaded_s is not None:
             wanted = round(self.gain * self.rate * self.unloaded_s)
             self.limit = max(self.floor, min(self.ceiling, 2 * self.limit, wanted))
         if self.limit != before:
@@ -492,6 +614,7 @@ class InFlight:
                 limit=self.limit,
                 was=before,
                 probing=self.probing,
+                callers=len(self._seen),
                 mean_ms=round(mean * 1000, 3),
                 unloaded_ms=round((self.unloaded_s or 0.0) * 1000, 3),
                 rate=round(self.rate, 1),

@@ -20,8 +20,9 @@ Invariants:
 * Beyond the limit of units of work in flight (a call, or one message of a long-lived
   stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
   queue, served round robin with the other callers' (identity is therefore resolved first),
-  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes can
-  also be held at an adaptive limit below the ceiling (``admission_gain``); imports and
+  and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes are
+  also held at each active caller's share of an adaptive limit below the ceiling
+  (``admission_gain``; a caller alone only at the ceiling); imports and
   exports hold a unit of the ceiling only and are refused past it, never queued. A unary
   call whose deadline leaves less than the service takes now is refused with
   DEADLINE_EXCEEDED, not started.

@@ -142,11 +142,13 @@ def _check_alert_scope(scope: Any, alert: Any) -> None:
         raise NotFound("no such alert", field="alert_id")
 
 
-def _give_back(admission: InFlight, started: float) -> Callable[[asyncio.Task[Any]], None]:
+def _give_back(
+    admission: InFlight, caller: str, started: float
+) -> Callable[[asyncio.Task[Any]], None]:
     """A done callback that returns a stream probe's in-flight unit."""
 
     def done(_task: asyncio.Task[Any]) -> None:
-        admission.leave(time.perf_counter() - started, stream=True)
+        admission.leave(time.perf_counter() - started, stream=True, caller=caller)
 
     return done
 
@@ -602,7 +604,9 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                     task = asyncio.create_task(self._stream_one(item, caller, call))
                     if admission is not None:
                         # Given back when the probe is done, even if cancelled unstarted.
-                        task.add_done_callback(_give_back(admission, time.perf_counter()))
+                        task.add_done_callback(
+                            _give_back(admission, call.share, time.perf_counter())
+                        )
                     await pending.put(task)
             finally:
                 await pending.put(None)

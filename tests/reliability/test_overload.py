@@ -277,18 +277,25 @@ def test_open_streams_hold_no_unit_and_each_probe_takes_one(tmp_path: Path) -> N
         world.close()
 
 
-def test_stream_probes_wait_at_the_adaptive_limit_and_a_call_passes_them(tmp_path: Path) -> None:
-    """A flood over StreamMatch meets its first bound at the adaptive limit, and waits there;
-    a unary call of another client (which has had its wait in gRPC core's queue) is admitted
-    under the ceiling past the probes that wait. The limit is set to 1 and held there (gain 0)
-    so the test does not depend on what the adaptation measured; calls are refused rather
-    than queued (``admission_max_wait_ms`` 0), so a call held at the limit would fail."""
+def test_stream_probes_share_the_adaptive_limit_once_another_client_calls(
+    tmp_path: Path,
+) -> None:
+    """A flood over StreamMatch meets its first bound at the adaptive limit, but only once
+    somebody else needs the service: a client alone keeps every probe it sends in flight
+    (holding it alone only cost throughput, docs/performance.md session 16). When another
+    client calls, the flood's probes are held at its share of the limit and wait there, while
+    the other client's unary call (which has had its wait in gRPC core's queue) is admitted
+    under the ceiling. The limit is set to 2 and held there (gain 0), so the test does not
+    depend on what the adaptation measured (two callers, floor 1: a share of 1); calls are refused
+    rather than queued (``admission_max_wait_ms`` 0), so a call held at the limit would fail."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
     from centinela.v1 import match_service_pb2 as mpb
 
-    settings = _settings(tmp_path, max_concurrent_rpcs=8, admission_max_wait_ms=0)
+    settings = _settings(
+        tmp_path, max_concurrent_rpcs=8, admission_max_wait_ms=0, admission_floor=1
+    )
     with ServerThread(settings) as server, ThreadPoolExecutor(1) as reader:
         world = populate(server, registry=False)
         flood, other = world.stub("muni-miraflores"), world.stub("muni-la-victoria")
@@ -301,27 +308,34 @@ def test_stream_probes_wait_at_the_adaptive_limit_and_a_call_passes_them(tmp_pat
 
         inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
         answers = iter(flood.StreamMatch(iter(inbox.get, None), timeout=120))
+
+        async def hold_the_limit_at_two() -> None:
+            admission.gain = 0.0
+            admission.limit = 2
+
+        server.call(hold_the_limit_at_two)
+        time.sleep(admission.ACTIVE_S + 0.2)  # the callers that populated the world lapse
         inbox.put(probe(0))
         assert next(answers).sequence == 0
-
-        async def hold_the_limit_at_one() -> None:
-            admission.gain = 0.0
-            admission.limit = 1
-
-        server.call(hold_the_limit_at_one)
+        assert admission.active == 1
         try:
             with _audit_write_lock(settings):  # admitted work waits for its audit entry
                 for seq in (1, 2, 3):
                     inbox.put(probe(seq))
-                got = reader.submit(lambda: [next(answers).sequence for _ in range(3)])
-                _wait(lambda: admission.streams == 1 and admission.waiting == 1)
+                got = reader.submit(lambda: [next(answers).sequence for _ in range(4)])
+                # Alone, the flood is held at the ceiling only: all three are in flight.
+                _wait(lambda: admission.streams == 3)
+                assert admission.waiting == 0
                 request = world.face_request(world.stranger(), site=LAV_SITE)
                 call = other.MatchFace.future(request, timeout=60)
-                _wait(lambda: interceptor.in_flight == 2)  # admitted, past the waiting probe
+                _wait(lambda: interceptor.in_flight == 4)  # admitted under the ceiling
+                assert admission.active == 2
+                inbox.put(probe(4))  # past the flood's share now: it waits
+                _wait(lambda: admission.waiting == 1)
                 assert not call.done()
-                assert (admission.streams, admission.waiting) == (1, 1)
+                assert admission.streams == 3
             assert _outcome(call) == "OK"
-            assert got.result(timeout=60) == [1, 2, 3]
+            assert got.result(timeout=60) == [1, 2, 3, 4]
         finally:
             inbox.put(None)
         assert list(answers) == []
