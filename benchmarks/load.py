@@ -161,8 +161,9 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self) -> None:
         self.before_ms: list[float] = []
         self.service_ms: list[float] = []
-        #: The server's admission limit, units in flight and work waiting, every 50 ms.
-        self.admission_samples: list[tuple[int, int, int, int, int]] = []
+        #: The server's admission every 50 ms: limit, units in flight, work waiting,
+        #: remeasuring, the most probes one caller holds, a caller's share, active callers.
+        self.admission_samples: list[tuple[int, int, int, int, int, int, int]] = []
 
     async def sample(self, admission: Any) -> None:
         while True:
@@ -172,7 +173,9 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     admission.count,
                     admission.waiting,
                     int(admission.probing),
-                    admission.streams,
+                    admission.most_held,
+                    admission.share(),
+                    admission.active,
                 )
             )
             await asyncio.sleep(0.05)
@@ -636,22 +639,26 @@ async def probe(args: argparse.Namespace) -> None:
         await stream_closed_loop(chans[0], payloads, 1, 0.5, 30.0)
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
+    timings = chans[0].unary_unary(TIMINGS)
+    await timings(b"", timeout=30)  # start afresh: what came before is not this phase's
     if args.probe_stream:
         run = await stream_closed_loop(chans[0], payloads, 2, args.seconds, args.deadline_ms / 1000)
     else:
         run = await closed_loop(calls, payloads, 2, args.seconds, args.deadline_ms / 1000, True)
     row = run.row()
-    timings = chans[0].unary_unary(TIMINGS)
     doc = json.loads(await timings(b"", timeout=30))
     for part in ("before", "service"):
         row[f"{part}_p50_ms"] = round(percentile(doc[f"{part}_ms"], 0.50), 2)
         row[f"{part}_p99_ms"] = round(percentile(doc[f"{part}_ms"], 0.99), 2)
     samples = doc["admission"]
-    for k, name in enumerate(("limit", "in_flight", "waiting")):
-        row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in samples], 0.5)
-    # How often the limit held stream probes back, and how often it was remeasuring.
+    names = ("limit", "in_flight", "waiting", "probing", "most_held", "share", "callers")
+    for k, name in enumerate(names):
+        if name != "probing":
+            row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in samples], 0.5)
+    # How often a caller's stream probes were held at its share, and how often the limit
+    # was remeasuring.
     row["admission_at_limit_share"] = round(
-        sum(a[4] >= a[0] for a in samples) / max(1, len(samples)), 3
+        sum(a[4] >= a[5] for a in samples) / max(1, len(samples)), 3
     )
     row["admission_probing_share"] = round(sum(a[3] for a in samples) / max(1, len(samples)), 3)
     print(json.dumps(row), flush=True)
@@ -856,14 +863,18 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         f"{po['before_p99_ms']} before, {po['service_p50_ms']} / {po['service_p99_ms']} in it"
     )
     at = {
-        phase: ", ".join(f"{r[f'admission_{k}_p50']:g}" for k in ("limit", "in_flight", "waiting"))
-        + f"; at the limit {100 * r['admission_at_limit_share']:.0f} %, probing "
+        phase: ", ".join(
+            f"{r[f'admission_{k}_p50']:g}"
+            for k in ("limit", "callers", "share", "most_held", "in_flight", "waiting")
+        )
+        + f"; at a share {100 * r['admission_at_limit_share']:.0f} %, probing "
         f"{100 * r['admission_probing_share']:.0f} %"
         for phase, r in (("1x", pb), (f"{args.factor:g}x", po))
     }
     print(
-        "server admission while the probe ran (median of 50 ms samples: limit, units in "
-        "flight, waiting; share of samples with the stream probes at the limit, and "
+        "server admission while the probe ran (median of 50 ms samples: limit, active "
+        "callers, a caller's share of the limit, the most probes one caller held, units in "
+        "flight, waiting; share of samples with a caller's probes at its share, and "
         "remeasuring at the floor): "
         + "; ".join(f"at {phase} {figures}" for phase, figures in at.items())
     )
