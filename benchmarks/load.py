@@ -3,6 +3,7 @@
     python benchmarks/load.py [--quick] [--templates N] [--factor 10] [--deadline-ms 1000]
                               [--max-in-flight N] [--max-pending N] [--max-streams N]
                               [--lanes N] [--pin] [--flood-stream] [--probe-stream]
+                              [--balancer-cap N]
 
 A real server runs in a subprocess (the real MatchService on a synthetic watchlist, as
 ``_bench_server.py`` builds it, R14 ceilings lifted) with the admission bounds given
@@ -48,6 +49,15 @@ frame, and counted DEADLINE_EXCEEDED; an answer that comes after its deadline is
 ``late`` (the server decided it). The server's admission limit, units in flight and
 work waiting are sampled every 50 ms and their medians printed per phase.
 
+``--balancer-cap N`` sends the overload through HAProxy in TCP mode (mTLS passes through)
+admitting N connections at once per source address, the per-source cap that
+``deploy/README.md`` advises against a unary flood, and runs the probe client in a network
+namespace of its own so that it has its own address (``benchmarks/_balancer.py``; needs
+root, haproxy and iproute2). The flood keeps its four connections; those past the cap are
+closed by the balancer, and calls on them fail UNAVAILABLE without reaching the server.
+Capacity and the 1x closed loop still go straight to the server; the probe client goes
+through the balancer in both phases.
+
 ``--pin`` puts the server on CPU 0 and this process and the probe client on CPU 1 (needs two
 CPUs): the load generator then cannot take the server's CPU, which on two shared cores made
 the 10x figures a measure of the generator as much as of the server. Capacity is then one
@@ -75,6 +85,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks import _balancer
 from centinela.matcher import synth
 from centinela.server import certs
 from centinela.server.demo import LAV_SITE, MIRA_SITE, ts
@@ -328,18 +339,20 @@ class Payloads:
 # ---- driving ------------------------------------------------------------------------------
 
 
-def channels(data_dir: Path, port: int, identity: str = FLOOD[0]) -> list[Any]:
+def channels(
+    data_dir: Path, port: int, identity: str = FLOOD[0], host: str = "127.0.0.1"
+) -> list[Any]:
     files = certs.client_files(data_dir / "certs", identity)
     cert, key, ca = files.read()
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
     # A local subchannel pool each: CHANNELS connections, not one shared.
+    options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+    if host != "127.0.0.1":  # through the balancer's namespace: the certificate names loopback
+        options.append(("grpc.ssl_target_name_override", "127.0.0.1"))
     return [
-        grpc.aio.secure_channel(
-            f"127.0.0.1:{port}", creds, options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(CHANNELS)
+        grpc.aio.secure_channel(f"{host}:{port}", creds, options=options) for _ in range(CHANNELS)
     ]
 
 
@@ -387,6 +400,7 @@ class Run:
             "deadline_exceeded_per_s": round(self.codes["DEADLINE_EXCEEDED"] / self.seconds, 1),
             "backlog_dropped_per_s": round(self.codes[DROPPED] / self.seconds, 1),
             "refused_stream_per_s": round(self.codes[REFUSED] / self.seconds, 1),
+            "balancer_refused_per_s": round(self.codes[BALANCED] / self.seconds, 1),
             "late_per_s": round(self.codes[LATE] / self.seconds, 1),
             "ok_share": round(self.codes["OK"] / self.offered, 4) if self.offered else 0.0,
             "other_errors": other,
@@ -406,7 +420,12 @@ REFUSED = "REFUSED_STREAM"
 #: A StreamMatch answer that came after its deadline: decided (and audited), too late for
 #: the camera. A stream has no per-message deadline the server could see.
 LATE = "ANSWERED_LATE"
-_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED, LATE}
+#: With ``--balancer-cap``: a call on a connection the balancer closed (past its cap per
+#: source address); the client sees UNAVAILABLE, the server saw nothing.
+BALANCED = "REFUSED_BY_BALANCER"
+_EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", DROPPED, REFUSED, LATE, BALANCED}
+#: Whether a plain UNAVAILABLE is the balancer's refusal (set by ``main``).
+_balanced = False
 
 
 async def _one(
@@ -423,6 +442,8 @@ async def _one(
             code = DROPPED  # refused by gRPC before it reached the service
         elif code == "UNAVAILABLE" and "error code 7" in str(err.details()):
             code = REFUSED
+        elif code == "UNAVAILABLE" and _balanced:
+            code = BALANCED
         if code not in _EXPECTED:
             run.details.setdefault(code, str(err.details())[:200])
         run.codes[code] += 1
@@ -581,9 +602,13 @@ class StreamFlood:
 
 
 async def connect(
-    data_dir: Path, port: int, n: int = 200, who: tuple[str, str] = FLOOD
+    data_dir: Path,
+    port: int,
+    n: int = 200,
+    who: tuple[str, str] = FLOOD,
+    host: str = "127.0.0.1",
 ) -> tuple[list[Any], Payloads]:
-    chans = channels(data_dir, port, who[0])
+    chans = channels(data_dir, port, who[0], host)
     info_call = chans[0].unary_unary(
         INFO,
         request_serializer=mpb.GetServerInfoRequest.SerializeToString,
@@ -632,7 +657,7 @@ async def probe(args: argparse.Namespace) -> None:
     deadline) in its own process, so that its latencies are not those of a saturated load
     generator. Unary MatchFace calls, or with ``--probe-stream`` two StreamMatch streams (a
     portico's way). Says ``ready``, waits for a line on stdin, runs, prints one JSON row."""
-    chans, payloads = await connect(args.data_dir, args.port, 50, PROBE)
+    chans, payloads = await connect(args.data_dir, args.port, 50, PROBE, args.host)
     calls = [ch.unary_unary(METHOD) for ch in chans[:1]]
     await closed_loop(calls, payloads, 1, 0.5)
     if args.probe_stream:
@@ -670,8 +695,10 @@ class Probe:
     """The ``--probe`` subprocess."""
 
     def __init__(self, args: argparse.Namespace, data_dir: Path, port: int, seconds: float):
+        balancer = getattr(args, "balancer", None)
         self.proc = subprocess.Popen(
             [
+                *(balancer.exec_prefix if balancer else []),
                 sys.executable,
                 "-m",
                 "benchmarks.load",
@@ -679,7 +706,9 @@ class Probe:
                 "--data-dir",
                 str(data_dir),
                 "--port",
-                str(port),
+                str(balancer.port if balancer else port),
+                "--host",
+                _balancer.HOST_ADDR if balancer else "127.0.0.1",
                 "--seconds",
                 str(seconds),
                 "--deadline-ms",
@@ -744,10 +773,14 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     say(f"open loop: offering {rate:.0f}/s ({args.factor:g}x) for {args.overload_seconds:g} s")
     probe_10x = Probe(args, data_dir, port, args.overload_seconds)
     await probe_10x.start()
+    balancer = getattr(args, "balancer", None)
+    # Through the balancer, the flood's connections past its cap are closed at once.
+    over_chans = channels(data_dir, balancer.port) if balancer else chans
+    over_calls = [ch.unary_unary(METHOD) for ch in over_chans] if balancer else calls
     rss_start = rss_mb(pid)
     meter = LoopMeter(pid)
     over = await open_loop(
-        calls,
+        over_calls,
         payloads,
         rate,
         args.overload_seconds,
@@ -771,7 +804,7 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
     after = await closed_loop(calls, payloads, base_conc, args.capacity_seconds)
     await asyncio.sleep(2.0)
     rss["after_mb"] = rss_mb(pid)
-    for ch in chans:
+    for ch in {*chans, *over_chans}:
         await ch.close()
     return {
         "capacity_per_s": round(capacity, 1),
@@ -848,6 +881,13 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "REFUSED_STREAM (UNAVAILABLE: past max_streams_per_connection, the client retries); "
         "late = a StreamMatch answer after its deadline (the server decided it)"
     )
+    if args.balancer_cap:
+        print(
+            f"balancer (HAProxy, {args.balancer_cap} connections per source address): "
+            f"{over['balancer_refused_per_s']:.0f}/s of the flood's calls went to connections "
+            "it closed (UNAVAILABLE, never at the server); the probe client came from its own "
+            "address"
+        )
     print(
         f"capacity {res['capacity_per_s']:.0f}/s; offered target {res['target_per_s']:.0f}/s; "
         f"server RSS before {rss['before_mb']:.0f} MB, during (max of 1st / 2nd half) "
@@ -879,10 +919,12 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         + "; ".join(f"at {phase} {figures}" for phase, figures in at.items())
     )
     if args.max_streams:
-        open_streams = args.max_streams * CHANNELS + 2
+        # Through the balancer the flood keeps only the connections its cap lets through.
+        conns = min(args.balancer_cap, CHANNELS) if args.balancer_cap else CHANNELS
+        open_streams = args.max_streams * conns + 2
         answered = over["ok_per_s"] + po["ok_per_s"]
         print(
-            f"streams open at {args.factor:g}x: the flood's {args.max_streams} x {CHANNELS} "
+            f"streams open at {args.factor:g}x: the flood's {args.max_streams} x {conns} "
             f"connections and the probe's 2 = {open_streams}; served in turn at "
             f"{answered:.0f}/s they take {1000 * open_streams / answered:.0f} ms "
             "(Little's law), the probe's p50 if it waits behind all of them"
@@ -900,6 +942,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "max_pending_rpcs": args.max_pending,
         "max_streams_per_connection": args.max_streams,
         "intake_lanes": args.lanes,
+        "balancer_cap": args.balancer_cap,
         "admission_max_wait_ms": args.max_wait_ms,
         "admission_queue_per_caller": args.queue_per_caller,
         "admission_gain": args.gain,
@@ -915,6 +958,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "shed_backlog_cancelled_per_s": over["backlog_dropped_per_s"],
         "shed_deadline_exceeded_per_s": over["deadline_exceeded_per_s"],
         "shed_refused_stream_per_s": over["refused_stream_per_s"],
+        "shed_by_balancer_per_s": over["balancer_refused_per_s"],
         "answered_late_per_s": over["late_per_s"],
         "other_errors": sum(r["other_errors"] for _, r in rows),
         "other_codes": {k: v for _, r in rows for k, v in r["other_codes"].items()},
@@ -1018,11 +1062,21 @@ def main(argv: list[str] | None = None) -> int:
         help="the well-behaved client holds two StreamMatch streams, as a portico does, "
         "instead of sending unary MatchFace calls",
     )
+    parser.add_argument(
+        "--balancer-cap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the flood through HAProxy admitting N connections per source address (TCP "
+        "mode: mTLS passes through), the probe client from a network namespace of its own, "
+        "as deploy/README.md advises against a unary flood; needs root, haproxy, iproute2",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     in_flight, pending, streams, wait_ms, per_caller, gain, floor, lanes = default_limits()
@@ -1040,6 +1094,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         asyncio.run(probe(args))
         return 0
+    if args.balancer_cap:
+        if args.flood_stream:
+            raise SystemExit(
+                "--balancer-cap is for a unary flood: a flood over streams is held by the "
+                "admission's shares (--gain)"
+            )
+        if (lack := _balancer.missing()) is not None:
+            raise SystemExit(lack)
     args.templates = args.templates or (2_000 if args.quick else 100_000)
     args.capacity_seconds = args.capacity_seconds or (3.0 if args.quick else 10.0)
     args.overload_seconds = args.overload_seconds or (12.0 if args.quick else 60.0)
@@ -1067,7 +1129,18 @@ def main(argv: list[str] | None = None) -> int:
         pin=args.pin,
     )
     try:
-        res = asyncio.run(measure(args, data_dir, proc.pid, port))
+        if args.balancer_cap:
+            global _balanced
+            _balanced = True
+            cpu = CLIENT_CPU if args.pin else None
+            with _balancer.Balancer(data_dir, port, args.balancer_cap, cpu) as args.balancer:
+                say(
+                    f"balancer on port {args.balancer.port}: {args.balancer_cap} connections "
+                    f"per source; the probe client from {_balancer.NETNS_ADDR}"
+                )
+                res = asyncio.run(measure(args, data_dir, proc.pid, port))
+        else:
+            res = asyncio.run(measure(args, data_dir, proc.pid, port))
     finally:
         proc.terminate()
         proc.wait(60)
