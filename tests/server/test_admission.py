@@ -30,8 +30,8 @@ class Service:
     share a CPU that completes ``capacity`` units a second, and none takes less than
     ``unloaded_s`` (one decision with its audit commit, alone). Demand is saturated: each of
     ``callers`` (two, so that the limit binds) replaces every probe of its that completes at
-    once, up to its share of the limit; the oldest unit completes first. No wall clock is
-    involved."""
+    once, up to its share of the limit (or up to ``demand`` probes, a portico's streams);
+    the oldest unit completes first. No wall clock is involved."""
 
     def __init__(
         self,
@@ -40,18 +40,21 @@ class Service:
         capacity: float,
         unloaded_s: float,
         callers: tuple[str, ...] = ("flood", "muni"),
+        demand: int | None = None,
     ):
         self.f = limiter
         self.clock = clock
         self.capacity = capacity
         self.unloaded_s = unloaded_s
         self.callers = callers
+        self.demand = demand
         self.units: collections.deque[str] = collections.deque()  # whose, oldest first
         self.times: list[float] = []  # each completed unit's time in the service
+        self.done: collections.Counter[str] = collections.Counter()  # completions by caller
 
     def fill(self) -> None:
         for caller in self.callers:
-            while True:
+            while self.demand is None or self.f.held_by(caller) < self.demand:
                 try:
                     self.f.enter(caller, stream=True)
                 except ResourceExhausted:
@@ -67,7 +70,9 @@ class Service:
             in_flight = self.f.count
             elapsed = max(self.unloaded_s, in_flight / self.capacity)
             self.clock[0] += elapsed / in_flight  # in_flight units complete per `elapsed`
-            self.f.leave(elapsed, stream=True, caller=self.units.popleft())
+            caller = self.units.popleft()
+            self.f.leave(elapsed, stream=True, caller=caller)
+            self.done[caller] += 1
             self.times.append(elapsed)
             self.fill()
             limits.append(self.f.limit)
@@ -195,6 +200,37 @@ def test_gain_zero_keeps_the_ceiling_fixed() -> None:
     s = Service(InFlight(256, gain=0.0, clock=lambda: clock[0]), clock, 600.0, 0.003)
     assert set(s.serve(5.0)) == {256}
     assert s.f.unloaded_s is None
+
+
+def test_many_porticos_each_under_its_floor_are_not_held_but_to_remeasure() -> None:
+    """The everyday national case: many porticos, each with its own certificate and two
+    streams, together beyond what the service needs in flight. The shares must not hold a
+    portico that stays within the floor, except in the remeasuring window, and the service
+    must keep every portico served (round robin), its rate that of the CPU."""
+    clock = [1000.0]
+    porticos = tuple(f"portico-{n}" for n in range(19))
+    s = Service(
+        InFlight(256, gain=2.0, floor=2, clock=lambda: clock[0]),
+        clock,
+        600.0,
+        0.003,
+        callers=porticos,
+        demand=2,
+    )
+    s.serve(1.0)  # the first remeasuring comes with the second caller
+    completed = len(s.times)
+    held_back = 0
+    start = clock[0]
+    for _ in range(200):
+        s.serve(0.1)
+        if s.f.count < 2 * len(porticos) and not s.f.probing:
+            held_back += 1
+    assert s.f.active == 19
+    assert held_back == 0  # outside the remeasuring windows every portico has both probes
+    rate = (len(s.times) - completed) / (clock[0] - start)
+    assert rate == pytest.approx(600.0, rel=0.02)
+    assert s.f.limit < 38  # the limit alone would hold them: the floor per caller does not
+    assert min(s.done.values()) >= 0.95 * max(s.done.values())  # each portico its turn
 
 
 def test_each_caller_keeps_the_floor_but_for_the_remeasuring_window() -> None:
