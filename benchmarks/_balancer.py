@@ -1,48 +1,34 @@
 """A per-source connection cap in front of the server, as ``deploy/README.md`` advises, for
 ``load.py --balancer-cap N``.
 
-HAProxy in TCP mode (the TLS session, and so the client certificate, passes through to the
-server untouched) admits at most ``cap`` connections at once from one source address and
-closes the rest as soon as it has accepted them (``tcp-request connection reject`` on a
-``conn_cur`` stick table, the HAProxy documentation's own example of a per-source limit).
+HAProxy runs ``deploy/haproxy.cfg``, the file a deployment runs: TCP mode (the TLS session,
+and so the client certificate, passes through to the server untouched), at most ``cap``
+connections at once from one source address, the rest closed as soon as they are accepted
+(``tcp-request connection reject`` on a ``conn_cur`` stick table).
 On one machine every loopback connection comes from 127.0.0.1, and grpcio cannot bind a
 client's source address (grpc/grpc#22511, #24035), so the well-behaved client runs in a
 network namespace of its own joined by a veth pair: it reaches the balancer from
 ``NETNS_ADDR``, the flood from 127.0.0.1. Needs root, ``haproxy`` (Debian: haproxy) and
-``ip`` (iproute2); nothing here runs in the test suite.
+``ip`` (iproute2). The test suite checks the same file without a namespace (IPv4 and IPv6
+loopback are two sources): ``tests/reliability/test_balancer.py``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
+
+from centinela.server.testing import HAProxy
 
 NETNS = "centinela-probe"
 HOST_IF, NETNS_IF = "cprobe-host", "cprobe-ns"
 HOST_ADDR, NETNS_ADDR = "10.77.0.1", "10.77.0.2"
 
-_CONFIG = """\
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-frontend centinela
-    bind 0.0.0.0:{port}
-    stick-table type ip size 100k expire 60s store conn_cur
-    tcp-request connection track-sc0 src
-    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}
-    default_backend server
-backend server
-    server centinela 127.0.0.1:{upstream}
-"""
+#: The configuration a deployment runs (``CENTINELA_LB_*`` environment variables).
+CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
 
 
 def missing() -> str | None:
@@ -59,47 +45,26 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Balancer:
-    """HAProxy capping connections per source at ``cap``, forwarding to ``upstream``, and
-    the probe client's network namespace; both gone on exit."""
-
-    def __init__(self, workdir: Path, upstream: int, cap: int, cpu: int | None = None):
-        self.workdir, self.upstream, self.cap, self.cpu = workdir, upstream, cap, cpu
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+    """``deploy/haproxy.cfg`` capping connections per source at ``cap``, forwarding to
+    ``upstream``, and the probe client's network namespace; both gone on exit."""
 
     #: Prefix a command with this to run it in the probe client's namespace.
     exec_prefix = ["ip", "netns", "exec", NETNS]
 
+    def __init__(self, upstream: int, cap: int, cpu: int | None = None):
+        self.haproxy = HAProxy(CONFIG, f"127.0.0.1:{upstream}", cap, cpu=cpu)
+        self.port = 0
+
     def __enter__(self) -> Balancer:
         self._namespace(up=True)
-        config = self.workdir / "haproxy.cfg"
-        config.write_text(_CONFIG.format(port=self.port, cap=self.cap, upstream=self.upstream))
-        cpu = self.cpu
-        self.proc = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise SystemExit(f"haproxy did not start: {err.strip()[:500]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("haproxy did not listen within 10 s")
+        try:
+            self.haproxy.__enter__()
+        except RuntimeError as exc:
+            self._namespace(up=False)
+            raise SystemExit(str(exc)) from exc
+        self.port = self.haproxy.port
+        return self
 
     def __exit__(
         self,
@@ -107,9 +72,7 @@ class Balancer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        self.haproxy.__exit__(kind, exc, tb)
         self._namespace(up=False)
 
     @staticmethod

@@ -1133,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
             global _balanced
             _balanced = True
             cpu = CLIENT_CPU if args.pin else None
-            with _balancer.Balancer(data_dir, port, args.balancer_cap, cpu) as args.balancer:
+            with _balancer.Balancer(port, args.balancer_cap, cpu) as args.balancer:
                 say(
                     f"balancer on port {args.balancer.port}: {args.balancer_cap} connections "
                     f"per source; the probe client from {_balancer.NETNS_ADDR}"

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -369,3 +370,66 @@ class TcpProxy:
 
         await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
         self._live.discard(frozen)
+
+
+class HAProxy:
+    """HAProxy (the ``haproxy`` program) running ``config``, a file that takes the
+    ``CENTINELA_LB_*`` environment variables of ``deploy/haproxy.cfg``: listening on
+    ``bind`` (any free loopback port, IPv6 and IPv4, by default), forwarding to
+    ``upstream`` and capping each source address at ``cap`` connections. A context manager;
+    :attr:`port` is set once it listens."""
+
+    def __init__(
+        self, config: Path, upstream: str, cap: int, *, bind: str = "", cpu: int | None = None
+    ) -> None:
+        self.config, self.upstream, self.cap, self.cpu = config, upstream, cap, cpu
+        self.port = 0
+        self.bind = bind
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("haproxy") is not None
+
+    def __enter__(self) -> HAProxy:
+        if not self.bind:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::", 0))
+                self.port = int(s.getsockname()[1])
+            self.bind = f":::{self.port}"  # IPv6 and IPv4 (net.ipv6.bindv6only 0)
+        else:
+            self.port = int(self.bind.rsplit(":", 1)[1])
+        env = {
+            **os.environ,
+            "CENTINELA_LB_BIND": self.bind,
+            "CENTINELA_LB_CAP": str(self.cap),
+            "CENTINELA_UPSTREAM": self.upstream,
+        }
+        cpu = self.cpu
+        self.proc = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(self.config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"haproxy did not start: {err.strip()[:500]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.__exit__(None, None, None)
+        raise RuntimeError("haproxy did not listen within 10 s")
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+            self.proc = None
