@@ -372,6 +372,10 @@ class TcpProxy:
         self._live.discard(frozen)
 
 
+#: The source address :class:`HAProxy` checks that it listens from (any loopback address).
+PROBE_SOURCE = "127.0.0.3"
+
+
 class HAProxy:
     """HAProxy (the ``haproxy`` program) running ``config``, a file that takes the
     ``CENTINELA_LB_*`` environment variables of ``deploy/haproxy.cfg``: listening on
@@ -419,7 +423,11 @@ class HAProxy:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"haproxy did not start: {err.strip()[:500]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                # From an address of its own: a connection counts against its source's cap
+                # until HAProxy has seen it close, and 127.0.0.1 is the callers'.
+                socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2, source_address=(PROBE_SOURCE, 0)
+                ).close()
                 return self
             except OSError:
                 time.sleep(0.05)
