@@ -47,7 +47,13 @@ def test_the_balancer_passes_mtls_through_and_caps_connections_per_source(
                 f"{host}:{balancer.port}", files, **{"grpc.use_local_subchannel_pool": 1}
             )
             opened.append(channel)
-            answer = MatchServiceStub(channel).GetServerInfo(mpb.GetServerInfoRequest(), timeout=10)
+            try:
+                answer = MatchServiceStub(channel).GetServerInfo(
+                    mpb.GetServerInfoRequest(), timeout=10
+                )
+            except grpc.RpcError:
+                channel.close()  # a refused channel must not take the slot when it frees
+                raise
             return channel, answer
 
         try:
