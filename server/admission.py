@@ -248,11 +248,9 @@ class InFlight:
         self.gain = gain
         self.max_wait_s = max_wait_s
         self.queue_per_caller = queue_per_caller
-        #: Units held: calls and probes (``count``; the probes also in ``streams``, and per
-        #: caller in ``_held``, against each caller's share of ``limit``) and bulk work, all
-        #: against ``ceiling``.
+        #: Units held: calls and probes (``count``; the probes also per caller in ``_held``,
+        #: against each caller's share of ``limit``) and bulk work, all against ``ceiling``.
         self.count = 0
-        self.streams = 0
         self.bulk = 0
         self._waiting = 0
         self._waiting_calls = 0
@@ -332,18 +330,22 @@ class InFlight:
         return self._held.get(caller, 0)
 
     @property
+    def streams(self) -> int:
+        """Stream probes in flight, all callers together."""
+        return sum(self._held.values())
+
+    @property
     def most_held(self) -> int:
         """The most stream probes one caller has in flight."""
         return max(self._held.values(), default=0)
 
     def _free(self, stream: bool, caller: str = "") -> bool:
-        return not self._at_ceiling() and (not stream or self._held.get(caller, 0) < self.share())
+        return not self._at_ceiling() and (not stream or self.held_by(caller) < self.share())
 
     def _take(self, stream: bool, caller: str) -> None:
         self.count += 1
         if stream:
-            self.streams += 1
-            self._held[caller] = self._held.get(caller, 0) + 1
+            self._held[caller] = self.held_by(caller) + 1
 
     def _see(self, caller: str, now: float) -> None:
         """Note ``caller`` as active; forget the callers not seen for ``ACTIVE_S``. Calls
@@ -421,11 +423,11 @@ class InFlight:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
             DeadlineExceeded: the call's deadline would end before its answer.
         """
-        now = self._clock()
         if not bulk:
+            now = self._clock()
             self._see(caller, now)
-        if not bulk and self._too_late(deadline, now):
-            raise DeadlineExceeded(_TOO_LATE)
+            if self._too_late(deadline, now):
+                raise DeadlineExceeded(_TOO_LATE)
         if (
             bulk
             or (self._free(stream, caller) and not self._queued(stream, caller))
@@ -542,8 +544,7 @@ class InFlight:
         else:
             self.count -= 1
             if stream:
-                self.streams -= 1
-                held = self._held.get(caller, 0) - 1
+                held = self.held_by(caller) - 1
                 if held > 0:
                     self._held[caller] = held
                 else:

@@ -22,10 +22,9 @@ Invariants:
   queue, served round robin with the other callers' (identity is therefore resolved first),
   and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes are
   also held at each active caller's share of an adaptive limit below the ceiling
-  (``admission_gain``; a caller alone only at the ceiling); imports and
-  exports hold a unit of the ceiling only and are refused past it, never queued. A unary
-  call whose deadline leaves less than the service takes now is refused with
-  DEADLINE_EXCEEDED, not started.
+  (``admission_gain``; a caller alone only at the ceiling); imports and exports hold a unit
+  of the ceiling only and are refused past it, never queued. A unary call whose deadline
+  leaves less than the service takes now is refused with DEADLINE_EXCEEDED, not started.
 """
 
 from __future__ import annotations

@@ -378,17 +378,14 @@ PROBE_SOURCE = "127.0.0.3"
 
 class HAProxy:
     """HAProxy (the ``haproxy`` program) running ``config``, a file that takes the
-    ``CENTINELA_LB_*`` environment variables of ``deploy/haproxy.cfg``: listening on
-    ``bind`` (any free loopback port, IPv6 and IPv4, by default), forwarding to
-    ``upstream`` and capping each source address at ``cap`` connections. A context manager;
-    :attr:`port` is set once it listens."""
+    ``CENTINELA_LB_*`` environment variables of ``deploy/haproxy.cfg``: listening on a free
+    port of every address (IPv6 and IPv4), forwarding to ``upstream`` and capping each
+    source address at ``cap`` connections. A context manager; :attr:`port` is set once it
+    listens."""
 
-    def __init__(
-        self, config: Path, upstream: str, cap: int, *, bind: str = "", cpu: int | None = None
-    ) -> None:
+    def __init__(self, config: Path, upstream: str, cap: int, *, cpu: int | None = None) -> None:
         self.config, self.upstream, self.cap, self.cpu = config, upstream, cap, cpu
         self.port = 0
-        self.bind = bind
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -396,16 +393,12 @@ class HAProxy:
         return shutil.which("haproxy") is not None
 
     def __enter__(self) -> HAProxy:
-        if not self.bind:
-            with socket.socket(socket.AF_INET6) as s:
-                s.bind(("::", 0))
-                self.port = int(s.getsockname()[1])
-            self.bind = f":::{self.port}"  # IPv6 and IPv4 (net.ipv6.bindv6only 0)
-        else:
-            self.port = int(self.bind.rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+            self.port = int(s.getsockname()[1])
         env = {
             **os.environ,
-            "CENTINELA_LB_BIND": self.bind,
+            "CENTINELA_LB_BIND": f":::{self.port}",  # IPv6 and IPv4 (net.ipv6.bindv6only 0)
             "CENTINELA_LB_CAP": str(self.cap),
             "CENTINELA_UPSTREAM": self.upstream,
         }
