@@ -12,7 +12,8 @@ A real server runs in a subprocess (the real MatchService on a synthetic watchli
 ``centinela.server.admission``). This process then
 
 1. measures capacity with a closed loop (concurrency 4, 8, 16, 32; quick: 8, 32): capacity is
-   the best throughput; the 1x concurrency is the lowest reaching 95 % of it;
+   the best throughput; the 1x concurrency is the lowest reaching 95 % of it (or
+   ``--base-concurrency``: that choice moves between runs, and the 1x figures with it);
 2. runs the closed loop at the 1x concurrency again: the 1x latency;
 3. offers ``--factor`` x capacity in an open loop (calls sent on a fixed schedule whatever
    the answers, each with the deadline ``--deadline-ms``) and counts what happens to them:
@@ -57,6 +58,9 @@ root, haproxy and iproute2). The flood keeps its four connections; those past th
 closed by the balancer, and calls on them fail UNAVAILABLE without reaching the server.
 Capacity and the 1x closed loop still go straight to the server; the probe client goes
 through the balancer in both phases.
+
+``LOAD_LOG=info`` in the environment makes the server log at that level to stderr (its call
+log among the rest; ``warning`` by default).
 
 ``--pin`` puts the server on CPU 0 and this process and the probe client on CPU 1 (needs two
 CPUs): the load generator then cannot take the server's CPU, which on two shared cores made
@@ -122,7 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
     from centinela.server.app import CentinelaServer, freeze_startup_heap
     from centinela.server.wiring import build_application
 
-    logs.configure("warning")
+    logs.configure(os.environ.get("LOAD_LOG", "warning"))
     settings = Settings(
         data_dir=args.data_dir,
         listen="127.0.0.1:0",
@@ -751,7 +755,9 @@ async def measure(args: argparse.Namespace, data_dir: Path, pid: int, port: int)
         r = closed[conc].row()
         say(f"closed loop c={conc}: {r['ok_per_s']}/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms")
     capacity = max(r.ok_per_s for r in closed.values())
-    base_conc = min(k for k, r in closed.items() if r.ok_per_s >= 0.95 * capacity)
+    base_conc = args.base_concurrency or min(
+        k for k, r in closed.items() if r.ok_per_s >= 0.95 * capacity
+    )
 
     # 2. 1x: closed loop at that concurrency, the probe client beside it
     probe_1x = Probe(args, data_dir, port, args.capacity_seconds)
@@ -1042,6 +1048,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--floor", type=int, default=0, help="admission_floor (server default)")
     parser.add_argument("--lanes", type=int, default=0, help="intake_lanes (server default)")
+    parser.add_argument(
+        "--base-concurrency",
+        type=int,
+        default=0,
+        metavar="C",
+        help="the 1x closed loop's concurrency (default: the lowest reaching 95 %% of the "
+        "best throughput, which moves between runs; fix it to compare runs)",
+    )
     parser.add_argument("--overload-seconds", type=float, default=0.0)
     parser.add_argument("--capacity-seconds", type=float, default=0.0)
     parser.add_argument("--keep", type=Path, help="reuse/keep the data dir under this directory")
