@@ -25,10 +25,15 @@ Invariants:
   (``admission_gain``; a caller alone only at the ceiling); imports and exports hold a unit
   of the ceiling only and are refused past it, never queued. A unary call whose deadline
   leaves less than the service takes now is refused with DEADLINE_EXCEEDED, not started.
+* Every call the service started ends with one ``rpc`` log line (method, code, request id,
+  caller, decision id, milliseconds), including a call whose client went away: logged
+  DEADLINE_EXCEEDED when its deadline passed, CANCELLED when it was cancelled. Either reaches
+  the call as a cancellation of its task; a decision already made stays in the audit log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import inspect
@@ -70,6 +75,10 @@ LONG_LIVED = frozenset(
 )
 
 IdentityResolver = Callable[[grpc.aio.ServicerContext[Any, Any]], Caller]
+
+
+#: A call cancelled this close to its deadline is logged as past it (:meth:`_log_cancelled`).
+DEADLINE_SLACK_S = 0.1
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -380,6 +389,22 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
+    def _log_cancelled(
+        self, context: grpc.aio.ServicerContext[Any, Any], state: CallState | None, started: float
+    ) -> None:
+        """A call that ends because its client went away is logged too: DEADLINE_EXCEEDED
+        when its deadline has passed, or is within ``DEADLINE_SLACK_S`` (the client's own
+        timer fires at the deadline and cancels the call, which reaches the server a transit
+        time before the server's copy of the deadline), else CANCELLED. Under overload most
+        of a flood's calls end so, and the call log must account for every call the service
+        started."""
+        if state is None:
+            return
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        self._log_call(state, code, started)
+
     def _wrap(self, handler: Any, method: str, protected: bool, rid: str) -> Any:
         interceptor = self
 
@@ -405,6 +430,9 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     context.set_trailing_metadata((("x-request-id", state.request_id),))
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
                     return result
+                except asyncio.CancelledError:
+                    interceptor._log_cancelled(context, state, started)
+                    raise
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
@@ -447,6 +475,9 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                         if holds_unit:
                             interceptor.admission.leave(bulk=True)
                     interceptor._log_call(state, grpc.StatusCode.OK, started)
+                except (asyncio.CancelledError, GeneratorExit):
+                    interceptor._log_cancelled(context, state, started)
+                    raise
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
@@ -488,6 +519,9 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     interceptor.admission.leave(bulk=True)
                 interceptor._log_call(state, grpc.StatusCode.OK, started)
                 return result
+            except asyncio.CancelledError:
+                interceptor._log_cancelled(context, state, started)
+                raise
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise

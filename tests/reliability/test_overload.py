@@ -503,3 +503,61 @@ def test_a_probe_on_an_open_stream_is_not_queued_behind_a_unary_flood(tmp_path: 
         assert order.index(streamed.face.decision.decision_id) <= 2, order
         assert order.index(unary.result().decision.decision_id) >= 12, order
         world.close()
+
+
+def test_a_call_whose_client_went_away_is_logged_cancelled(tmp_path: Path) -> None:
+    """Under overload most of a flood's calls end because their client gave up (its
+    deadline passed, or it cancelled): the call log accounts for those too, one ``rpc``
+    line each, DEADLINE_EXCEEDED or CANCELLED, for unary calls and for a stream, where
+    before they left no line at all. The calls wait inside the service (the audit's write
+    lock is held) when their clients give up."""
+    import io
+    import json
+    import queue
+
+    import structlog
+
+    from centinela import logs
+    from centinela.v1 import match_service_pb2 as mpb
+
+    previous = structlog.get_config()
+    buffer = io.StringIO()
+    logs.configure("info", stream=buffer)
+
+    def ended(method: str) -> list[str]:
+        lines = [json.loads(x) for x in buffer.getvalue().splitlines() if x.startswith("{")]
+        return [
+            e["code"] for e in lines if e.get("event") == "rpc" and e["method"].endswith(method)
+        ]
+
+    try:
+        settings = _settings(tmp_path)
+        with ServerThread(settings) as server:
+            world = populate(server, registry=False)
+            stub = world.stub("muni-miraflores")
+            interceptor = _interceptor(server)
+            inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
+            with _audit_write_lock(settings):
+                call = stub.MatchFace.future(world.face_request(world.stranger()), timeout=60)
+                _wait(lambda: interceptor.in_flight == 1)
+                late = stub.MatchFace.future(world.face_request(world.stranger(8)), timeout=1.5)
+                _wait(lambda: interceptor.in_flight == 2)
+                stream = stub.StreamMatch(iter(inbox.get, None), timeout=60)
+                inbox.put(
+                    mpb.StreamMatchRequest(
+                        sequence=1, face=world.face_request(world.stranger(seed=7))
+                    )
+                )
+                _wait(lambda: interceptor.in_flight == 3)
+                _wait(lambda: "DEADLINE_EXCEEDED" in ended("/MatchFace"), timeout=8)
+                assert _outcome(late) == "DEADLINE_EXCEEDED"
+                cast(Any, call).cancel()
+                cast(Any, stream).cancel()
+                _wait(lambda: "CANCELLED" in ended("/MatchFace"))
+                _wait(lambda: "CANCELLED" in ended("/StreamMatch"))
+            inbox.put(None)
+            assert sorted(ended("/MatchFace")) == ["CANCELLED", "DEADLINE_EXCEEDED"]
+            assert ended("/StreamMatch") == ["CANCELLED"]
+            world.close()
+    finally:
+        structlog.configure(**previous)
