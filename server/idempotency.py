@@ -69,7 +69,8 @@ def _v1(conn: Connection) -> None:
 def _v2(conn: Connection) -> None:
     # The retention prune finds old records by their time: without an index that was a scan
     # of the whole table (a day of records) once a minute, under SQLite's write lock, which
-    # every audit commit waited for (0.8 s at 774,000 records: benchmarks/retention.py).
+    # every audit commit waited for: probes waited 0.63-0.84 s at 774,000 records in the
+    # benchmarks' server (benchmarks/fairness.py, benchmarks/retention.py).
     conn.exec_driver_sql(
         "CREATE INDEX IF NOT EXISTS ix_idempotency_created_at ON idempotency (created_at)"
     )
@@ -285,7 +286,8 @@ class IdempotencyStore:
     def prune(self, now: dt.datetime | None = None, *, batch: int = PRUNE_BATCH) -> int:
         """Delete records past the retention period, oldest first, ``batch`` (about) per
         transaction so that no transaction holds the write lock for long; return how many.
-        A day's records at a steady rate come out a minute's worth at a time."""
+        Run once a minute it finds the minute's worth that expired; a backlog (after a pause)
+        comes out a batch at a time."""
         cutoff = ((now or dt.datetime.now(dt.UTC)) - RETENTION).timestamp()
         created = idempotency.c.created_at
         removed = 0
