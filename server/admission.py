@@ -317,7 +317,9 @@ class InFlight:
         """Stream probes one caller may have in flight: the ceiling while it is the only
         active caller (or the limit is the ceiling), else its equal part of the limit, at
         least the floor; while the unloaded time is remeasured, its equal part of the floor
-        (at least one), so that the probe window runs near the floor in total."""
+        (at least one), so that the probe window runs near the floor in total, up to
+        ``floor`` callers: with more, it runs at one probe each and measures their shared
+        time, and the limit follows (docs/performance.md, session 18)."""
         callers = len(self._seen)
         if callers <= 1 or self.limit >= self.ceiling:
             return self.ceiling
