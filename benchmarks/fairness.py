@@ -124,17 +124,23 @@ def full_row(run: load.Run) -> dict[str, Any]:
 # ---- the porticos (a subprocess) ----------------------------------------------------------
 
 
+#: A portico frame not sent because the last answer came more than a period late.
+SKIPPED = "SKIPPED_STALE_FRAME"
+#: A stream gRPC core dropped unstarted (its waiting bound), opened again.
+REOPENED = "STREAM_REOPENED"
+load._EXPECTED.update((SKIPPED, REOPENED))
+
+
 class Stream:
     """One StreamMatch stream, opened on first use and opened again when gRPC core dropped
     it unstarted (CANCELLED without the service's request id: the waiting bound refused the
-    new call), after a jittered pause, as ``centinela.clients`` does; ``opened`` counts the
-    attempts. Any other end of the stream ends the run."""
+    new call), after a jittered pause, as ``centinela.clients`` does, counted in ``run`` as
+    REOPENED. Any other end of the stream ends the run."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, run: load.Run) -> None:
         self.channel = channel
+        self.run = run
         self.call: Any = None
-        self.opened = 0
-        self.refused = 0
 
     async def ask(self, sequence: int, face: bytes) -> Any:
         """Send one face; its answer."""
@@ -142,7 +148,6 @@ class Stream:
         while True:
             if self.call is None:
                 self.call = load.open_stream(self.channel)
-                self.opened += 1
             try:
                 await self.call.write(message)
                 answer = await self.call.read()
@@ -157,7 +162,7 @@ class Stream:
             if code == grpc.StatusCode.CANCELLED and not any(
                 k == "x-request-id" for k, _v in trailers
             ):
-                self.refused += 1
+                self.run.codes[REOPENED] += 1
                 self.call = None
                 await asyncio.sleep(random.uniform(0.05, 0.2))
                 continue
@@ -180,11 +185,11 @@ async def paced_stream(
     run: load.Run,
     offset: float,
     settled: list[float],
-) -> Stream:
+) -> None:
     """One portico stream: a face every ``1 / rate`` s from ``offset`` on, each when the last
     is answered; a frame missed by more than a period is skipped (counted offered, not
     sent: the camera moved on)."""
-    stream = Stream(channel)
+    stream = Stream(channel, run)
     period = 1.0 / rate
     start = time.perf_counter() + offset
     stop = start + seconds
@@ -210,7 +215,6 @@ async def paced_stream(
             settled.append(took)
         k += 1
     await stream.close()
-    return stream
 
 
 async def gateway_loop(
@@ -221,11 +225,9 @@ async def gateway_loop(
     run = load.Run(seconds)
     stop = time.perf_counter() + seconds
     counter = iter(range(1, 10**12))
-    opened: list[Stream] = []
 
     async def worker() -> None:
-        stream = Stream(channel)
-        opened.append(stream)
+        stream = Stream(channel, run)
         while time.perf_counter() < stop:
             i = next(counter)
             run.offered += 1
@@ -237,15 +239,7 @@ async def gateway_loop(
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(streams)))
     run.seconds = time.perf_counter() - t0
-    run.codes[REOPENED] += sum(s.refused for s in opened)
     return run
-
-
-#: A portico frame not sent because the last answer came more than a period late.
-SKIPPED = "SKIPPED_STALE_FRAME"
-#: A stream gRPC core dropped unstarted (its waiting bound), opened again.
-REOPENED = "STREAM_REOPENED"
-load._EXPECTED.update((SKIPPED, REOPENED))
 
 
 async def porticos(args: argparse.Namespace) -> None:
@@ -254,12 +248,10 @@ async def porticos(args: argparse.Namespace) -> None:
     stdin, printing one JSON row each, until stdin ends."""
     clients: list[tuple[Any, load.Payloads]] = []
     for k in range(args.porticos):
-        chans, payloads = await load.connect(
-            args.data_dir, args.port, 50, (portico_name(k), MIRA_SITE)
+        (channel,), payloads = await load.connect(
+            args.data_dir, args.port, 50, (portico_name(k), MIRA_SITE), connections=1
         )
-        for extra in chans[1:]:
-            await extra.close()
-        clients.append((chans[0], payloads))
+        clients.append((channel, payloads))
     for channel, payloads in clients:  # warm: TLS session, the stream path
         await load.stream_closed_loop(channel, payloads, 1, 0.05, 30.0)
     print("ready", flush=True)
@@ -269,7 +261,7 @@ async def porticos(args: argparse.Namespace) -> None:
         seconds = float(line.split()[1])
         runs = [load.Run(seconds) for _ in clients]
         settled: list[float] = []
-        streams = await asyncio.gather(
+        await asyncio.gather(
             *(
                 paced_stream(
                     channel,
@@ -285,8 +277,6 @@ async def porticos(args: argparse.Namespace) -> None:
                 for _ in range(2)
             )
         )
-        for k, run in enumerate(runs):
-            run.codes[REOPENED] += streams[2 * k].refused + streams[2 * k + 1].refused
         print(json.dumps(summarize(runs, settled)), flush=True)
     for channel, _ in clients:
         await channel.close()
@@ -296,7 +286,7 @@ class Porticos:
     """The ``--porticos-client`` subprocess."""
 
     def __init__(self, args: argparse.Namespace, data_dir: Path, port: int) -> None:
-        self.proc = asyncio.create_subprocess_exec(
+        self.argv = [
             sys.executable,
             "-m",
             "benchmarks.fairness",
@@ -311,13 +301,15 @@ class Porticos:
             str(args.portico_rate),
             "--deadline-ms",
             str(args.deadline_ms),
+        ]
+
+    async def start(self) -> None:
+        self.p = await asyncio.create_subprocess_exec(
+            *self.argv,
             cwd=load.ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-
-    async def start(self) -> None:
-        self.p = await self.proc
         assert self.p.stdout is not None
         if (await self.p.stdout.readline()).strip() != b"ready":
             raise SystemExit("the porticos' client failed to start")
@@ -428,10 +420,10 @@ async def measure(args: argparse.Namespace, data_dir: Path, port: int) -> dict[s
         per_cert = max(1, load.CHANNELS // k)
         payloads = None
         for j in range(k):
-            these, payloads = await load.connect(data_dir, port, 200, (flood_name(j), LAV_SITE))
-            chans += these[:per_cert]
-            for extra in these[per_cert:]:
-                await extra.close()
+            these, payloads = await load.connect(
+                data_dir, port, 200, (flood_name(j), LAV_SITE), connections=per_cert
+            )
+            chans += these
         assert payloads is not None
         calls = [ch.unary_unary(load.METHOD) for ch in chans]
         flood = load.open_loop(

@@ -344,19 +344,24 @@ class Payloads:
 
 
 def channels(
-    data_dir: Path, port: int, identity: str = FLOOD[0], host: str = "127.0.0.1"
+    data_dir: Path,
+    port: int,
+    identity: str = FLOOD[0],
+    host: str = "127.0.0.1",
+    connections: int = CHANNELS,
 ) -> list[Any]:
     files = certs.client_files(data_dir / "certs", identity)
     cert, key, ca = files.read()
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
-    # A local subchannel pool each: CHANNELS connections, not one shared.
+    # A local subchannel pool each: that many connections, not one shared.
     options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
     if host != "127.0.0.1":  # through the balancer's namespace: the certificate names loopback
         options.append(("grpc.ssl_target_name_override", "127.0.0.1"))
     return [
-        grpc.aio.secure_channel(f"{host}:{port}", creds, options=options) for _ in range(CHANNELS)
+        grpc.aio.secure_channel(f"{host}:{port}", creds, options=options)
+        for _ in range(connections)
     ]
 
 
@@ -611,8 +616,9 @@ async def connect(
     n: int = 200,
     who: tuple[str, str] = FLOOD,
     host: str = "127.0.0.1",
+    connections: int = CHANNELS,
 ) -> tuple[list[Any], Payloads]:
-    chans = channels(data_dir, port, who[0], host)
+    chans = channels(data_dir, port, who[0], host, connections)
     info_call = chans[0].unary_unary(
         INFO,
         request_serializer=mpb.GetServerInfoRequest.SerializeToString,
