@@ -6,10 +6,12 @@
                                   [--gain G] [--floor F] [--max-streams N] [--keep DIR]
 
 ``benchmarks/load.py`` has two clients, one flood and one well-behaved. The server shares
-its adaptive limit on stream probes between the clients that called in the last second
-(``centinela.server.admission.InFlight``), so what each gets depends on how many there are.
-This tool issues a certificate per client under the data dir's development CA (distinct
-common names: the server tells callers apart by it) and measures, on the real server of
+its adaptive limit on stream probes between the clients that called in the last second, and
+between their organisations (``centinela.server.admission.InFlight``), so what each gets
+depends on how many there are. This tool issues a certificate per client under the data
+dir's development CA (distinct common names: the server tells callers apart by it; the
+porticos and the operator are Miraflores', the gateway and the flood La Victoria's) and
+measures, on the real server of
 ``load.py`` (``--serve``; the same synthetic watchlist, R14 ceilings lifted):
 
 A. **gateway alone**: one certificate, ``--gateway-streams`` StreamMatch streams on one
@@ -32,7 +34,8 @@ E. **porticos + flood** over K certificates, for each K of ``--flood-callers``: 
 The porticos run in a process of their own (as ``load.py``'s probe client does), so that
 their latencies are not those of a saturated load generator; with ``--pin`` the server is on
 CPU 0 and both client processes on CPU 1. Per phase the server's admission is sampled every
-50 ms (limit, active callers, a caller's share; medians printed). Every answer later than
+50 ms over the phase's own seconds (limit, active callers and organisations, the most
+probes one caller and one organisation held; medians printed). Every answer later than
 ``--deadline-ms`` counts as LATE, and any other error than the service's shedding is
 reported (and fails the run). Prints a table; the last line is one JSON object.
 """
@@ -151,8 +154,8 @@ class Stream:
             try:
                 await self.call.write(message)
                 answer = await self.call.read()
-            except asyncio.InvalidStateError:  # the call ended before the write
-                answer = load.STREAM_END
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                answer = load.STREAM_END  # the call ended before the write, or the read
             if answer is not load.STREAM_END:
                 if answer.sequence != sequence:
                     raise SystemExit(f"StreamMatch answered {answer.sequence} for {sequence}")
@@ -356,7 +359,7 @@ class Admission:
 
     async def read(self) -> dict[str, float]:
         samples = json.loads(await self.call(b"", timeout=30))["admission"]
-        names = ("limit", "in_flight", "waiting", "probing", "most_held", "share", "callers")
+        names = load.ADMISSION_FIELDS
         out = {
             f"{name}_p50": load.percentile([float(s[k]) for s in samples], 0.5)
             for k, name in enumerate(names)
@@ -380,8 +383,16 @@ async def measure(args: argparse.Namespace, data_dir: Path, port: int) -> dict[s
         load.say(f"{name} ({seconds:g} s) …")
         await admission.reset()
         t0 = time.perf_counter()
+
+        async def sampled() -> dict[str, float]:
+            # The phase's own seconds: a flood's late answers drain for a minute after it,
+            # with the flood alone.
+            await asyncio.sleep(seconds)
+            return await admission.read()
+
+        sampling = asyncio.create_task(sampled())
         out = list(await asyncio.gather(*work))
-        results[name] = {"admission": await admission.read(), "wall_s": time.perf_counter() - t0}
+        results[name] = {"admission": await sampling, "wall_s": time.perf_counter() - t0}
         return out
 
     def gateway_run() -> Any:
@@ -466,7 +477,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     head = (
         f"{'phase':<28} {'gw|flood /s':>11} {'× A':>6} {'portico p50':>11} {'× C':>6} "
         f"{'worst p50':>9} {'worst p99':>9} {'p99 >2s':>8} {'late':>5} {'skip':>5} "
-        f"{'reopen':>6} {'callers':>7} {'held':>7} {'limit':>5}"
+        f"{'reopen':>6} {'callers':>7} {'orgs':>4} {'held':>4} {'org held':>8} {'limit':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -507,8 +518,13 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         if heavy:
             reopened += heavy["codes"].get(REOPENED, 0)
         cols.append(f"{reopened:>6}")
-        cols += [f"{adm[k + '_p50']:>7g}" for k in ("callers", "most_held")]
-        cols.append(f"{adm['limit_p50']:>5g}")
+        cols += [
+            f"{adm['callers_p50']:>7g}",
+            f"{adm['orgs_p50']:>4g}",
+            f"{adm['most_held_p50']:>4g}",
+            f"{adm['org_held_p50']:>8g}",
+            f"{adm['limit_p50']:>5g}",
+        ]
         print(" ".join(cols))
         if "operator" in doc:
             op = doc["operator"]
@@ -521,8 +537,9 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "the porticos alone; worst: the worst portico's; p99 >2s: all porticos' p99 past the "
         "phase's first 2 s (the streams' opening); late: answers past the deadline; "
         "skip: frames skipped behind a late answer; reopen: streams gRPC core dropped unstarted "
-        "(its waiting bound), opened again. callers, held, limit: the "
-        "admission's medians (active callers, the most stream probes one caller held, the "
+        "(its waiting bound), opened again. callers, orgs, held, org held, limit: the "
+        "admission's medians over the phase's own seconds (active callers and "
+        "organisations, the most stream probes one caller and one organisation held, the "
         "adaptive limit)."
     )
     summary = {"results": res, "other_errors": errors, "load_average_1m": os.getloadavg()[0]}

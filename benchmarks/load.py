@@ -162,6 +162,22 @@ async def serve(args: argparse.Namespace) -> None:
     sampler.cancel()
 
 
+#: What each admission sample holds: the limit, units in flight, work waiting, remeasuring
+#: (0 or 1), the most probes one caller holds, a caller's share, active callers, active
+#: organisations, the most probes one organisation holds, an organisation's share.
+ADMISSION_FIELDS = (
+    "limit",
+    "in_flight",
+    "waiting",
+    "probing",
+    "most_held",
+    "share",
+    "callers",
+    "orgs",
+    "org_held",
+    "org_share",
+)
+
 #: The probe's send time (``time.monotonic()``) on each of its calls.
 SENT_KEY = "x-load-sent"
 TIMINGS = "/bench.Load/Timings"
@@ -176,9 +192,8 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self) -> None:
         self.before_ms: list[float] = []
         self.service_ms: list[float] = []
-        #: The server's admission every 50 ms: limit, units in flight, work waiting,
-        #: remeasuring, the most probes one caller holds, a caller's share, active callers.
-        self.admission_samples: list[tuple[int, int, int, int, int, int, int]] = []
+        #: The server's admission every 50 ms (``ADMISSION_FIELDS``).
+        self.admission_samples: list[tuple[int, ...]] = []
 
     async def sample(self, admission: Any) -> None:
         while True:
@@ -191,6 +206,9 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     admission.most_held,
                     admission.share(),
                     admission.active,
+                    admission.orgs,
+                    admission.most_held_by_org,
+                    admission.org_share(),
                 )
             )
             await asyncio.sleep(0.05)
@@ -686,7 +704,7 @@ async def probe(args: argparse.Namespace) -> None:
         row[f"{part}_p50_ms"] = round(percentile(doc[f"{part}_ms"], 0.50), 2)
         row[f"{part}_p99_ms"] = round(percentile(doc[f"{part}_ms"], 0.99), 2)
     samples = doc["admission"]
-    names = ("limit", "in_flight", "waiting", "probing", "most_held", "share", "callers")
+    names = ADMISSION_FIELDS
     for k, name in enumerate(names):
         if name != "probing":
             row[f"admission_{name}_p50"] = percentile([float(a[k]) for a in samples], 0.5)

@@ -122,6 +122,7 @@ class _Waiter(NamedTuple):
     future: asyncio.Future[None]
     deadline: float | None
     stream: bool
+    org: str
 
 
 _TOO_LATE = (
@@ -174,18 +175,34 @@ class InFlight:
 
     **Shares: the limit binds only between callers.** A caller (client certificate) that
     asked for a call or a probe in the last ``ACTIVE_S`` (to twice that: the list is pruned
-    once per ``ACTIVE_S``) is *active*; health checks and reflection (no certificate) and
-    bulk work do not count. A lone active caller's probes are held at the ceiling only:
-    there is nobody to protect, and holding its probes at a few units only made fewer of
-    them share each audit commit (StreamMatch throughput at 8-32 outstanding fell by
-    20-40 % in session 16, when the limit held all probes together). With ``n`` active
-    callers each may have ``limit // n`` probes in flight, and never fewer than ``floor``
-    (a portico's two streams each keep a probe in flight), but for the one window in
-    ``PROBE_S`` that remeasures the unloaded time, when each has ``floor // n`` (at least
-    one). The flood's share shrinks to make room for the others, and a portico that has
-    fewer probes outstanding than its share is not held at all. Unary calls are never held
-    at the limit, but their callers count, so a flood over streams cannot take the loop from
-    a unary client.
+    once per ``ACTIVE_S``), or has one waiting or in flight, is *active*; health checks and
+    reflection (no certificate) and bulk work do not count. A lone active caller's probes
+    are held at the ceiling only: there is nobody to protect, and holding its probes at a
+    few units only made fewer of them share each audit commit (StreamMatch throughput at
+    8-32 outstanding fell by 20-40 % in session 16, when the limit held all probes
+    together). With ``n`` active callers each may have ``limit // n`` probes in flight, and
+    never fewer than ``floor`` (a portico's two streams each keep a probe in flight), but
+    for the one window in ``PROBE_S`` that remeasures the unloaded time, when each has
+    ``floor // n`` (at least one). The flood's share shrinks to make room for the others,
+    and a portico that has fewer probes outstanding than its share is not held at all.
+    Unary calls are never held at the limit, but their callers count, so a flood over
+    streams cannot take the loop from a unary client.
+
+    **Organisations share as one.** A certificate is cheap for the organisation it belongs
+    to (subject ``O``: a municipality, the PNP), so a client that spreads a flood over more
+    of its certificates would take a floor of the limit with each: 19 took 38 probes beside
+    19 porticos' 38, and the porticos waited 24 times their time alone (docs/performance.md,
+    session 18). So while two or more organisations are active, each one's callers together
+    may have ``limit // orgs`` probes in flight (at least ``floor``; while the unloaded time
+    is remeasured ``floor // orgs``, at least one), each caller still within its own share;
+    a unit freed by one organisation goes to a waiter of an organisation under its part. The
+    limit then binds at the number of organisations, not of certificates: a flood is held
+    at its organisation's part whatever it is spread over, and the remeasuring window runs
+    at about the floor in total. An organisation alone is not held as one: its
+    certificates share the limit as above (19 porticos alone each keep their floor). What
+    this cannot hold is a flood spread over organisations: one certificate per system, and
+    an organisation per data owner or municipality, is the CA's to keep
+    (deploy/README.md).
 
     **Adaptive limit (stream probes): the work the service completes in its own unloaded
     time, times a gain.** Units in flight share one event loop, so each one's time in the
@@ -267,10 +284,15 @@ class InFlight:
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
         self.probing = False
         self._probe_armed = False
-        #: Stream probes in flight per caller, and when each caller last asked for a unit:
-        #: the callers seen in the last ``ACTIVE_S`` share the limit.
+        #: Stream probes in flight per caller, and when each caller last asked for a unit
+        #: (with its organisation): the callers seen in the last ``ACTIVE_S`` share the limit.
         self._held: dict[str, int] = {}
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, str]] = {}
+        #: Stream probes in flight per organisation, each holding caller's organisation, and
+        #: the active callers of each active organisation.
+        self._org_held: dict[str, int] = {}
+        self._org_of: dict[str, str] = {}
+        self._org_callers: collections.Counter[str] = collections.Counter()
         self._pruned_at = clock()
         self._reset(clock())
 
@@ -310,7 +332,8 @@ class InFlight:
 
     @property
     def active(self) -> int:
-        """Callers (client certificates) that asked for a unit in the last ``ACTIVE_S``."""
+        """Callers (client certificates) that asked for a unit in the last ``ACTIVE_S``, or
+        have one waiting or in flight."""
         return len(self._seen)
 
     def share(self) -> int:
@@ -327,9 +350,30 @@ class InFlight:
             return max(1, self.floor // callers)
         return max(self.floor, self.limit // callers)
 
+    @property
+    def orgs(self) -> int:
+        """Organisations with an active caller."""
+        return len(self._org_callers)
+
+    def org_share(self) -> int:
+        """Stream probes one organisation's callers may have in flight together: the
+        ceiling while it is the only active organisation (or the limit is the ceiling), else
+        its equal part of the limit, at least the floor; while the unloaded time is
+        remeasured, its equal part of the floor (at least one)."""
+        orgs = len(self._org_callers)
+        if orgs <= 1 or self.limit >= self.ceiling:
+            return self.ceiling
+        if self.probing:
+            return max(1, self.floor // orgs)
+        return max(self.floor, self.limit // orgs)
+
     def held_by(self, caller: str) -> int:
         """Stream probes ``caller`` has in flight."""
         return self._held.get(caller, 0)
+
+    def held_by_org(self, org: str) -> int:
+        """Stream probes the callers of ``org`` have in flight."""
+        return self._org_held.get(org, 0)
 
     @property
     def streams(self) -> int:
@@ -341,43 +385,79 @@ class InFlight:
         """The most stream probes one caller has in flight."""
         return max(self._held.values(), default=0)
 
-    def _free(self, stream: bool, caller: str = "") -> bool:
-        return not self._at_ceiling() and (not stream or self.held_by(caller) < self.share())
+    @property
+    def most_held_by_org(self) -> int:
+        """The most stream probes one organisation has in flight."""
+        return max(self._org_held.values(), default=0)
 
-    def _take(self, stream: bool, caller: str) -> None:
+    def _free(self, stream: bool, caller: str = "", org: str = "") -> bool:
+        return not self._at_ceiling() and (
+            not stream
+            or (self.held_by(caller) < self.share() and self.held_by_org(org) < self.org_share())
+        )
+
+    def _take(self, stream: bool, caller: str, org: str) -> None:
         self.count += 1
         if stream:
             self._held[caller] = self.held_by(caller) + 1
+            self._org_held[org] = self.held_by_org(org) + 1
+            self._org_of[caller] = org
 
-    def _see(self, caller: str, now: float) -> None:
-        """Note ``caller`` as active; forget the callers not seen for ``ACTIVE_S``. Calls
-        without a client certificate (health checks, reflection) and bulk work (imports,
-        exports: nobody waits on their latency) do not count."""
+    def _see(self, caller: str, org: str, now: float) -> None:
+        """Note ``caller`` (of ``org``) as active; forget the callers not seen for
+        ``ACTIVE_S`` that have nothing waiting or in flight. Calls without a client
+        certificate (health checks, reflection) and bulk work (imports, exports: nobody waits
+        on their latency) do not count.
+
+        A caller whose probes wait stays active however long they wait: its stream is not
+        read meanwhile, so it asks for nothing new. Forgotten, it would leave the shares to
+        grow while its waiting probes are handed units at them: when the audit stalls for
+        more than ``ACTIVE_S``, every caller waits, and the shares would be the ceiling just
+        as the stall ends."""
         if now - self._pruned_at > self.ACTIVE_S:
             self._pruned_at = now
-            for gone in [c for c, t in self._seen.items() if now - t > self.ACTIVE_S]:
-                del self._seen[gone]
+            for gone in [
+                c
+                for c, (t, _o) in self._seen.items()
+                if now - t > self.ACTIVE_S and c not in self._queues and c not in self._held
+            ]:
+                self._forget(gone)
         if not caller:
             return
-        if caller not in self._seen and len(self._seen) == 1 and self._stale(now):
-            # A second caller: the limit starts to bind, so measure the unloaded time now
-            # (a lone caller's windows measured it loaded, or not at all).
-            self._start_probe()
-        self._seen[caller] = now
+        seen = self._seen.get(caller)
+        if seen is None:
+            if len(self._seen) == 1 and self._stale(now):
+                # A second caller: the limit starts to bind, so measure the unloaded time now
+                # (a lone caller's windows measured it loaded, or not at all).
+                self._start_probe()
+            self._org_callers[org] += 1
+        elif seen[1] != org:  # not with certificates (one O each); kept consistent anyway
+            self._forget(caller)
+            self._org_callers[org] += 1
+        self._seen[caller] = (now, org)
 
-    def enter(self, caller: str = "", *, stream: bool = False, bulk: bool = False) -> None:
+    def _forget(self, caller: str) -> None:
+        _t, org = self._seen.pop(caller)
+        self._org_callers[org] -= 1
+        if self._org_callers[org] <= 0:
+            del self._org_callers[org]
+
+    def enter(
+        self, caller: str = "", *, org: str | None = None, stream: bool = False, bulk: bool = False
+    ) -> None:
         """Take a unit at once, or refuse: a call's (against the ceiling), a stream probe's
-        (``stream``: against ``caller``'s share of the adaptive limit too) or bulk work's
-        (against the ceiling).
+        (``stream``: against ``caller``'s share of the adaptive limit and its ``org``'s, by
+        default an organisation of its own, too) or bulk work's (against the ceiling).
 
         Raises:
             ResourceExhausted: the limit is reached.
         """
+        org = caller if org is None else org
         if not bulk:
-            self._see(caller, self._clock())
-        self._enter(caller, stream=stream, bulk=bulk)
+            self._see(caller, org, self._clock())
+        self._enter(caller, org, stream=stream, bulk=bulk)
 
-    def _enter(self, caller: str, *, stream: bool, bulk: bool) -> None:
+    def _enter(self, caller: str, org: str, *, stream: bool, bulk: bool) -> None:
         if bulk:
             if self._at_ceiling():
                 raise ResourceExhausted(
@@ -385,9 +465,9 @@ class InFlight:
                 )
             self.bulk += 1
             return
-        if not self._free(stream, caller) or self._queued(stream, caller):
+        if not self._free(stream, caller, org) or self._queued(stream, caller):
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
-        self._take(stream, caller)
+        self._take(stream, caller, org)
 
     def _queued(self, stream: bool, caller: str) -> bool:
         """Whether a new unit must queue behind others: a call behind the calls that wait
@@ -408,11 +488,13 @@ class InFlight:
         self,
         caller: str = "",
         *,
+        org: str | None = None,
         stream: bool = False,
         bulk: bool = False,
         deadline: float | None = None,
     ) -> None:
-        """Take a unit, waiting in ``caller``'s queue at the limit.
+        """Take a unit, waiting in ``caller``'s queue at the limit (a stream probe's also at
+        its ``org``'s share; by default the caller is an organisation of its own).
 
         A call (``stream`` false) waits at most ``max_wait_s`` and is refused when its
         caller already has ``queue_per_caller`` waiting; a stream's probe waits unbounded;
@@ -425,17 +507,18 @@ class InFlight:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
             DeadlineExceeded: the call's deadline would end before its answer.
         """
+        org = caller if org is None else org
         if not bulk:
             now = self._clock()
-            self._see(caller, now)
+            self._see(caller, org, now)
             if self._too_late(deadline, now):
                 raise DeadlineExceeded(_TOO_LATE)
         if (
             bulk
-            or (self._free(stream, caller) and not self._queued(stream, caller))
+            or (self._free(stream, caller, org) and not self._queued(stream, caller))
             or (not stream and self.max_wait_s <= 0)
         ):
-            self._enter(caller, stream=stream, bulk=bulk)  # a free unit, or a refusal
+            self._enter(caller, org, stream=stream, bulk=bulk)  # a free unit, or a refusal
             return
         queue = self._queues.get(caller)
         if not stream and queue is not None and len(queue) >= self.queue_per_caller:
@@ -447,7 +530,7 @@ class InFlight:
             queue = self._queues[caller] = collections.deque()
             self._turns.append(caller)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(_Waiter(waiter, deadline, stream))
+        queue.append(_Waiter(waiter, deadline, stream, org))
         self._count_waiting(stream, 1)
         timer = (
             None
@@ -509,7 +592,7 @@ class InFlight:
             caller = self._turns[0]
             queue = self._queues[caller]
             item = queue[0]
-            if not item.future.done() and not self._free(item.stream, caller):
+            if not item.future.done() and not self._free(item.stream, caller, item.org):
                 if self._at_ceiling():
                     return  # nothing can be handed over
                 self._turns.rotate(-1)
@@ -528,7 +611,7 @@ class InFlight:
             if self._too_late(item.deadline):
                 item.future.set_exception(DeadlineExceeded(_TOO_LATE))  # the unit goes on
                 continue
-            self._take(item.stream, caller)
+            self._take(item.stream, caller, item.org)
             item.future.set_result(None)
 
     def leave(
@@ -551,6 +634,12 @@ class InFlight:
                     self._held[caller] = held
                 else:
                     self._held.pop(caller, None)
+                org = self._org_of[caller] if held > 0 else self._org_of.pop(caller, caller)
+                org_held = self.held_by_org(org) - 1
+                if org_held > 0:
+                    self._org_held[org] = org_held
+                else:
+                    self._org_held.pop(org, None)
             self._adapt(elapsed_s)
         self._hand_over()
 
@@ -566,8 +655,8 @@ class InFlight:
         self.limit = self.floor
 
     def _drained(self) -> bool:
-        """Every caller's probes are down to its share of the floor."""
-        return self.most_held <= self.share()
+        """Every caller's and organisation's probes are down to its share of the floor."""
+        return self.most_held <= self.share() and self.most_held_by_org <= self.org_share()
 
     def _adapt(self, elapsed_s: float | None) -> None:
         if elapsed_s is None:
@@ -618,6 +707,7 @@ class InFlight:
                 was=before,
                 probing=self.probing,
                 callers=len(self._seen),
+                orgs=len(self._org_callers),
                 mean_ms=round(mean * 1000, 3),
                 unloaded_ms=round((self.unloaded_s or 0.0) * 1000, 3),
                 rate=round(self.rate, 1),

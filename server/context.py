@@ -30,6 +30,13 @@ class CallState:
             return ""
         return self.caller.fingerprint or self.caller.name
 
+    @property
+    def org(self) -> str:
+        """Whose organisation's share of the adaptive limit this call's stream probes take:
+        its certificate's organisation (``O``), so a client cannot widen its share with
+        more certificates of its own organisation; calls without a caller share one."""
+        return self.caller.org if self.caller is not None else ""
+
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
     "centinela_call", default=None

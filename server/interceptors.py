@@ -419,7 +419,9 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     state = interceptor._begin(context, method, protected, rid)
                     token = set_call(state)
                     _check_decoded(request)
-                    await interceptor.admission.acquire(state.share, deadline=_deadline(context))
+                    await interceptor.admission.acquire(
+                        state.share, org=state.org, deadline=_deadline(context)
+                    )
                     entered = time.perf_counter()
                     try:
                         result = inner_uu(request, context)

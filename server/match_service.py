@@ -600,7 +600,7 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 async for item in request_iterator:
                     if admission is not None:
                         # One unit per probe; at the limit, wait (and stop reading the stream).
-                        await admission.acquire(call.share, stream=True)
+                        await admission.acquire(call.share, org=call.org, stream=True)
                     task = asyncio.create_task(self._stream_one(item, caller, call))
                     if admission is not None:
                         # Given back when the probe is done, even if cancelled unstarted.

@@ -44,7 +44,7 @@ import grpc
 
 from centinela.clients.retry import retryable
 from centinela.config import Settings
-from centinela.server.demo import LAV_SITE, populate
+from centinela.server.demo import LAV_SITE, MIRA_SITE, populate
 from centinela.server.interceptors import CentinelaInterceptor
 from centinela.server.testing import ServerThread
 from centinela.v1.match_service_pb2_grpc import MatchServiceStub
@@ -340,6 +340,87 @@ def test_stream_probes_share_the_adaptive_limit_once_another_client_calls(
             inbox.put(None)
         assert list(answers) == []
         _wait(lambda: interceptor.in_flight == 0 and admission.waiting == 0)
+        world.close()
+
+
+def test_a_stream_flood_over_more_certificates_of_one_organisation_gets_its_share(
+    tmp_path: Path,
+) -> None:
+    """A client that floods over streams with several certificates of its organisation must
+    not hold more of the service than one: shares are per organisation (certificate ``O``)
+    too, so the other organisation's portico keeps its probe in flight while the flood's
+    second certificate waits. The limit is set to 2 and held there (gain 0; floor 1): two
+    organisations have one probe each. Callers stay active for the whole test (``ACTIVE_S``
+    raised), so the figures do not depend on how fast it runs."""
+    import queue
+
+    from centinela.server import certs
+    from centinela.v1 import match_service_pb2 as mpb
+
+    settings = _settings(
+        tmp_path, max_concurrent_rpcs=8, admission_max_wait_ms=0, admission_floor=1
+    )
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        ca = certs.TlsFiles(
+            server.certs_dir / "ca.crt", server.certs_dir / "ca.key", server.certs_dir / "ca.crt"
+        )
+        for name in ("lav-gateway-1", "lav-gateway-2"):
+            ident = certs.DevIdentity(
+                name, "muni-la-victoria", "municipality", ("operator", "control_center"), "lima"
+            )
+            certs.issue_client(ca, server.certs_dir, ident)
+        admission = _interceptor(server).admission
+
+        async def hold_the_limit_at_two() -> None:
+            admission.gain = 0.0
+            admission.limit = 2
+            admission.ACTIVE_S = 600.0
+
+        server.call(hold_the_limit_at_two)
+
+        def open_stream(
+            identity: str, site: str
+        ) -> tuple[queue.Queue[mpb.StreamMatchRequest | None], Iterator[Any], str]:
+            inbox: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
+            stub = world.stub(identity)
+            return inbox, iter(stub.StreamMatch(iter(inbox.get, None), timeout=120)), site
+
+        streams = {
+            "portico": open_stream("muni-miraflores", MIRA_SITE),
+            "flood-1": open_stream("lav-gateway-1", LAV_SITE),
+            "flood-2": open_stream("lav-gateway-2", LAV_SITE),
+        }
+
+        def send(name: str, seq: int) -> None:
+            inbox, _answers, site = streams[name]
+            face = world.face_request(world.stranger(seed=300 + seq), site=site)
+            inbox.put(mpb.StreamMatchRequest(sequence=seq, face=face))
+
+        try:
+            with _audit_write_lock(settings):  # admitted probes wait for their audit entry
+                send("portico", 0)
+                _wait(lambda: admission.held_by_org("muni-miraflores") == 1)
+                send("flood-1", 0)
+                _wait(lambda: admission.held_by_org("muni-la-victoria") == 1)
+                send("flood-2", 0)  # its certificate holds nothing, its organisation its share
+                _wait(lambda: admission.waiting == 1)
+                send("portico", 1)  # the portico's own share is full too: it waits
+                _wait(lambda: admission.waiting == 2)
+                # (the PNP's administrator that listed the watchlist is active too)
+                assert admission.orgs >= 2
+                assert (admission.org_share(), admission.share()) == (1, 1)
+                assert admission.streams == 2
+                assert admission.held_by_org("muni-la-victoria") == 1
+            for name, sent in (("portico", [0, 1]), ("flood-1", [0]), ("flood-2", [0])):
+                answers = streams[name][1]
+                assert [next(answers).sequence for _ in sent] == sent
+        finally:
+            for inbox, _answers, _site in streams.values():
+                inbox.put(None)
+        for _inbox, answers, _site in streams.values():
+            assert list(answers) == []
+        _wait(lambda: admission.streams == 0 and admission.waiting == 0)
         world.close()
 
 

@@ -41,6 +41,7 @@ class Service:
         unloaded_s: float,
         callers: tuple[str, ...] = ("flood", "muni"),
         demand: int | None = None,
+        orgs: dict[str, str] | None = None,
     ):
         self.f = limiter
         self.clock = clock
@@ -48,6 +49,7 @@ class Service:
         self.unloaded_s = unloaded_s
         self.callers = callers
         self.demand = demand
+        self.orgs = orgs or {}  # each caller's organisation (by default one of its own)
         self.units: collections.deque[str] = collections.deque()  # whose, oldest first
         self.times: list[float] = []  # each completed unit's time in the service
         self.done: collections.Counter[str] = collections.Counter()  # completions by caller
@@ -56,7 +58,7 @@ class Service:
         for caller in self.callers:
             while self.demand is None or self.f.held_by(caller) < self.demand:
                 try:
-                    self.f.enter(caller, stream=True)
+                    self.f.enter(caller, org=self.orgs.get(caller), stream=True)
                 except ResourceExhausted:
                     break
                 self.units.append(caller)
@@ -251,6 +253,151 @@ def test_each_caller_keeps_the_floor_but_for_the_remeasuring_window() -> None:
     assert f.share() == 4
     f.limit = 256
     assert f.share() == 256  # a limit at the ceiling holds nobody
+
+
+def test_an_organisation_shares_the_limit_as_one_caller_however_many_certificates() -> None:
+    """Certificates are cheap for the organisation that holds them: a client that spreads a
+    flood over 19 certificates of its organisation took 19 floors of the limit (38 probes
+    beside the porticos' 38: 24x their p50, docs/performance.md session 18). So an
+    organisation's certificates share, together, an equal part of the limit with the other
+    active organisations' (at least the floor), each certificate still within its own share;
+    an organisation alone is not held as one (its certificates' shares are as before)."""
+    f = InFlight(256, gain=2.0, floor=2, clock=lambda: 0.0)
+    for k in range(3):
+        f.enter(f"portico-{k}", org="miraflores")
+    assert (f.active, f.orgs, f.org_share()) == (3, 1, 256)  # one organisation
+    f.enter("flood-0", org="la-victoria")  # a second organisation, nothing measured yet
+    assert (f.orgs, f.probing, f.org_share()) == (2, True, 1)  # the remeasuring window
+    f.probing = False
+    f.limit = 12
+    assert (f.share(), f.org_share()) == (3, 6)
+    for k in range(1, 19):
+        f.enter(f"flood-{k}", org="la-victoria")
+    assert (f.active, f.orgs, f.share(), f.org_share()) == (22, 2, 2, 6)
+    taken = 0
+    for k in range(19):
+        for _ in range(2):  # each flood certificate asks for its floor
+            try:
+                f.enter(f"flood-{k}", org="la-victoria", stream=True)
+                taken += 1
+            except ResourceExhausted:
+                pass
+    assert (taken, f.held_by_org("la-victoria"), f.most_held) == (6, 6, 2)
+    f.enter("portico-0", org="miraflores", stream=True)  # the other organisation's part
+    f.enter("portico-0", org="miraflores", stream=True)
+    assert (f.held_by_org("miraflores"), f.streams) == (2, 8)
+    for k in range(3):
+        f.leave(stream=True, caller=f"flood-{k}")
+        f.leave(stream=True, caller=f"flood-{k}")
+    f.leave(stream=True, caller="portico-0")
+    f.leave(stream=True, caller="portico-0")
+    assert (f.streams, f.most_held_by_org) == (0, 0)
+    assert (f._org_held, f._org_of) == ({}, {})  # nothing left behind
+
+
+def test_a_flood_over_many_certificates_of_one_organisation_keeps_its_share() -> None:
+    """19 certificates of one organisation, each with its floor of probes, beside 19
+    porticos of another (all saturated here): the limit holds each organisation at its
+    part, so the units in flight, and each one's time in the service, stay near the
+    unloaded figure; the two organisations complete alike."""
+    clock = [1000.0]
+    porticos = tuple(f"portico-{n}" for n in range(19))
+    floods = tuple(f"flood-{n}" for n in range(19))
+    orgs = dict.fromkeys(porticos, "miraflores") | dict.fromkeys(floods, "la-victoria")
+    s = Service(
+        InFlight(256, gain=2.0, floor=2, clock=lambda: clock[0]),
+        clock,
+        600.0,
+        0.003,
+        callers=floods + porticos,
+        demand=2,
+        orgs=orgs,
+    )
+    s.serve(2.0)
+    settled = len(s.times)
+    counts = []
+    for _ in range(100):
+        s.serve(0.05)
+        counts.append(s.f.count)
+        assert s.f.held_by_org("la-victoria") <= s.f.org_share()
+    times = sorted(s.times[settled:])
+    assert (s.f.orgs, s.f.active, s.f.limit) == (2, 38, 4)
+    assert max(counts) <= 4  # not 19 x 2 for each organisation: 76
+    assert times[len(times) // 2] <= 3 * 0.003
+    by_org = collections.Counter({o: 0 for o in ("miraflores", "la-victoria")})
+    for caller, n in s.done.items():
+        by_org[orgs[caller]] += n
+    assert by_org["miraflores"] == pytest.approx(by_org["la-victoria"], rel=0.05)
+
+
+def test_a_freed_unit_goes_to_a_waiter_of_an_organisation_under_its_share() -> None:
+    """Waiters of an organisation at its share let their turn pass: a portico's probe
+    waits only for its own organisation's units, however many of the flood's wait."""
+
+    async def scenario() -> None:
+        f = InFlight(256, gain=2.0, floor=1, clock=lambda: 0.0)
+        f.enter("portico", org="miraflores")
+        for k in range(4):
+            f.enter(f"flood-{k}", org="la-victoria")
+        f.probing, f.limit = False, 2
+        assert (f.share(), f.org_share()) == (1, 1)
+        order: list[str] = []
+
+        async def probe(caller: str, org: str) -> None:
+            await f.acquire(caller, org=org, stream=True)
+            order.append(caller)
+
+        tasks = [asyncio.create_task(probe(f"flood-{k}", "la-victoria")) for k in range(4)]
+        tasks += [asyncio.create_task(probe("portico", "miraflores")) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert order == ["flood-0", "portico"]  # one unit each organisation
+        assert f.waiting == 4
+        f.leave(stream=True, caller="flood-0")  # the flood's unit goes to its next waiter
+        await asyncio.sleep(0)
+        assert order[2:] == ["flood-1"]
+        f.leave(stream=True, caller="portico")  # the portico's, past three flood waiters
+        await asyncio.sleep(0)
+        assert order[3:] == ["portico"]
+        for k in (1, 2, 3):
+            f.leave(stream=True, caller=f"flood-{k}")
+            await asyncio.sleep(0)
+        f.leave(stream=True, caller="portico")
+        await asyncio.gather(*tasks)
+        assert order[4:] == ["flood-2", "flood-3"]
+        assert (f.streams, f.waiting, f.most_held_by_org) == (0, 0, 0)
+
+    _run(scenario)
+
+
+def test_a_caller_whose_probes_wait_or_are_in_flight_stays_active() -> None:
+    """A flood's stream is not read while its probe waits, so it asks for nothing new; it
+    must still count, else its organisation drops out and its waiting probes are handed
+    units at the shares of fewer callers."""
+
+    async def scenario() -> None:
+        clock = [0.0]
+        f = InFlight(256, gain=2.0, floor=1, clock=lambda: clock[0])
+        f.enter("portico", org="miraflores")
+        f.enter("flood", org="la-victoria")
+        f.probing, f.limit = False, 2
+        await f.acquire("flood", org="la-victoria", stream=True)
+        waiter = asyncio.create_task(f.acquire("flood", org="la-victoria", stream=True))
+        await asyncio.sleep(0)
+        assert f.waiting == 1
+        clock[0] += 5 * f.ACTIVE_S
+        f.enter("portico", org="miraflores")  # prunes the callers not seen since
+        assert (f.active, f.orgs, f.org_share()) == (2, 2, 1)
+        f.leave(stream=True, caller="flood")
+        await waiter
+        clock[0] += 5 * f.ACTIVE_S
+        f.enter("portico", org="miraflores")
+        assert (f.active, f.orgs) == (2, 2)  # its probe is in flight
+        f.leave(stream=True, caller="flood")
+        clock[0] += 5 * f.ACTIVE_S
+        f.enter("portico", org="miraflores")
+        assert (f.active, f.orgs, f.org_share()) == (1, 1, 256)  # gone now
+
+    _run(scenario)
 
 
 def test_a_window_needs_its_minimum_duration() -> None:
