@@ -51,11 +51,13 @@ class Settings:
     #: StreamMatch probes are held at an adaptive limit: this many times the work the service
     #: completes in its own unloaded time (recent peak rate x lowest window mean, remeasured
     #: at ``admission_floor`` when stale), shared equally by the clients active in the last
-    #: second, so that a flood over streams waits in its own queue and the others' time in
-    #: the service stays near this multiple of the unloaded time. A client alone is held at
-    #: ``max_concurrent_rpcs`` only (nobody to protect; a limit would only cost it
-    #: throughput). 0: probes, like calls, are held at ``max_concurrent_rpcs`` always. See
-    #: ``centinela.server.admission`` and docs/performance.md (sessions 16 and 17).
+    #: second and by their organisations (certificate ``O``: more certificates of one
+    #: organisation do not widen its share), so that a flood over streams waits in its own
+    #: queue and the others' time in the service stays near this multiple of the unloaded
+    #: time. A client alone is held at ``max_concurrent_rpcs`` only (nobody to protect; a
+    #: limit would only cost it throughput). 0: probes, like calls, are held at
+    #: ``max_concurrent_rpcs`` always. See ``centinela.server.admission`` and
+    #: docs/performance.md (sessions 16 to 19).
     admission_gain: float = 2.0
     #: The adaptive limit never goes below this many probes, and drops to it for one window
     #: every ten seconds while two or more clients are active, to remeasure the unloaded time.

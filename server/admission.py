@@ -23,7 +23,8 @@ Three bounds shed what the server cannot serve in time:
   a call, or one probe of a StreamMatch (an open, idle stream holds none); with
   ``admission_gain`` set, a client's probes are also held at its share of an adaptive
   limit below the ceiling, which follows the service's own unloaded time, whenever another
-  client needs the service too.
+  client needs the service too, and its organisation's certificates together at their
+  organisation's share whenever another organisation does.
 * **Waiting** (``max_pending_rpcs``, here): calls the transport accepted but the server's
   event loop has not picked up yet. When the loop is saturated (10x the capacity on a small
   machine), this queue, not the work in flight, decides the latency: gRPC's own defaults let

@@ -21,8 +21,9 @@ Invariants:
   stream: :class:`~centinela.server.admission.InFlight`), new work waits in its caller's
   queue, served round robin with the other callers' (identity is therefore resolved first),
   and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes are
-  also held at each active caller's share of an adaptive limit below the ceiling
-  (``admission_gain``; a caller alone only at the ceiling); imports and exports hold a unit
+  also held at each active caller's share of an adaptive limit below the ceiling, and the
+  callers of one organisation together at its share (``admission_gain``; a caller alone
+  only at the ceiling); imports and exports hold a unit
   of the ceiling only and are refused past it, never queued. A unary call whose deadline
   leaves less than the service takes now is refused with DEADLINE_EXCEEDED, not started.
 * Every call the service started ends with one ``rpc`` log line (method, code, request id,
