@@ -344,7 +344,9 @@ class InFlight:
         least the floor; while the unloaded time is remeasured, its equal part of the floor
         (at least one), so that the probe window runs near the floor in total, up to
         ``floor`` callers: with more, it runs at one probe each and measures their shared
-        time, and the limit follows (docs/performance.md, session 18)."""
+        time, and the limit follows (docs/performance.md, session 18), unless two or more
+        organisations are active: then :meth:`org_share` holds each organisation at its
+        part of the floor (at least one)."""
         callers = len(self._seen)
         if callers <= 1 or self.limit >= self.ceiling:
             return self.ceiling
