@@ -23,8 +23,8 @@ Invariants:
   and is shed with RESOURCE_EXHAUSTED past the wait or the queue bound. Stream probes are
   also held at each active caller's share of an adaptive limit below the ceiling, and the
   callers of one organisation together at its share (``admission_gain``; a caller alone
-  only at the ceiling); imports and exports hold a unit
-  of the ceiling only and are refused past it, never queued. A unary call whose deadline
+  only at the ceiling); imports and exports hold a unit of the ceiling only and are
+  refused past it, never queued. A unary call whose deadline
   leaves less than the service takes now is refused with DEADLINE_EXCEEDED, not started.
 * Every call the service started ends with one ``rpc`` log line (method, code, request id,
   caller, decision id, milliseconds), including a call whose client went away: logged
