@@ -219,14 +219,21 @@ class InFlight:
 
     * the **rate** is the window's completions over its length, the highest of the windows
       of the last ``RATE_S`` seconds;
-    * the **unloaded time** is the lowest window mean. A mean measured with many units in
+    * the **unloaded time** is measured at the floor. A mean measured with many units in
       flight includes their sharing, and a limit computed from it only confirms itself. So
-      when no window has come in under the current value for ``PROBE_S`` seconds (or none has
-      been measured yet) the limit drops to ``floor`` for one window, once every caller's
-      probes in flight have drained to its share of it, and that window's mean becomes the
-      new value (BBR's ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``.
-      It happens only while two or more callers are active (a lone caller's windows
-      measure its own load), and at once when a second caller arrives with no fresh value.
+      ``PROBE_S`` seconds after the last measurement (or when none has been made yet) the
+      limit drops to ``floor`` for one window, once every caller's probes in flight have
+      drained to its share of it, and that window's mean becomes the new value (BBR's
+      ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``. It happens only
+      while two or more callers are active (a lone caller's windows measure its own load),
+      and at once when a second caller arrives with no fresh value. A loaded window whose
+      mean comes in under the value lowers it, but does not put the next measurement off:
+      a measurement that came out high (streams opening as it ran) sets a limit at which the
+      flood's part keeps the loaded windows just under it, and when those counted as fresh
+      measurements the limit stood there for a whole 20 s phase (session 19). For the same
+      reason a measurement more than ``RISE`` times the value before it is taken, and
+      confirmed by another ``CONFIRM_S`` later, not ``PROBE_S``: a slower service is
+      followed, a noisy window not kept for long.
 
     The limit moves at most to twice its value per window (a start from the floor doubles
     while the time stays low) and stays between ``floor`` and ``ceiling``. On one core with a
@@ -245,6 +252,10 @@ class InFlight:
     WINDOW_S = 0.25
     RATE_S = 5.0
     PROBE_S = 10.0
+    #: How soon a measurement of the unloaded time above ``RISE`` times the value before it
+    #: is measured again.
+    CONFIRM_S = 1.0
+    RISE = 1.1
     #: How long a window's mean counts as what a call admitted now can expect.
     EXPECTED_S = 1.0
     #: How long a caller counts as active (sharing the limit) after it last asked for a unit.
@@ -276,12 +287,14 @@ class InFlight:
         #: Each waiting caller's queue, and the callers in turn order (each once).
         self._queues: dict[str, collections.deque[_Waiter]] = {}
         self._turns: collections.deque[str] = collections.deque()
-        #: The estimates: lowest window mean (and when it was seen), recent window rates.
+        #: The estimates: the unloaded time (and when it was last measured at the floor),
+        #: recent window rates.
         self.unloaded_s: float | None = None
         #: The last window's mean time in the service: what a call admitted now can expect.
         self.expected_s = 0.0
         self._expected_at = 0.0
-        self._unloaded_at = 0.0
+        #: When the unloaded time is to be measured again (at the floor).
+        self._measure_at = 0.0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
         self.probing = False
@@ -648,10 +661,9 @@ class InFlight:
         self._hand_over()
 
     def _stale(self, now: float) -> bool:
-        """No unloaded time, or none confirmed for ``PROBE_S``: it is measured again."""
-        return bool(self.gain) and (
-            self.unloaded_s is None or now - self._unloaded_at > self.PROBE_S
-        )
+        """No unloaded time, or its next measurement at the floor is due: ``PROBE_S`` after
+        the last, or ``CONFIRM_S`` after one that came out higher than the value before."""
+        return bool(self.gain) and (self.unloaded_s is None or now >= self._measure_at)
 
     def _start_probe(self) -> None:
         self.probing = True
@@ -693,11 +705,12 @@ class InFlight:
         while len(self._rates) > 1 and now - self._rates[0][0] > self.RATE_S:
             self._rates.popleft()
         before = self.limit
-        if (self.probing and contended) or (
-            self.unloaded_s is not None and mean <= self.unloaded_s
-        ):
+        if self.probing and contended:
+            rose = self.unloaded_s is not None and mean > self.RISE * self.unloaded_s
             self.unloaded_s = mean
-            self._unloaded_at = now
+            self._measure_at = now + (self.CONFIRM_S if rose else self.PROBE_S)
+        elif self.unloaded_s is not None and mean < self.unloaded_s:
+            self.unloaded_s = mean  # lower, but not a measurement at the floor
         self.probing = False
         if contended and self._stale(now):
             self._start_probe()  # measure the unloaded time afresh, at the floor
