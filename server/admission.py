@@ -360,12 +360,15 @@ class InFlight:
         time, and the limit follows (docs/performance.md, session 18), unless two or more
         organisations are active: then :meth:`org_share` holds each organisation at its
         part of the floor (at least one)."""
-        callers = len(self._seen)
-        if callers <= 1 or self.limit >= self.ceiling:
+        return self._part(len(self._seen))
+
+    def _part(self, sharers: int) -> int:
+        """One of ``sharers``' equal part of the limit (see :meth:`share`)."""
+        if sharers <= 1 or self.limit >= self.ceiling:
             return self.ceiling
         if self.probing:
-            return max(1, self.floor // callers)
-        return max(self.floor, self.limit // callers)
+            return max(1, self.floor // sharers)
+        return max(self.floor, self.limit // sharers)
 
     @property
     def orgs(self) -> int:
@@ -377,12 +380,7 @@ class InFlight:
         ceiling while it is the only active organisation (or the limit is the ceiling), else
         its equal part of the limit, at least the floor; while the unloaded time is
         remeasured, its equal part of the floor (at least one)."""
-        orgs = len(self._org_callers)
-        if orgs <= 1 or self.limit >= self.ceiling:
-            return self.ceiling
-        if self.probing:
-            return max(1, self.floor // orgs)
-        return max(self.floor, self.limit // orgs)
+        return self._part(len(self._org_callers))
 
     def held_by(self, caller: str) -> int:
         """Stream probes ``caller`` has in flight."""
