@@ -199,8 +199,8 @@ class InFlight:
     a unit freed by one organisation goes to a waiter of an organisation under its part. The
     limit then binds at the number of organisations, not of certificates: a flood is held
     at its organisation's part whatever it is spread over, and the remeasuring window runs
-    at one probe per busy organisation at most (the floor in total up to ``floor``
-    organisations; with more, their number). An organisation alone is not held as one: its
+    at ``floor // orgs`` probes per busy organisation, at least one (the floor in total up
+    to ``floor`` organisations; with more, one each). An organisation alone is not held as one: its
     certificates share the limit as above (19 porticos alone each keep their floor). What
     this cannot hold is a flood spread over organisations: one certificate per system, and
     an organisation per data owner or municipality, is the CA's to keep
