@@ -351,7 +351,8 @@ def test_a_stream_flood_over_more_certificates_of_one_organisation_gets_its_shar
     too, so the other organisation's portico keeps its probe in flight while the flood's
     second certificate waits. The limit is set to 2 and held there (gain 0; floor 1): two
     organisations have one probe each. Callers stay active for the whole test (``ACTIVE_S``
-    raised), so the figures do not depend on how fast it runs."""
+    raised), so the figures do not depend on how fast it runs. A unary call, never held at
+    the limit, still makes its organisation (not its certificate) active."""
     import queue
 
     from centinela.server import certs
@@ -421,6 +422,11 @@ def test_a_stream_flood_over_more_certificates_of_one_organisation_gets_its_shar
         for _inbox, answers, _site in streams.values():
             assert list(answers) == []
         _wait(lambda: admission.streams == 0 and admission.waiting == 0)
+        # A unary call counts its caller's organisation too: La Victoria's is active already.
+        orgs = admission.orgs
+        request = world.face_request(world.stranger(seed=400), site=LAV_SITE)
+        world.stub("muni-la-victoria").MatchFace(request, timeout=60)
+        assert admission.orgs == orgs
         world.close()
 
 
