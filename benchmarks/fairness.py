@@ -48,7 +48,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -593,15 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (4.0 if args.quick else 20.0)
     args.warmup = 1.0 if args.quick else 3.0
     args.flood_callers = [int(k) for k in args.flood_callers.split(",") if k]
-    base = args.keep or Path(tempfile.mkdtemp(prefix="centinela-fairness-"))
-    data_dir = base / f"load-{args.templates}"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = load.bench_data_dir(args.keep, args.templates, "centinela-fairness-")
     load.say(f"starting the server ({args.templates:,} listed) …")
-    if args.pin:
-        if len(os.sched_getaffinity(0)) < 2:
-            raise SystemExit("--pin needs two CPUs")
-        load.pin_this_process(load.CLIENT_CPU)  # the porticos' process inherits it
-    proc, port = load.start_server(
+    load.pin_clients(args.pin)  # the porticos' process inherits it
+    with load.serving(
         data_dir,
         args.templates,
         in_flight,
@@ -610,19 +604,13 @@ def main(argv: list[str] | None = None) -> int:
         lanes=lanes,
         admission=(wait_ms, per_caller, args.gain, args.floor),
         pin=args.pin,
-    )
-    try:
+    ) as (_proc, port):
         for name in (GATEWAY, OPERATOR):
             issue_identity(data_dir, name, OTHER_ORG if name == GATEWAY else PORTICO_ORG)
         for k in range(args.porticos):
             issue_identity(data_dir, portico_name(k), PORTICO_ORG)
         res = asyncio.run(measure(args, data_dir, port))
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    summary = report(args, res)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["other_errors"] == 0 else 1
+    return load.finish(report(args, res))
 
 
 if __name__ == "__main__":

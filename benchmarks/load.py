@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -82,7 +83,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,49 @@ def start_server(
         what="load server",
         timeout_s=7200,
     )
+
+
+def bench_data_dir(keep: Path | None, templates: int, prefix: str) -> Path:
+    """The bench server's data dir: under ``keep`` (kept, and reused by the next run with as
+    many templates), else under a new temporary directory named ``prefix``…."""
+    base = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    data_dir = base / f"load-{templates}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir
+
+
+def pin_clients(pin: bool) -> None:
+    """With ``pin``, move this process (and the client processes it starts later) to
+    ``CLIENT_CPU``; the server goes to ``SERVER_CPU`` (:func:`start_server`).
+
+    Raises:
+        SystemExit: fewer than two CPUs.
+    """
+    if not pin:
+        return
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    pin_this_process(CLIENT_CPU)
+
+
+@contextlib.contextmanager
+def serving(
+    data_dir: Path, templates: int, max_in_flight: int, max_pending: int, **options: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """:func:`start_server` (``options`` are its keywords), stopped on the way out."""
+    proc, port = start_server(data_dir, templates, max_in_flight, max_pending, **options)
+    try:
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def finish(summary: dict[str, Any]) -> int:
+    """Print ``summary`` as the run's last line (one JSON object); the exit status: 1 if
+    anything but the service's shedding went wrong."""
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if summary["other_errors"] == 0 else 1
 
 
 def rss_mb(pid: int) -> float:
@@ -1145,18 +1189,13 @@ def main(argv: list[str] | None = None) -> int:
     args.overload_seconds = args.overload_seconds or (12.0 if args.quick else 60.0)
     args.warmup = 1.0 if args.quick else 3.0
     args.concurrency = [8, 32] if args.quick else [4, 8, 16, 32]
-    base = args.keep or Path(tempfile.mkdtemp(prefix="centinela-load-"))
-    data_dir = base / f"load-{args.templates}"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = bench_data_dir(args.keep, args.templates, "centinela-load-")
     say(
         f"starting the server ({args.templates:,} listed, max_concurrent_rpcs "
         f"{args.max_in_flight}, max_pending_rpcs {args.max_pending}) …"
     )
-    if args.pin:
-        if len(os.sched_getaffinity(0)) < 2:
-            raise SystemExit("--pin needs two CPUs")
-        pin_this_process(CLIENT_CPU)  # the probe client, started later, inherits it
-    proc, port = start_server(
+    pin_clients(args.pin)  # the probe client, started later, inherits it
+    with serving(
         data_dir,
         args.templates,
         args.max_in_flight,
@@ -1165,8 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
         lanes=args.lanes,
         admission=(args.max_wait_ms, args.queue_per_caller, args.gain, args.floor),
         pin=args.pin,
-    )
-    try:
+    ) as (proc, port):
         if args.balancer_cap:
             global _balanced
             _balanced = True
@@ -1179,12 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = asyncio.run(measure(args, data_dir, proc.pid, port))
         else:
             res = asyncio.run(measure(args, data_dir, proc.pid, port))
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    summary = report(args, res)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["other_errors"] == 0 else 1
+    return finish(report(args, res))
 
 
 if __name__ == "__main__":
