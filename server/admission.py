@@ -123,7 +123,15 @@ class _Waiter(NamedTuple):
     future: asyncio.Future[None]
     deadline: float | None
     stream: bool
-    org: str
+
+
+def _drop_one(counts: dict[str, int], key: str) -> None:
+    """One fewer for ``key``; no entry at none."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 _TOO_LATE = (
@@ -303,10 +311,10 @@ class InFlight:
         #: (with its organisation): the callers seen in the last ``ACTIVE_S`` share the limit.
         self._held: dict[str, int] = {}
         self._seen: dict[str, tuple[float, str]] = {}
-        #: Stream probes in flight per organisation, each holding caller's organisation, and
-        #: the active callers of each active organisation.
+        #: Stream probes in flight per organisation, and the active callers of each active
+        #: organisation. A caller's organisation is the one ``_seen`` holds for it: a caller
+        #: with probes in flight or waiting is never forgotten.
         self._org_held: dict[str, int] = {}
-        self._org_of: dict[str, str] = {}
         self._org_callers: collections.Counter[str] = collections.Counter()
         self._pruned_at = clock()
         self._reset(clock())
@@ -405,18 +413,26 @@ class InFlight:
         """The most stream probes one organisation has in flight."""
         return max(self._org_held.values(), default=0)
 
-    def _free(self, stream: bool, caller: str = "", org: str = "") -> bool:
+    def _org(self, caller: str) -> str:
+        """``caller``'s organisation (itself for a caller never seen: no certificate)."""
+        seen = self._seen.get(caller)
+        return seen[1] if seen is not None else caller
+
+    def _free(self, stream: bool, caller: str = "") -> bool:
         return not self._at_ceiling() and (
             not stream
-            or (self.held_by(caller) < self.share() and self.held_by_org(org) < self.org_share())
+            or (
+                self.held_by(caller) < self.share()
+                and self.held_by_org(self._org(caller)) < self.org_share()
+            )
         )
 
-    def _take(self, stream: bool, caller: str, org: str) -> None:
+    def _take(self, stream: bool, caller: str) -> None:
         self.count += 1
         if stream:
+            org = self._org(caller)
             self._held[caller] = self.held_by(caller) + 1
             self._org_held[org] = self.held_by_org(org) + 1
-            self._org_of[caller] = org
 
     def _see(self, caller: str, org: str, now: float) -> None:
         """Note ``caller`` (of ``org``) as active; forget the callers not seen for
@@ -446,9 +462,8 @@ class InFlight:
                 # (a lone caller's windows measured it loaded, or not at all).
                 self._start_probe()
             self._org_callers[org] += 1
-        elif seen[1] != org:  # not with certificates (one O each); kept consistent anyway
-            self._forget(caller)
-            self._org_callers[org] += 1
+        else:
+            org = seen[1]  # a certificate has one organisation
         self._seen[caller] = (now, org)
 
     def _forget(self, caller: str) -> None:
@@ -467,12 +482,11 @@ class InFlight:
         Raises:
             ResourceExhausted: the limit is reached.
         """
-        org = caller if org is None else org
         if not bulk:
-            self._see(caller, org, self._clock())
-        self._enter(caller, org, stream=stream, bulk=bulk)
+            self._see(caller, caller if org is None else org, self._clock())
+        self._enter(caller, stream=stream, bulk=bulk)
 
-    def _enter(self, caller: str, org: str, *, stream: bool, bulk: bool) -> None:
+    def _enter(self, caller: str, *, stream: bool, bulk: bool) -> None:
         if bulk:
             if self._at_ceiling():
                 raise ResourceExhausted(
@@ -480,9 +494,9 @@ class InFlight:
                 )
             self.bulk += 1
             return
-        if not self._free(stream, caller, org) or self._queued(stream, caller):
+        if not self._free(stream, caller) or self._queued(stream, caller):
             raise ResourceExhausted("server is at its concurrency limit; retry with backoff")
-        self._take(stream, caller, org)
+        self._take(stream, caller)
 
     def _queued(self, stream: bool, caller: str) -> bool:
         """Whether a new unit must queue behind others: a call behind the calls that wait
@@ -522,18 +536,17 @@ class InFlight:
             ResourceExhausted: a call was refused or waited ``max_wait_s`` in vain.
             DeadlineExceeded: the call's deadline would end before its answer.
         """
-        org = caller if org is None else org
         if not bulk:
             now = self._clock()
-            self._see(caller, org, now)
+            self._see(caller, caller if org is None else org, now)
             if self._too_late(deadline, now):
                 raise DeadlineExceeded(_TOO_LATE)
         if (
             bulk
-            or (self._free(stream, caller, org) and not self._queued(stream, caller))
+            or (self._free(stream, caller) and not self._queued(stream, caller))
             or (not stream and self.max_wait_s <= 0)
         ):
-            self._enter(caller, org, stream=stream, bulk=bulk)  # a free unit, or a refusal
+            self._enter(caller, stream=stream, bulk=bulk)  # a free unit, or a refusal
             return
         queue = self._queues.get(caller)
         if not stream and queue is not None and len(queue) >= self.queue_per_caller:
@@ -545,7 +558,7 @@ class InFlight:
             queue = self._queues[caller] = collections.deque()
             self._turns.append(caller)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(_Waiter(waiter, deadline, stream, org))
+        queue.append(_Waiter(waiter, deadline, stream))
         self._count_waiting(stream, 1)
         timer = (
             None
@@ -607,7 +620,7 @@ class InFlight:
             caller = self._turns[0]
             queue = self._queues[caller]
             item = queue[0]
-            if not item.future.done() and not self._free(item.stream, caller, item.org):
+            if not item.future.done() and not self._free(item.stream, caller):
                 if self._at_ceiling():
                     return  # nothing can be handed over
                 self._turns.rotate(-1)
@@ -626,7 +639,7 @@ class InFlight:
             if self._too_late(item.deadline):
                 item.future.set_exception(DeadlineExceeded(_TOO_LATE))  # the unit goes on
                 continue
-            self._take(item.stream, caller, item.org)
+            self._take(item.stream, caller)
             item.future.set_result(None)
 
     def leave(
@@ -644,17 +657,8 @@ class InFlight:
         else:
             self.count -= 1
             if stream:
-                held = self.held_by(caller) - 1
-                if held > 0:
-                    self._held[caller] = held
-                else:
-                    self._held.pop(caller, None)
-                org = self._org_of[caller] if held > 0 else self._org_of.pop(caller, caller)
-                org_held = self.held_by_org(org) - 1
-                if org_held > 0:
-                    self._org_held[org] = org_held
-                else:
-                    self._org_held.pop(org, None)
+                _drop_one(self._org_held, self._org(caller))
+                _drop_one(self._held, caller)
             self._adapt(elapsed_s)
         self._hand_over()
 
