@@ -239,9 +239,9 @@ class InFlight:
       a measurement that came out high (streams opening as it ran) sets a limit at which the
       flood's part keeps the loaded windows just under it, and when those counted as fresh
       measurements the limit stood there for a whole 20 s phase (session 19). For the same
-      reason a measurement more than ``RISE`` times the value before it is taken, and
-      confirmed by another ``CONFIRM_S`` later, not ``PROBE_S``: a slower service is
-      followed, a noisy window not kept for long.
+      reason a measurement more than ``RISE`` times the value is not taken until another,
+      ``CONFIRM_S`` later, agrees with it (:meth:`_measured`): a slower service is
+      followed a second or two late, a noisy window not at all.
 
     The limit moves at most to twice its value per window (a start from the floor doubles
     while the time stays low) and stays between ``floor`` and ``ceiling``. On one core with a
@@ -260,10 +260,13 @@ class InFlight:
     WINDOW_S = 0.25
     RATE_S = 5.0
     PROBE_S = 10.0
-    #: How soon a measurement of the unloaded time above ``RISE`` times the value before it
-    #: is measured again.
+    #: How soon a measurement of the unloaded time above ``RISE`` times the value is
+    #: measured again.
     CONFIRM_S = 1.0
     RISE = 1.1
+    #: How many times in a row a rise is measured again before the lower of the last two
+    #: measurements is taken, however far apart they are.
+    CONFIRMS = 4
     #: How long a window's mean counts as what a call admitted now can expect.
     EXPECTED_S = 1.0
     #: How long a caller counts as active (sharing the limit) after it last asked for a unit.
@@ -303,6 +306,10 @@ class InFlight:
         self._expected_at = 0.0
         #: When the unloaded time is to be measured again (at the floor).
         self._measure_at = 0.0
+        #: A measurement above ``RISE`` times the value, not yet confirmed, and how many such
+        #: measurements in a row have been made.
+        self._rise: float | None = None
+        self._confirms = 0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
         self.probing = False
@@ -664,8 +671,34 @@ class InFlight:
 
     def _stale(self, now: float) -> bool:
         """No unloaded time, or its next measurement at the floor is due: ``PROBE_S`` after
-        the last, or ``CONFIRM_S`` after one that came out higher than the value before."""
+        the last, or ``CONFIRM_S`` after a rise not yet confirmed (:meth:`_measured`)."""
         return bool(self.gain) and (self.unloaded_s is None or now >= self._measure_at)
+
+    def _measured(self, mean: float, now: float) -> None:
+        """A window at the floor measured ``mean``: the unloaded time, unless it is a rise
+        not yet confirmed.
+
+        A mean no higher than ``RISE`` times the value is taken, and next measured
+        ``PROBE_S`` later. A higher one is not taken until a second measurement agrees with
+        it (the two within ``RISE`` of each other, the lower then taken), each ``CONFIRM_S``
+        after the last, at most ``CONFIRMS`` times; until then the value stays. The windows
+        at the start of a flood measure its connections and streams opening: one came out at
+        11 ms where the service takes 2.5 (session 19), and the confirmation a second later
+        at 7 ms, which stood for ten seconds when the second measurement was taken as it
+        came. A service that has really become slower is followed a second or two later."""
+        value, rise = self.unloaded_s, self._rise
+        if value is None or mean <= self.RISE * value:
+            self.unloaded_s, self._rise = mean, None
+        elif rise is not None and (
+            max(mean, rise) <= self.RISE * min(mean, rise) or self._confirms >= self.CONFIRMS
+        ):
+            self.unloaded_s, self._rise = min(mean, rise), None
+        else:
+            self._rise = mean
+            self._confirms = 1 if rise is None else self._confirms + 1
+            self._measure_at = now + self.CONFIRM_S
+            return
+        self._measure_at = now + self.PROBE_S
 
     def _start_probe(self) -> None:
         self.probing = True
@@ -708,9 +741,7 @@ class InFlight:
             self._rates.popleft()
         before = self.limit
         if self.probing and contended:
-            rose = self.unloaded_s is not None and mean > self.RISE * self.unloaded_s
-            self.unloaded_s = mean
-            self._measure_at = now + (self.CONFIRM_S if rose else self.PROBE_S)
+            self._measured(mean, now)
         elif self.unloaded_s is not None and mean < self.unloaded_s:
             self.unloaded_s = mean  # lower, but not a measurement at the floor
         self.probing = False
