@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextvars
 import dataclasses
@@ -29,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -134,6 +136,22 @@ class _Bloom:
             bits[pos >> 3] |= 1 << (pos & 7)
         self.count += 1
 
+    def add_many(self, digests: np.ndarray) -> None:
+        """Add keys given as an (n, 16) array of digests, as :meth:`add` would one by one:
+        a start-up reads a day of them (a key a request), which one at a time took 3.9 s
+        for 246,514 keys (``idempotency.keys_loaded``)."""
+        if not len(digests):
+            return
+        halves = digests.view(">u8").astype(np.uint64)  # the two big-endian halves
+        m = np.uint64(self._m)
+        # Reduced first, the probes stay under 2**64, and (h1 + i h2) mod m is the same.
+        h1, h2 = halves[:, 0] % m, (halves[:, 1] | np.uint64(1)) % m
+        flags = np.unpackbits(np.frombuffer(self._bits, dtype=np.uint8), bitorder="little")
+        for i in range(self.PROBES):  # h1 + i * h2 < 10 m < 2**64: no overflow
+            flags[(h1 + np.uint64(i) * h2) % m] = 1
+        self._bits[:] = np.packbits(flags, bitorder="little").tobytes()
+        self.count += len(digests)
+
     def __contains__(self, digest: bytes) -> bool:
         bits = self._bits
         return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(digest))
@@ -181,6 +199,35 @@ class SeenKeys:
                 filters.append((filters[-1][0], last))
             last.add(digest)
 
+    def add_many(self, digests: bytes, whens: array.array[float]) -> None:
+        """Note many keys (``digests``, 16 bytes each, concatenated) whose answers were
+        stored at ``whens``: each goes into the filter :meth:`add` would have put it in,
+        had they come in the order of their times."""
+        n = len(whens)
+        if not n:
+            return
+        times = np.frombuffer(whens, dtype=np.float64)
+        order = np.argsort(times, kind="stable")
+        keys = np.frombuffer(digests, dtype=np.uint8).reshape(n, 16)[order]
+        starts = (times - np.mod(times, self.WINDOW_S))[order]
+        with self._lock:
+            filters = self._filters
+            i = 0
+            while i < n:
+                start = float(starts[i])
+                end = int(np.searchsorted(starts, start, side="right"))
+                if not filters or filters[-1][0] < start:
+                    size = max(self._capacity, filters[-1][1].capacity if filters else 0)
+                    filters.append((start, _Bloom(size)))
+                while i < end:
+                    last = filters[-1][1]
+                    if last.count >= last.capacity:
+                        last = _Bloom(last.capacity * 2)
+                        filters.append((filters[-1][0], last))
+                    upto = min(end, i + last.capacity - last.count)
+                    last.add_many(keys[i:upto])
+                    i = upto
+
     def __contains__(self, digest: bytes) -> bool:
         return any(digest in f for _, f in reversed(self._filters))
 
@@ -211,7 +258,9 @@ class IdempotencyStore:
     def _load_seen(self) -> None:
         """Every key the table holds goes into :attr:`seen` (start-up; O(rows of a day))."""
         began = time.perf_counter()
-        n = 0
+        digests = bytearray()
+        whens = array.array("d")
+        digest = SeenKeys.digest
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
                 sa.select(
@@ -219,8 +268,10 @@ class IdempotencyStore:
                 )
             )
             for caller, rid, created_at in result:
-                self.seen.add(SeenKeys.digest(caller, rid), when=float(created_at))
-                n += 1
+                digests += digest(caller, rid)
+                whens.append(created_at)
+        self.seen.add_many(bytes(digests), whens)
+        n = len(whens)
         if n:
             log.info(
                 "idempotency.keys_loaded", keys=n, ms=round((time.perf_counter() - began) * 1000)

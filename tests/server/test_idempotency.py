@@ -3,9 +3,11 @@ their retention, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import datetime as dt
 import functools
+import random
 from typing import Any
 
 import pytest
@@ -233,3 +235,31 @@ def test_seen_keys_never_miss_a_key_and_forget_only_what_a_prune_deleted() -> No
     # Much later, only the newest filter stays (new keys go into it).
     seen.forget_before(cutoff + 10 * 86400)
     assert keys[-1] in seen
+
+
+def test_keys_read_at_start_fill_the_filters_as_one_by_one_would() -> None:
+    """A start reads a day of keys and adds them at once (numpy), where it added them one by
+    one: 3.9 s for 246,514 keys before. The filters must come out bit for bit as the keys
+    added one by one in the order of their times would make them, whatever order the table
+    gives them in, each filter its period and size, so that no key is missed."""
+    now = 1_000_000.0
+    times = [now + 2.5 * i for i in range(6000)]  # ~4 hours: two periods, filters overflow
+    keys = [SeenKeys.digest(f"muni-{i % 7}", f"req-{i:08d}") for i in range(6000)]
+    one = SeenKeys(capacity=500)
+    for key, when in zip(keys, times, strict=True):
+        one.add(key, when=when)
+    shuffled = list(range(6000))
+    random.Random(7).shuffle(shuffled)
+    many = SeenKeys(capacity=500)
+    many.add_many(
+        b"".join(keys[i] for i in shuffled), array.array("d", (times[i] for i in shuffled))
+    )
+
+    def layout(seen: SeenKeys) -> list[tuple[float, int, int, bytes]]:
+        return [(t, f.capacity, f.count, bytes(f._bits)) for t, f in seen._filters]
+
+    assert len(one._filters) > 3  # more than one period, and filters that filled
+    assert layout(many) == layout(one)
+    assert all(k in many for k in keys)
+    many.add_many(b"", array.array("d"))
+    assert layout(many) == layout(one)
