@@ -314,9 +314,9 @@ class InFlight:
         self._expected_at = 0.0
         #: When the unloaded time is to be measured again (at the floor).
         self._measure_at = 0.0
-        #: A measurement above ``RISE`` times the value, not yet confirmed, and how many such
-        #: measurements in a row have been made.
-        self._rise: float | None = None
+        #: A measurement above ``RISE`` times the value, not yet confirmed (with when it was
+        #: made), and how many such measurements in a row have been made.
+        self._rise: tuple[float, float] | None = None
         self._confirms = 0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
@@ -632,7 +632,7 @@ class InFlight:
         (:meth:`_park`) and passes its turn to a caller that can take a unit; it comes back
         at the head of the line when a unit of its share or its organisation's frees, or the
         shares grow. So a hand-over costs the callers it serves, not every caller that
-        waits: passing turns round a line of every waiting caller cost 1.0 ms a completion
+        waits: passing turns round a line of every waiting caller cost 1.1 ms a completion
         with 1,000 cameras waiting, about half a decision's own CPU
         (``benchmarks/admission.py``)."""
         if self._parked_own or self._parked_org:
@@ -682,9 +682,7 @@ class InFlight:
 
     def _unpark(self, caller: str) -> None:
         """``caller`` back in the line, if parked."""
-        if caller in self._parked_own:
-            del self._parked_own[caller]
-            self._first(caller)
+        if self._unpark_own(caller):
             return
         org = self._org(caller)
         line = self._parked_org.get(org)
@@ -693,6 +691,14 @@ class InFlight:
             self._first(caller)
             if not line:
                 del self._parked_org[org]
+
+    def _unpark_own(self, caller: str) -> bool:
+        """``caller`` back in the line if parked at its own share; whether it was."""
+        if caller not in self._parked_own:
+            return False
+        del self._parked_own[caller]
+        self._first(caller)
+        return True
 
     def _unpark_next(self, org: str) -> None:
         """The first caller parked in ``org``'s line back in the line."""
@@ -710,7 +716,8 @@ class InFlight:
         self._turns.move_to_end(caller, last=False)
 
     def _unpark_all(self) -> None:
-        """Every parked caller back in the line, ahead of the others, in the order parked."""
+        """Every parked caller back in the line, ahead of the others: those parked at their own
+        share first, then each organisation's line, each in the order parked."""
         parked = [*self._parked_own, *(c for line in self._parked_org.values() for c in line)]
         self._parked_own.clear()
         self._parked_org.clear()
@@ -735,9 +742,7 @@ class InFlight:
                 org = self._org(caller)
                 _drop_one(self._org_held, org)
                 _drop_one(self._held, caller)
-                if caller in self._parked_own:  # a unit of its own share is free ...
-                    del self._parked_own[caller]
-                    self._first(caller)
+                self._unpark_own(caller)  # a unit of its own share is free ...
                 self._unpark_next(org)  # ... and one of its organisation's, for the first in line
             self._adapt(elapsed_s)
         self._hand_over()
@@ -758,8 +763,11 @@ class InFlight:
         at the start of a flood measure its connections and streams opening: one came out at
         11 ms where the service takes 2.5 (session 19), and the confirmation a second later
         at 7 ms, which stood for ten seconds when the second measurement was taken as it
-        came. A service that has really become slower is followed a second or two later."""
-        value, rise = self.unloaded_s, self._rise
+        came. A service that has really become slower is followed a second or two later. A
+        rise left unconfirmed for ``PROBE_S`` (the clients stopped competing) is forgotten:
+        a measurement much later confirms nothing about it."""
+        value = self.unloaded_s
+        rise = self._rise[0] if self._rise and now - self._rise[1] <= self.PROBE_S else None
         if value is None or mean <= self.RISE * value:
             self.unloaded_s, self._rise = mean, None
         elif rise is not None and (
@@ -767,7 +775,7 @@ class InFlight:
         ):
             self.unloaded_s, self._rise = min(mean, rise), None
         else:
-            self._rise = mean
+            self._rise = (mean, now)
             self._confirms = 1 if rise is None else self._confirms + 1
             self._measure_at = now + self.CONFIRM_S
             return

@@ -248,6 +248,17 @@ def test_a_rise_of_the_unloaded_time_is_taken_only_once_a_second_measurement_agr
     m.complete(0.100, 100)
     assert m.f.unloaded_s == pytest.approx(0.070)
 
+    # A rise the clients stopped competing before confirming is forgotten: a measurement
+    # much later that happens to agree with it is itself only a rise to confirm.
+    took = m.until_remeasured(0.300, 2 * m.f.PROBE_S)  # loaded windows, none under 70 ms
+    assert took == pytest.approx(m.f.PROBE_S, abs=2 * m.f.WINDOW_S)
+    m.complete(0.150, 100)
+    assert m.f.unloaded_s == pytest.approx(0.070)
+    m.clock[0] += 30 * m.f.PROBE_S  # nobody calls for five minutes
+    assert m.until_remeasured(0.300, 2 * m.f.PROBE_S) is not None
+    m.complete(0.155, 100)
+    assert m.f.unloaded_s == pytest.approx(0.070)
+
 
 def test_a_probe_window_starts_only_once_the_units_have_drained_to_the_floor() -> None:
     clock = [1000.0]
