@@ -35,7 +35,11 @@ The porticos run in a process of their own (as ``load.py``'s probe client does),
 their latencies are not those of a saturated load generator; with ``--pin`` the server is on
 CPU 0 and both client processes on CPU 1. Per phase the server's admission is sampled every
 50 ms over the phase's own seconds (limit, active callers and organisations, the most
-probes one caller and one organisation held; medians printed). Every answer later than
+probes one caller and one organisation held; medians printed). The porticos' probes are also
+timed at the server, per probe: its wait for a unit of the admission and its time in the
+service (``load.WhereTimeGoes.watch_probes``); and the porticos' process times how late its
+event loop wakes a 20 ms timer. What a portico's latency adds to the server's times is its
+own client's, on the core that client shares with the flood's generator. Every answer later than
 ``--deadline-ms`` counts as LATE, and any other error than the service's shedding is
 reported (and fails the run). Prints a table; the last line is one JSON object.
 """
@@ -263,6 +267,8 @@ async def porticos(args: argparse.Namespace) -> None:
         seconds = float(line.split()[1])
         runs = [load.Run(seconds) for _ in clients]
         settled: list[float] = []
+        lags: list[float] = []
+        lagging = asyncio.create_task(loop_lag(lags))
         await asyncio.gather(
             *(
                 paced_stream(
@@ -279,9 +285,23 @@ async def porticos(args: argparse.Namespace) -> None:
                 for _ in range(2)
             )
         )
-        print(json.dumps(summarize(runs, settled)), flush=True)
+        lagging.cancel()
+        row = summarize(runs, settled)
+        row["loop_lag_ms_p50"] = round(1000 * load.percentile(lags, 0.5), 2)
+        row["loop_lag_ms_p99"] = round(1000 * load.percentile(lags, 0.99), 2)
+        print(json.dumps(row), flush=True)
     for channel, _ in clients:
         await channel.close()
+
+
+async def loop_lag(lags: list[float], every: float = 0.02) -> None:
+    """How late this process's event loop wakes a timer, every ``every`` s, in ``lags``: the
+    share of a portico's latency that is its own client's, on a core it shares with the
+    flood's generator."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(every)
+        lags.append(time.perf_counter() - t0 - every)
 
 
 class Porticos:
@@ -357,7 +377,8 @@ class Admission:
         await self.call(b"", timeout=30)
 
     async def read(self) -> dict[str, float]:
-        samples = json.loads(await self.call(b"", timeout=30))["admission"]
+        doc = json.loads(await self.call(b"", timeout=30))
+        samples = doc["admission"]
         names = load.ADMISSION_FIELDS
         out = {
             f"{name}_p50": load.percentile([float(s[k]) for s in samples], 0.5)
@@ -365,6 +386,13 @@ class Admission:
             if name != "probing"
         }
         out["probing_share"] = round(sum(s[3] for s in samples) / max(1, len(samples)), 3)
+        # The porticos' probes as the server saw them: the wait for a unit, the time in the
+        # service (what the client's latency adds to these is the network and its own loop).
+        for key in ("probe_wait_ms", "probe_service_ms"):
+            times = doc[key].get(PORTICO_ORG, [])
+            out[f"porticos_{key}_p50"] = round(load.percentile(times, 0.5), 2)
+            out[f"porticos_{key}_p99"] = round(load.percentile(times, 0.99), 2)
+            out[f"porticos_{key}_mean"] = round(sum(times) / max(1, len(times)), 2)
         return out
 
 
@@ -525,6 +553,16 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
             f"{adm['limit_p50']:>5g}",
         ]
         print(" ".join(cols))
+        if pcs and "porticos_probe_wait_ms_p50" in adm:
+            print(
+                f"{'':<28} porticos at the server: wait p50 / p99 "
+                f"{adm['porticos_probe_wait_ms_p50']} / {adm['porticos_probe_wait_ms_p99']} ms, "
+                f"in the service {adm['porticos_probe_service_ms_p50']} / "
+                f"{adm['porticos_probe_service_ms_p99']} ms (means "
+                f"{adm['porticos_probe_wait_ms_mean']} + {adm['porticos_probe_service_ms_mean']}"
+                f"); their client's loop late p50 / p99 {pcs['loop_lag_ms_p50']} / "
+                f"{pcs['loop_lag_ms_p99']} ms"
+            )
         if "operator" in doc:
             op = doc["operator"]
             print(f"{'':<28} operator: p50 {op['p50_ms']} ms, p99 {op['p99_ms']} ms")
@@ -539,7 +577,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "(its waiting bound), opened again. callers, orgs, held, org held, limit: the "
         "admission's medians over the phase's own seconds (active callers and "
         "organisations, the most stream probes one caller and one organisation held, the "
-        "adaptive limit)."
+        "adaptive limit). porticos at the server: their probes' wait for a unit of the "
+        "admission and their time in the service, as the server timed them; their client's "
+        "loop late: how late the porticos' process woke a 20 ms timer (its share of the "
+        "client core it shares with the flood's generator)."
     )
     summary = {"results": res, "other_errors": errors, "load_average_1m": os.getloadavg()[0]}
     return summary

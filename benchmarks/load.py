@@ -153,6 +153,7 @@ async def serve(args: argparse.Namespace) -> None:
         extra_interceptors=[timing],
     )
     port = await server.start()
+    timing.watch_probes(server.interceptor.admission)
     sampler = asyncio.create_task(timing.sample(server.interceptor.admission))
     freeze_startup_heap()  # as `centinela serve` does
     loop = asyncio.get_running_loop()
@@ -195,6 +196,32 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.service_ms: list[float] = []
         #: The server's admission every 50 ms (``ADMISSION_FIELDS``).
         self.admission_samples: list[tuple[int, ...]] = []
+        #: Per organisation, each stream probe's wait for its unit and its time in the
+        #: service, in ms (:meth:`watch_probes`).
+        self.probe_wait_ms: dict[str, list[float]] = {}
+        self.probe_service_ms: dict[str, list[float]] = {}
+
+    def watch_probes(self, admission: Any) -> None:
+        """Time every stream probe at the admission, per organisation: the wait in
+        ``acquire`` and the time in the service ``leave`` is given. Instruments this
+        benchmark's server only (a coroutine wrapper per probe: a few microseconds)."""
+        acquire, leave = admission.acquire, admission.leave
+        org_of: dict[str, str] = {}
+
+        async def timed_acquire(caller: str = "", **kw: Any) -> None:
+            t0 = time.perf_counter()
+            await acquire(caller, **kw)
+            if kw.get("stream"):
+                org = org_of[caller] = kw.get("org") or caller
+                self.probe_wait_ms.setdefault(org, []).append(1000 * (time.perf_counter() - t0))
+
+        def timed_leave(elapsed_s: float | None = None, **kw: Any) -> None:
+            if kw.get("stream") and elapsed_s is not None:
+                org = org_of.get(kw.get("caller", ""), "")
+                self.probe_service_ms.setdefault(org, []).append(1000 * elapsed_s)
+            leave(elapsed_s, **kw)
+
+        admission.acquire, admission.leave = timed_acquire, timed_leave
 
     async def sample(self, admission: Any) -> None:
         while True:
@@ -245,8 +272,11 @@ class WhereTimeGoes(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "before_ms": self.before_ms,
                 "service_ms": self.service_ms,
                 "admission": self.admission_samples,
+                "probe_wait_ms": self.probe_wait_ms,
+                "probe_service_ms": self.probe_service_ms,
             }
             self.before_ms, self.service_ms, self.admission_samples = [], [], []
+            self.probe_wait_ms, self.probe_service_ms = {}, {}
             return json.dumps(doc).encode()
 
         return grpc.method_handlers_generic_handler(
