@@ -234,7 +234,9 @@ class InFlight:
       drained to its share of it, and that window's mean becomes the new value (BBR's
       ProbeRTT). Under a steady flood this costs one window in ``PROBE_S``. It happens only
       while two or more callers are active (a lone caller's windows measure its own load),
-      and at once when a second caller arrives with no fresh value. A loaded window whose
+      and at once when a second caller arrives with no fresh value, or a second
+      organisation where the value was measured among one organisation's callers (their
+      shared time, at one probe each, when they outnumber the floor). A loaded window whose
       mean comes in under the value lowers it, but does not put the next measurement off:
       a measurement that came out high (streams opening as it ran) sets a limit at which the
       flood's part keeps the loaded windows just under it, and when those counted as fresh
@@ -318,6 +320,8 @@ class InFlight:
         #: made), and how many such measurements in a row have been made.
         self._rise: tuple[float, float] | None = None
         self._confirms = 0
+        #: The organisations active when the unloaded time was last measured at the floor.
+        self._measured_orgs = 0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()
         #: A probe: ``limit`` is the floor; ``_probe_armed`` once the units have drained to it.
         self.probing = False
@@ -475,6 +479,20 @@ class InFlight:
             if len(self._seen) == 1 and self._stale(now):
                 # A second caller: the limit starts to bind, so measure the unloaded time now
                 # (a lone caller's windows measured it loaded, or not at all).
+                self._start_probe()
+            elif (
+                self.gain
+                and not self.probing
+                and org not in self._org_callers
+                and len(self._org_callers) == 1
+                and self._measured_orgs < 2
+            ):
+                # A second organisation, where the value was measured among one
+                # organisation's callers: with more of them than the floor, the window held
+                # each at one probe and measured their shared time (a flood's four
+                # certificates alone: 5.8-6.8 ms where the service takes 2.5), and that
+                # limit held the next phase's first seconds (session 20). The limit now
+                # binds between organisations: measure at once.
                 self._start_probe()
             self._org_callers[org] += 1
         else:
@@ -766,6 +784,7 @@ class InFlight:
         came. A service that has really become slower is followed a second or two later. A
         rise left unconfirmed for ``PROBE_S`` (the clients stopped competing) is forgotten:
         a measurement much later confirms nothing about it."""
+        self._measured_orgs = len(self._org_callers)
         value = self.unloaded_s
         rise = self._rise[0] if self._rise and now - self._rise[1] <= self.PROBE_S else None
         if value is None or mean <= self.RISE * value:

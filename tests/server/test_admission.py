@@ -974,3 +974,40 @@ def test_a_caller_its_own_share_now_holds_back_passes_its_organisations_unit_on(
         assert f.waiting == 0
 
     _run(scenario)
+
+
+def test_a_second_organisation_has_a_value_measured_within_one_measured_again() -> None:
+    """A flood's four certificates alone (one organisation) remeasure at one probe each, so
+    their window measures four probes' shared time (5.8-6.8 ms where the service takes 2.5),
+    and that limit held the first seconds of the next phase, with 19 porticos of another
+    organisation beside it (fairness.py, session 20). When a second organisation arrives,
+    the unloaded time is measured again at once; a value measured with two organisations
+    active is kept until it is due."""
+    clock = [1000.0]
+    f = InFlight(256, gain=2.0, floor=2, clock=lambda: clock[0])
+    flood = [f"flood-{k}" for k in range(4)]
+
+    def window(callers: list[tuple[str, str]], elapsed_s: float) -> None:
+        """Completions, each caller's probe at a time, until a measurement is taken."""
+        while True:
+            clock[0] += 0.002
+            for caller, org in callers:
+                f.enter(caller, org=org, stream=True)
+            for caller, _org in callers:
+                f.leave(elapsed_s, stream=True, caller=caller)
+            if not f.probing:
+                return
+
+    _call_once(f, [(c, "la-victoria") for c in flood])
+    assert f.probing  # a second caller, nothing measured yet
+    window([(c, "la-victoria") for c in flood], 0.0065)
+    assert f.unloaded_s == pytest.approx(0.0065)
+    f.enter("portico-01", org="miraflores")  # a second organisation: measured again at once
+    assert (f.probing, f.limit) == (True, f.floor)
+    window([(flood[0], "la-victoria"), ("portico-01", "miraflores")], 0.0025)
+    assert f.unloaded_s == pytest.approx(0.0025)
+    clock[0] += 3 * f.ACTIVE_S  # the porticos go quiet and are forgotten ...
+    f.enter(flood[0], org="la-victoria")
+    assert f.orgs == 1
+    f.enter("portico-01", org="miraflores")  # ... and come back, within PROBE_S
+    assert (f.orgs, f.probing) == (2, False)
