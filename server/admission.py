@@ -490,7 +490,7 @@ class InFlight:
                 # A second organisation, where the value was measured among one
                 # organisation's callers: with more of them than the floor, the window held
                 # each at one probe and measured their shared time (a flood's four
-                # certificates alone: 5.8-6.8 ms where the service takes 2.5), and that
+                # certificates alone: 5.8-8.0 ms where the service takes 2.5), and that
                 # limit held the next phase's first seconds (session 20). The limit now
                 # binds between organisations: measure at once.
                 self._start_probe()
