@@ -42,7 +42,13 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from centinela.server.idempotency import RETENTION, IdempotencyStore, SeenKeys, idempotency
+from centinela.server.idempotency import (
+    KEY_ROWS,
+    RETENTION,
+    IdempotencyStore,
+    SeenKeys,
+    idempotency,
+)
 from centinela.storage import make_engine, write_transaction
 
 
@@ -194,11 +200,7 @@ def keys_one_by_one(engine: sa.Engine) -> int:
     """The start-up's key load before session 20: each key hashed into the filter alone."""
     seen = SeenKeys()
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
-            sa.select(
-                idempotency.c.caller, idempotency.c.client_request_id, idempotency.c.created_at
-            )
-        )
+        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(KEY_ROWS)
         for caller, rid, created_at in result:
             seen.add(SeenKeys.digest(caller, rid), when=float(created_at))
     return len(seen)

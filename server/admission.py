@@ -690,25 +690,18 @@ class InFlight:
         while its organisation has room, it lets the organisation's next parked caller try."""
         del self._turns[caller]
         org = self._org(caller)
-        self._shares = (self.share(), self.org_share())
-        if self.held_by(caller) >= self._shares[0]:
+        share, org_share = self._shares = (self.share(), self.org_share())
+        if self.held_by(caller) >= share:
             self._parked_own[caller] = None
-            if self.held_by_org(org) < self.org_share():
-                self._unpark_next(org)
+            if self.held_by_org(org) < org_share:
+                self._unpark_from(org)
         else:
             self._parked_org.setdefault(org, collections.OrderedDict())[caller] = None
 
     def _unpark(self, caller: str) -> None:
         """``caller`` back in the line, if parked."""
-        if self._unpark_own(caller):
-            return
-        org = self._org(caller)
-        line = self._parked_org.get(org)
-        if line is not None and caller in line:
-            del line[caller]
-            self._first(caller)
-            if not line:
-                del self._parked_org[org]
+        if not self._unpark_own(caller):
+            self._unpark_from(self._org(caller), caller)
 
     def _unpark_own(self, caller: str) -> bool:
         """``caller`` back in the line if parked at its own share; whether it was."""
@@ -718,14 +711,18 @@ class InFlight:
         self._first(caller)
         return True
 
-    def _unpark_next(self, org: str) -> None:
-        """The first caller parked in ``org``'s line back in the line."""
+    def _unpark_from(self, org: str, caller: str | None = None) -> None:
+        """``caller``, or the first caller parked in ``org``'s line, back in the line."""
         line = self._parked_org.get(org)
-        if line:
+        if not line or (caller is not None and caller not in line):
+            return
+        if caller is None:
             caller, _ = line.popitem(last=False)
-            self._first(caller)
-            if not line:
-                del self._parked_org[org]
+        else:
+            del line[caller]
+        self._first(caller)
+        if not line:
+            del self._parked_org[org]
 
     def _first(self, caller: str) -> None:
         """``caller`` at the head of the line: it passed its turn only because a share held
@@ -761,7 +758,7 @@ class InFlight:
                 _drop_one(self._org_held, org)
                 _drop_one(self._held, caller)
                 self._unpark_own(caller)  # a unit of its own share is free ...
-                self._unpark_next(org)  # ... and one of its organisation's, for the first in line
+                self._unpark_from(org)  # ... and one of its organisation's, for the first in line
             self._adapt(elapsed_s)
         self._hand_over()
 

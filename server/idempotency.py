@@ -78,6 +78,11 @@ def _v2(conn: Connection) -> None:
     )
 
 
+#: Every stored answer's key and time: what a start reads into :class:`SeenKeys`.
+KEY_ROWS = sa.select(
+    idempotency.c.caller, idempotency.c.client_request_id, idempotency.c.created_at
+)
+
 MIGRATIONS = [
     Migration(1, "idempotency records", _v1),
     Migration(2, "index on created_at, for the retention prune", _v2),
@@ -262,11 +267,7 @@ class IdempotencyStore:
         whens = array.array("d")
         digest = SeenKeys.digest
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
-                sa.select(
-                    idempotency.c.caller, idempotency.c.client_request_id, idempotency.c.created_at
-                )
-            )
+            result = conn.execution_options(stream_results=True, yield_per=10_000).execute(KEY_ROWS)
             for caller, rid, created_at in result:
                 digests += digest(caller, rid)
                 whens.append(created_at)

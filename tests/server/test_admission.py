@@ -154,9 +154,8 @@ class _TwoOrgs:
         self.clock = [1000.0]
         self.f = InFlight(256, gain=2.0, floor=2, clock=lambda: self.clock[0])
         self.steps = 0
-        for caller, org in (("portico", "miraflores"), ("flood", "la-victoria")):
-            self.f.enter(caller, org=org)  # a call each: two callers, nothing measured ...
-            self.f.leave()
+        # A call each: two callers, nothing measured ...
+        _call_once(self.f, [("portico", "miraflores"), ("flood", "la-victoria")])
         assert self.f.probing  # ... so the unloaded time is measured at once
 
     def complete(self, elapsed_s: float, n: int = 1) -> None:
