@@ -9,10 +9,12 @@ from centinela.policy.decision import (
     DEFAULT_DENY,
     ENGINE_UNAVAILABLE,
     INPUT_MALFORMED,
+    TIME_FIELDS,
     Decision,
     Obligations,
     RateCeiling,
     parse_decision,
+    time_span,
 )
 from centinela.policy.engine import EmbeddedEngine, PolicyEngine
 from centinela.policy.opa import OpaServerEngine
@@ -22,6 +24,7 @@ __all__ = [
     "DEFAULT_DENY",
     "ENGINE_UNAVAILABLE",
     "INPUT_MALFORMED",
+    "TIME_FIELDS",
     "Bundle",
     "Decision",
     "EmbeddedEngine",
@@ -35,4 +38,5 @@ __all__ = [
     "TestResult",
     "bundle_names",
     "parse_decision",
+    "time_span",
 ]

@@ -9,14 +9,19 @@ Invariants (LEGAL_RULES.md; DESIGN.md §5):
 * A deny opens nothing: no galleries, no results, no visible fields.
 * Reasons are rule ids (``R1``..``R16``) or ``INPUT_MALFORMED`` / ``ENGINE_UNAVAILABLE`` /
   ``DEFAULT_DENY``; details name input fields, never their values.
+* ``time_instants`` (optional in the contract) lists, per request time (``now``,
+  ``capture_time``), the instants in ns since the epoch at which a rule compares that time
+  with something else; the server reuses a decision between them (server/decision_cache.py).
+  A time without an entry is one the decision may depend on in any way.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
@@ -24,6 +29,10 @@ INPUT_MALFORMED = "INPUT_MALFORMED"
 DEFAULT_DENY = "DEFAULT_DENY"
 
 MODES = frozenset({"ALERT", "INVESTIGATION", "VERIFY", "ADMIN", "READ"})
+#: The request times a policy may declare instants for (keys of ``input.context``).
+TIME_FIELDS = ("now", "capture_time")
+#: More instants than this for one time reads as off-contract (bounds a cache lookup's work).
+MAX_TIME_INSTANTS = 1_000
 MAX_RESULTS_CAP = 50
 _REASON = re.compile(r"^(R([1-9]|1[0-6])|INPUT_MALFORMED|ENGINE_UNAVAILABLE|DEFAULT_DENY)$")
 
@@ -102,6 +111,8 @@ class Decision:
     engine: str
     #: Names of malformed input fields (only with INPUT_MALFORMED).
     details: tuple[str, ...] = ()
+    #: Per request time, the sorted instants (ns) at which the decision may change with it.
+    time_instants: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def deny(
@@ -119,6 +130,7 @@ class Decision:
             "details": list(self.details),
             "bundle_digest": self.bundle_digest,
             "engine": self.engine,
+            "time_instants": {k: list(v) for k, v in self.time_instants.items()},
         }
 
 
@@ -213,6 +225,34 @@ def _obligations(raw: Any, allow: bool, floors: Mapping[str, float] | None) -> O
     )
 
 
+def _time_instants(raw: Any) -> dict[str, tuple[int, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _Malformed("time_instants")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, instants in raw.items():
+        if name not in TIME_FIELDS or not isinstance(instants, list):
+            raise _Malformed("time_instants")
+        if len(instants) > MAX_TIME_INSTANTS:
+            raise _Malformed("time_instants")
+        # Exact integers only: a float would have lost the nanoseconds an instant is made of.
+        if not all(type(t) is int for t in instants):
+            raise _Malformed("time_instants")
+        out[name] = tuple(sorted(set(instants)))  # in no order from rego-cpp (text sort)
+    return out
+
+
+def time_span(instants: Sequence[int], t: int) -> tuple[int | None, int | None]:
+    """The values of a time (inclusive, ns; ``None``: no bound) that share the decision taken
+    at ``t``, given the sorted ``instants`` the policy declared for that time: the open
+    interval between the neighbouring instants, or ``t`` alone when it is one of them."""
+    i = bisect.bisect_left(instants, t)
+    if i < len(instants) and instants[i] == t:
+        return (t, t)
+    return (instants[i - 1] + 1 if i else None, instants[i] - 1 if i < len(instants) else None)
+
+
 def _reason_order(reason: str) -> tuple[int, str]:
     """R1 < R2 < … < R16, then the non-rule reasons."""
     return (int(reason[1:]), "") if reason[1:].isdigit() else (100, reason)
@@ -241,6 +281,7 @@ def parse_decision(
             raise _Malformed("reasons")
         details = _str_tuple(raw.get("details", []), "details")
         obligations = _obligations(raw.get("obligations"), allow, floors)
+        instants = _time_instants(raw.get("time_instants"))
         if not allow:
             obligations = dataclasses.replace(
                 obligations, galleries=(), min_score={}, max_results=0, visible_fields=()
@@ -248,4 +289,4 @@ def parse_decision(
     except (_Malformed, TypeError, ValueError, AttributeError, OverflowError):
         # Fail closed on anything off-contract, including shapes no check foresaw.
         return Decision.deny(ENGINE_UNAVAILABLE, digest, engine)
-    return Decision(allow, reasons, obligations, digest, engine, details)
+    return Decision(allow, reasons, obligations, digest, engine, details, instants)

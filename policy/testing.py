@@ -11,13 +11,22 @@ so this runner evaluates the *same* cases instead:
 2. for each test rule, decide its case through :class:`EmbeddedEngine` (the compiled entry
    point, with the case's data), then evaluate ``embedded_check`` on (decision, expectation).
 
+3. when the case passes and its decision declares ``time_instants``, decide it again at the
+   edges of the span each time's instants leave around the case's time: the decision must
+   be the same there (the server reuses it across that span, server/decision_cache.py). A
+   rule that compares a time with an instant it does not declare fails the case whose time
+   lies next to that instant.
+
 Invariant: a test rule without a case, a case without a test rule, or an engine error is a
 failure, never a skip.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
+import re
+import time
 from typing import Any
 
 from centinela.errors import ConfigError
@@ -30,6 +39,7 @@ from centinela.policy.bundle import (
     TestResult,
     deep_merge,
 )
+from centinela.policy.decision import time_span
 from centinela.policy.engine import EmbeddedEngine
 
 TEST_PACKAGE = "centinela_test"
@@ -127,8 +137,84 @@ def _run_case(
     except (rego_native.RegoFailure, ConfigError, ValueError) as exc:
         return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
     if ok is True:
+        try:
+            moved = time_edges_differ(engine, case.get("input"), decision)
+        except (rego_native.RegoFailure, ValueError) as exc:
+            return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
+        if moved:
+            return TestResult(test, TEST_PACKAGE, False, moved)
         return TestResult(test, TEST_PACKAGE, True)
     got = {k: decision.get(k) for k in ("allow", "reasons", "details")}
     return TestResult(
         test, TEST_PACKAGE, False, f"expected {case.get('expect')}, got {json.dumps(got)}"
     )
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:[Zz]|([+-])(\d\d):(\d\d))"
+)
+
+
+def rfc3339_ns(value: Any) -> int | None:
+    """Nanoseconds since the epoch of an RFC 3339 time, or ``None`` if it is not one."""
+    m = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        return None
+    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
+    ns = calendar.timegm((y, mo, d, h, mi, sec)) * 1_000_000_000
+    ns += int((m.group(7) or "").ljust(9, "0"))
+    if m.group(8):
+        offset = (int(m.group(9)) * 60 + int(m.group(10))) * 60 * 1_000_000_000
+        ns -= offset if m.group(8) == "+" else -offset
+    return ns
+
+
+def format_ns(ns: int) -> str:
+    """``ns`` since the epoch as RFC 3339 in UTC, with nanoseconds when it has any."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    y, mo, d, h, mi, sec = time.gmtime(seconds)[:6]
+    stamp = f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{sec:02d}"
+    return stamp + (f".{frac:09d}Z" if frac else "Z")
+
+
+def _essence(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    return {k: raw.get(k) for k in ("allow", "reasons", "obligations", "details")}
+
+
+def time_edges_differ(engine: EmbeddedEngine, inp: Any, raw: Any) -> str | None:
+    """Why the decision ``raw`` on ``inp`` does not hold at the edges of the spans its
+    ``time_instants`` declare, or ``None`` when it holds there (or declares nothing).
+
+    Checked: each span's edges, and every declared instant and its neighbours that lie in a
+    span. What no instant of the decision points to is left to tests/policy (data-driven).
+    """
+    instants = raw.get("time_instants") if isinstance(raw, dict) else None
+    ctx = inp.get("context") if isinstance(inp, dict) else None
+    if not isinstance(instants, dict) or not isinstance(ctx, dict):
+        return None
+    base = _essence(raw)
+    # Besides the span's edges, every declared instant (of any time) and its neighbours: a
+    # time whose rule is missing from time_instants is usually compared with the same
+    # instants as another time is.
+    near = {
+        x + d for xs in instants.values() if isinstance(xs, list) for x in xs for d in (-1, 0, 1)
+    }
+    for name, declared in sorted(instants.items()):
+        t = rfc3339_ns(ctx.get(name))
+        if t is None or not isinstance(declared, list):
+            continue
+        lo, hi = time_span(sorted(declared), t)
+        inside = {x for x in near if (lo is None or lo <= x) and (hi is None or x <= hi)}
+        for edge in sorted(inside | {e for e in (lo, hi) if e is not None}):
+            if edge == t:
+                continue
+            moved = {**inp, "context": {**ctx, name: format_ns(edge)}}
+            if _essence(engine.evaluate_raw(moved)) != base:
+                return (
+                    f"the decision at {name}={format_ns(edge)} differs from the one at "
+                    f"{ctx[name]}: a rule compares {name} with an instant that is not in "
+                    "time_instants"
+                )
+    return None

@@ -58,7 +58,8 @@ def artifact(digest: str) -> str:
 
 
 def _to_second(stamp: str) -> str:
-    """An RFC 3339 time floored to the whole second (policy inputs repeat, see cache)."""
+    """An RFC 3339 time floored to the whole second, in UTC: the one form the decision cache
+    reuses a decision across (see server/decision_cache.py)."""
     when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     return when.replace(microsecond=0).astimezone(dt.UTC).isoformat()
 

@@ -121,6 +121,21 @@ now_ns := ts_ns(ctx_now)
 
 capture_ns := ts_ns(ctx_capture_time)
 
+# ---- when the decision changes with time -------------------------------------------------
+# `time_instants` tells the server at which instants (ns since the epoch) a rule compares
+# context.now or context.capture_time with something else, so that it can reuse a decision
+# for other times (server/decision_cache.py). All else equal, the decision holds for every
+# value of that time strictly between two neighbouring instants, or beyond the outer ones;
+# at an instant it holds for that instant alone. A time the policy cannot parse gets no
+# entry: a decision on it holds only for that very input.
+# Every rule that reads `now_ns` or `capture_ns` must put the instants it compares them with
+# into `now_instants` / `capture_instants`. The bundle tests check each case's decision at
+# the edges of the span its instants leave (centinela.policy.testing). The lists are in no
+# particular order (rego-cpp 1.5.2 sorts numbers as text); the server sorts them.
+time_instants["now"] := [t | some t in now_instants] if now_ns
+
+time_instants["capture_time"] := [t | some t in capture_instants] if capture_ns
+
 req_galleries contains g if {
 	probe_rpc
 	some g in in_galleries

@@ -125,6 +125,15 @@ authorisation_covers if {
 	ctx_offence in auth.offences
 }
 
+# authorisation_covers compares both times with the authorisation's window.
+now_instants contains t if some t in authorisation_window
+
+capture_instants contains t if some t in authorisation_window
+
+authorisation_window contains ts_ns(authorisation.not_before)
+
+authorisation_window contains ts_ns(authorisation.not_after)
+
 # ---- R4 verification (1:1) ---------------------------------------------------------------
 
 deny contains "R4" if {

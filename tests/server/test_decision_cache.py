@@ -1,0 +1,213 @@
+"""The decision cache: a decision reused across the request times its policy says do not
+matter, and only across those.
+
+The engine is the real embedded one on the shipped bundles with the bundle tests' fixture
+data (a judicial authorisation valid 2026-02-01 to 2026-04-01); the last test is a real
+server over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from centinela.policy import (
+    Bundle,
+    Decision,
+    EmbeddedEngine,
+    Obligations,
+    PolicyService,
+    ShadowedDecision,
+)
+from centinela.policy.testing import load_cases, rfc3339_ns
+from centinela.server.decision_cache import DecisionCache, canonical_ns, spans
+from centinela.server.demo import World, serving_world, ts
+
+SECOND = dt.timedelta(seconds=1)
+
+
+@pytest.fixture(scope="module")
+def fixture() -> tuple[dict[str, Any], dict[str, Any]]:
+    return load_cases(Bundle.load("interim"))
+
+
+@pytest.fixture(scope="module")
+def policy(fixture: tuple[dict[str, Any], dict[str, Any]]) -> PolicyService:
+    return PolicyService(EmbeddedEngine(Bundle.load("interim"), fixture[1]))
+
+
+def _at(inp: dict[str, Any], now: dt.datetime, capture: dt.datetime) -> dict[str, Any]:
+    """The case's input at these times, in the server's canonical form."""
+    ctx = {**inp["context"], "now": now.isoformat(), "capture_time": capture.isoformat()}
+    return {**inp, "context": ctx}
+
+
+def _utc(stamp: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def _essence(d: Decision) -> Any:
+    return (d.allow, d.reasons, d.obligations, d.details)
+
+
+def test_a_portico_probe_is_decided_once_for_all_its_times(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """A municipal alert search compares no time with anything: one evaluation serves a
+    year of probes (it served one second before)."""
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    cache = DecisionCache(policy)
+    start = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    for k in range(50):
+        now = start + k * dt.timedelta(days=7, seconds=13)
+        doc = _at(inp, now, now - 2 * SECOND)
+        got = cache.decide(doc).active
+        assert got.allow
+        assert _essence(got) == _essence(policy.decide(doc).active)
+    assert (cache.misses, cache.hits) == (1, 49)
+
+
+def test_a_cached_decision_never_outlives_the_authorisation_window_it_read(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """Times around both ends of a judicial authorisation, in random order: every answer
+    from the cache is what the engine decides for that very time."""
+    cases, dynamic = fixture
+    inp = cases["r3_allow_investigator_with_authorisation"]["input"]
+    window = dynamic["authorisations"][inp["context"]["authorisation_id"]]
+    begin, end = _utc(window["not_before"]), _utc(window["not_after"])
+    marks = [begin + k * SECOND for k in (-2, -1, 0, 1, 2)]
+    marks += [end + k * SECOND for k in (-2, -1, 0, 1, 2)]
+    marks += [begin - dt.timedelta(days=400), begin + dt.timedelta(days=20), end + 9 * SECOND]
+    pairs = [(n, c) for n in marks for c in marks if c <= n]
+    random.Random(7).shuffle(pairs)
+    cache = DecisionCache(policy)
+    allowed = 0
+    for now, capture in pairs * 2:
+        doc = _at(inp, now, capture)
+        got = cache.decide(doc).active
+        want = policy.decide(doc).active
+        assert _essence(got) == _essence(want), (now, capture)
+        allowed += got.allow
+    assert 0 < allowed < 2 * len(pairs)  # both sides of the window were asked
+    assert cache.hits > len(pairs)  # and decisions were reused within it
+
+
+def test_a_time_in_another_form_is_never_reused(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    cache = DecisionCache(policy)
+    at = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    base = _at(inp, at, at)
+    cache.decide(base)
+    others = [
+        "2026-03-01T10:00:05Z",  # the engines' form, not the server's
+        "2026-03-01T10:00:05.5+00:00",
+        "2026-03-01T15:00:05+05:00",
+        "2300-03-01T10:00:05+00:00",  # past int64 nanoseconds
+        "2026-02-30T10:00:05+00:00",
+        "2026-03-01T10:00:60+00:00",
+        "",
+    ]
+    for other in others:
+        doc = {**base, "context": {**base["context"], "capture_time": other}}
+        assert canonical_ns(other) is None
+        key = DecisionCache.key(doc)
+        assert [name for name, _ in key.times] == ["now"]
+        assert cache.cached(key) is None, other
+    assert canonical_ns("2026-03-01T10:00:05+00:00") == rfc3339_ns("2026-03-01T10:00:05Z")
+
+
+def test_shadow_and_active_spans_intersect_and_undeclared_times_pin() -> None:
+    t = 1_000
+
+    def decision(instants: dict[str, tuple[int, ...]]) -> Decision:
+        return Decision(True, ("R8",), Obligations(), "d", "e", (), instants)
+
+    times = (("now", t), ("capture_time", t))
+    active = decision({"now": (900, 1_200), "capture_time": ()})
+    shadow = decision({"now": (950, 1_100)})
+    assert spans(ShadowedDecision(active, None), times) == ((901, 1_199), (None, None))
+    # The shadow declared nothing for capture_time: that time must stay what it was.
+    assert spans(ShadowedDecision(active, shadow), times) == ((951, 1_099), (t, t))
+    assert spans(ShadowedDecision(decision({}), None), times) == ((t, t), (t, t))
+
+
+def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
+    fixture: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """A decision without ``time_instants`` (an older bundle, another OPA policy) is reused
+    at its own times only: the behaviour before instants existed."""
+    inner = EmbeddedEngine(Bundle.load("interim"), fixture[1])
+
+    class NoInstants:
+        name, bundle_digest = inner.name, inner.bundle_digest
+
+        def decide(self, inp: Any) -> Decision:
+            d = inner.decide(inp)
+            return Decision(d.allow, d.reasons, d.obligations, d.bundle_digest, d.engine, d.details)
+
+        def set_dynamic_data(self, doc: Any) -> None:
+            inner.set_dynamic_data(doc)
+
+    cache = DecisionCache(PolicyService(NoInstants()))
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    for k in (0, 0, 1, 1, 0):
+        cache.decide(_at(inp, now + k * SECOND, now))
+    assert (cache.misses, cache.hits) == (2, 3)
+
+
+def test_an_input_whose_time_is_blank_does_not_share_the_reusable_ones(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    cache = DecisionCache(policy)
+    assert cache.decide(_at(inp, now, now)).active.allow
+    blank = {**inp, "context": {**inp["context"], "now": "", "capture_time": ""}}
+    assert cache.cached(DecisionCache.key(blank)) is None
+    assert not cache.decide(blank).active.allow  # INPUT_MALFORMED, asked of the engine
+
+
+def test_clearing_forgets_every_span(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    cache = DecisionCache(policy)
+    cache.decide(_at(inp, now, now))
+    cache.clear()
+    cache.decide(_at(inp, now + SECOND, now))
+    assert cache.misses == 2
+
+
+# ---- over the wire -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with serving_world(tmp_path_factory.mktemp("world")) as w:
+        yield w
+
+
+def test_probes_of_one_camera_at_different_times_cost_one_policy_evaluation(
+    world: World,
+) -> None:
+    """Three probes of one camera captured minutes apart: one engine evaluation (three
+    before, when the key held the capture time to the second)."""
+    cache = world.server.app.components.pipeline.cache
+    cache.clear()
+    misses = cache.misses
+    stub = world.stub("muni-miraflores")
+    now = dt.datetime.now(dt.UTC)
+    for minutes in (1, 3, 5):
+        request = world.face_request(world.genuine(0))
+        request.context.capture_time.CopyFrom(ts(now - dt.timedelta(minutes=minutes)))
+        assert stub.MatchFace(request, timeout=30).alert
+    assert cache.misses - misses == 1
