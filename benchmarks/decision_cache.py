@@ -9,7 +9,7 @@ in two modes measured in the same run:
 
 * per second   - the cache as it was until session 21: a decision declares no time
                  instants, so it is reused only within the second it was taken at (the
-                 engine's answers with ``time_instants`` taken out);
+                 engine's answers with ``instants`` taken out);
 * instants     - the cache now: a decision is reused across every time between the instants
                  the policy declares (none for a municipal alert search).
 
@@ -40,7 +40,7 @@ NATIONAL = 3_000
 
 
 class PerSecond:
-    """The engine, its decisions without ``time_instants`` (the cache before session 21)."""
+    """The engine, its decisions without ``instants`` (the cache before session 21)."""
 
     def __init__(self, engine: EmbeddedEngine) -> None:
         self.engine = engine

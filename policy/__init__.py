@@ -9,12 +9,13 @@ from centinela.policy.decision import (
     DEFAULT_DENY,
     ENGINE_UNAVAILABLE,
     INPUT_MALFORMED,
-    TIME_FIELDS,
+    INSTANT_FIELDS,
     Decision,
     Obligations,
     RateCeiling,
+    holds,
     parse_decision,
-    time_span,
+    span,
 )
 from centinela.policy.engine import EmbeddedEngine, PolicyEngine
 from centinela.policy.opa import OpaServerEngine
@@ -24,7 +25,7 @@ __all__ = [
     "DEFAULT_DENY",
     "ENGINE_UNAVAILABLE",
     "INPUT_MALFORMED",
-    "TIME_FIELDS",
+    "INSTANT_FIELDS",
     "Bundle",
     "Decision",
     "EmbeddedEngine",
@@ -37,6 +38,7 @@ __all__ = [
     "ShadowedDecision",
     "TestResult",
     "bundle_names",
+    "holds",
     "parse_decision",
-    "time_span",
+    "span",
 ]

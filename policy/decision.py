@@ -9,10 +9,10 @@ Invariants (LEGAL_RULES.md; DESIGN.md §5):
 * A deny opens nothing: no galleries, no results, no visible fields.
 * Reasons are rule ids (``R1``..``R16``) or ``INPUT_MALFORMED`` / ``ENGINE_UNAVAILABLE`` /
   ``DEFAULT_DENY``; details name input fields, never their values.
-* ``time_instants`` (optional in the contract) lists, per request time (``now``,
-  ``capture_time``), the instants in ns since the epoch at which a rule compares that time
-  with something else; the server reuses a decision between them (server/decision_cache.py).
-  A time without an entry is one the decision may depend on in any way.
+* ``instants`` (optional in the contract) lists, per number of the input the server may
+  reuse a decision across (:data:`INSTANT_FIELDS`), the values a rule compares it with;
+  the server reuses a decision between them (server/decision_cache.py). A number without
+  an entry is one the decision may depend on in any way.
 """
 
 from __future__ import annotations
@@ -29,10 +29,20 @@ INPUT_MALFORMED = "INPUT_MALFORMED"
 DEFAULT_DENY = "DEFAULT_DENY"
 
 MODES = frozenset({"ALERT", "INVESTIGATION", "VERIFY", "ADMIN", "READ"})
-#: The request times a policy may declare instants for (keys of ``input.context``).
-TIME_FIELDS = ("now", "capture_time")
-#: More instants than this for one time reads as off-contract (bounds a cache lookup's work).
-MAX_TIME_INSTANTS = 1_000
+#: The input numbers a policy may declare instants for (paths into the input), and whether
+#: each is a time in integer nanoseconds (else any finite number).
+INSTANT_FIELDS: Mapping[str, bool] = {
+    "context.now": True,
+    "context.capture_time": True,
+    "probe.quality": False,
+}
+#: More instants than this for one number reads as off-contract (bounds a lookup's work).
+MAX_INSTANTS = 1_000
+
+Number = int | float
+#: Where a decision taken at some value holds: the open interval between the neighbouring
+#: instants (``None``: no bound), or ``None`` when the value is an instant itself.
+Span = tuple[Number | None, Number | None] | None
 MAX_RESULTS_CAP = 50
 _REASON = re.compile(r"^(R([1-9]|1[0-6])|INPUT_MALFORMED|ENGINE_UNAVAILABLE|DEFAULT_DENY)$")
 
@@ -111,8 +121,9 @@ class Decision:
     engine: str
     #: Names of malformed input fields (only with INPUT_MALFORMED).
     details: tuple[str, ...] = ()
-    #: Per request time, the sorted instants (ns) at which the decision may change with it.
-    time_instants: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    #: Per input number (:data:`INSTANT_FIELDS`), the sorted values at which the decision
+    #: may change with it.
+    instants: Mapping[str, tuple[Number, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def deny(
@@ -130,7 +141,7 @@ class Decision:
             "details": list(self.details),
             "bundle_digest": self.bundle_digest,
             "engine": self.engine,
-            "time_instants": {k: list(v) for k, v in self.time_instants.items()},
+            "instants": {k: list(v) for k, v in self.instants.items()},
         }
 
 
@@ -225,32 +236,45 @@ def _obligations(raw: Any, allow: bool, floors: Mapping[str, float] | None) -> O
     )
 
 
-def _time_instants(raw: Any) -> dict[str, tuple[int, ...]]:
+def _number(value: Any, integer: bool) -> bool:
+    if integer:
+        # Exact integers only: a float would have lost the nanoseconds an instant is made of.
+        return type(value) is int
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _instants(raw: Any) -> dict[str, tuple[Number, ...]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise _Malformed("time_instants")
-    out: dict[str, tuple[int, ...]] = {}
+        raise _Malformed("instants")
+    out: dict[str, tuple[Number, ...]] = {}
     for name, instants in raw.items():
-        if name not in TIME_FIELDS or not isinstance(instants, list):
-            raise _Malformed("time_instants")
-        if len(instants) > MAX_TIME_INSTANTS:
-            raise _Malformed("time_instants")
-        # Exact integers only: a float would have lost the nanoseconds an instant is made of.
-        if not all(type(t) is int for t in instants):
-            raise _Malformed("time_instants")
+        integer = INSTANT_FIELDS.get(name)
+        if integer is None or not isinstance(instants, list) or len(instants) > MAX_INSTANTS:
+            raise _Malformed("instants")
+        if not all(_number(v, integer) for v in instants):
+            raise _Malformed("instants")
         out[name] = tuple(sorted(set(instants)))  # in no order from rego-cpp (text sort)
     return out
 
 
-def time_span(instants: Sequence[int], t: int) -> tuple[int | None, int | None]:
-    """The values of a time (inclusive, ns; ``None``: no bound) that share the decision taken
-    at ``t``, given the sorted ``instants`` the policy declared for that time: the open
-    interval between the neighbouring instants, or ``t`` alone when it is one of them."""
-    i = bisect.bisect_left(instants, t)
-    if i < len(instants) and instants[i] == t:
-        return (t, t)
-    return (instants[i - 1] + 1 if i else None, instants[i] - 1 if i < len(instants) else None)
+def span(instants: Sequence[Number], value: Number) -> Span:
+    """Where a decision taken at ``value`` holds, given the sorted ``instants`` the policy
+    declared for that number: the open interval between the neighbouring instants, or
+    ``None`` when ``value`` is one of them (the decision holds at that value alone)."""
+    i = bisect.bisect_left(instants, value)
+    if i < len(instants) and instants[i] == value:
+        return None
+    return (instants[i - 1] if i else None, instants[i] if i < len(instants) else None)
+
+
+def holds(span: Span, at: Number, value: Number) -> bool:
+    """Whether a decision taken at ``at``, holding over ``span``, holds at ``value``."""
+    if span is None:
+        return value == at
+    lo, hi = span
+    return (lo is None or value > lo) and (hi is None or value < hi)
 
 
 def _reason_order(reason: str) -> tuple[int, str]:
@@ -281,7 +305,7 @@ def parse_decision(
             raise _Malformed("reasons")
         details = _str_tuple(raw.get("details", []), "details")
         obligations = _obligations(raw.get("obligations"), allow, floors)
-        instants = _time_instants(raw.get("time_instants"))
+        instants = _instants(raw.get("instants"))
         if not allow:
             obligations = dataclasses.replace(
                 obligations, galleries=(), min_score={}, max_results=0, visible_fields=()

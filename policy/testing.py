@@ -11,11 +11,11 @@ so this runner evaluates the *same* cases instead:
 2. for each test rule, decide its case through :class:`EmbeddedEngine` (the compiled entry
    point, with the case's data), then evaluate ``embedded_check`` on (decision, expectation).
 
-3. when the case passes and its decision declares ``time_instants``, decide it again at the
-   edges of the span each time's instants leave around the case's time: the decision must
-   be the same there (the server reuses it across that span, server/decision_cache.py). A
-   rule that compares a time with an instant it does not declare fails the case whose time
-   lies next to that instant.
+3. when the case passes and its decision declares ``instants``, decide it again just inside
+   the span each number's instants leave around the case's value, and at the declared
+   instants within it: the decision must be the same there (the server reuses it across
+   that span, server/decision_cache.py). A rule that compares a time or the quality with a
+   value it does not declare fails the case whose number lies next to that value.
 
 Invariant: a test rule without a case, a case without a test rule, or an engine error is a
 failure, never a skip.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import re
 import time
 from typing import Any
@@ -39,7 +40,7 @@ from centinela.policy.bundle import (
     TestResult,
     deep_merge,
 )
-from centinela.policy.decision import time_span
+from centinela.policy.decision import INSTANT_FIELDS, Number, holds, span
 from centinela.policy.engine import EmbeddedEngine
 
 TEST_PACKAGE = "centinela_test"
@@ -138,7 +139,7 @@ def _run_case(
         return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
     if ok is True:
         try:
-            moved = time_edges_differ(engine, case.get("input"), decision)
+            moved = instants_differ(engine, case.get("input"), decision)
         except (rego_native.RegoFailure, ValueError) as exc:
             return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
         if moved:
@@ -183,38 +184,72 @@ def _essence(raw: Any) -> Any:
     return {k: raw.get(k) for k in ("allow", "reasons", "obligations", "details")}
 
 
-def time_edges_differ(engine: EmbeddedEngine, inp: Any, raw: Any) -> str | None:
-    """Why the decision ``raw`` on ``inp`` does not hold at the edges of the spans its
-    ``time_instants`` declare, or ``None`` when it holds there (or declares nothing).
+def read_number(inp: Any, name: str) -> Number | None:
+    """The input's number at ``name`` (a path of INSTANT_FIELDS) as the policy compares it:
+    a time as ns since the epoch; ``None`` when absent or not a number."""
+    section, field = name.split(".", 1)
+    part = inp.get(section) if isinstance(inp, dict) else None
+    value = part.get(field) if isinstance(part, dict) else None
+    if INSTANT_FIELDS.get(name):
+        return rfc3339_ns(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
 
-    Checked: each span's edges, and every declared instant and its neighbours that lie in a
-    span. What no instant of the decision points to is left to tests/policy (data-driven).
+
+def with_number(inp: dict[str, Any], name: str, value: Number) -> dict[str, Any]:
+    """``inp`` with its number at ``name`` set to ``value`` (a time as RFC 3339)."""
+    section, field = name.split(".", 1)
+    shown = format_ns(int(value)) if INSTANT_FIELDS.get(name) else value
+    return {**inp, section: {**inp[section], field: shown}}
+
+
+#: The finest step of a non-time number the embedded engine tells apart: rego-cpp 1.5.2 reads
+#: input floats to 6 decimals (tests/policy/test_engine_quirks.py).
+FLOAT_STEP = 1e-6
+
+
+def neighbours(x: Number, integer: bool) -> tuple[Number, Number]:
+    """The values next to ``x``: one nanosecond, or one engine step, either side."""
+    if integer:
+        return (int(x) - 1, int(x) + 1)
+    return (round(x - FLOAT_STEP, 6), round(x + FLOAT_STEP, 6))
+
+
+def instants_differ(engine: EmbeddedEngine, inp: Any, raw: Any) -> str | None:
+    """Why the decision ``raw`` on ``inp`` does not hold somewhere its ``instants`` say it
+    does, or ``None`` when it holds at every value checked (or declares nothing).
+
+    Checked for each declared number: the values just inside its span, and every instant
+    declared for a number of its kind (times, or the quality) with its neighbours, where
+    they lie in the span. What no instant of the decision points to is left to tests/policy
+    (data-driven, at every number of the case's data).
     """
-    instants = raw.get("time_instants") if isinstance(raw, dict) else None
-    ctx = inp.get("context") if isinstance(inp, dict) else None
-    if not isinstance(instants, dict) or not isinstance(ctx, dict):
+    instants = raw.get("instants") if isinstance(raw, dict) else None
+    if not isinstance(instants, dict) or not isinstance(inp, dict):
         return None
     base = _essence(raw)
-    # Besides the span's edges, every declared instant (of any time) and its neighbours: a
-    # time whose rule is missing from time_instants is usually compared with the same
-    # instants as another time is.
-    near = {
-        x + d for xs in instants.values() if isinstance(xs, list) for x in xs for d in (-1, 0, 1)
-    }
     for name, declared in sorted(instants.items()):
-        t = rfc3339_ns(ctx.get(name))
-        if t is None or not isinstance(declared, list):
+        integer = INSTANT_FIELDS.get(name)
+        value = read_number(inp, name)
+        if integer is None or value is None or not isinstance(declared, list):
             continue
-        lo, hi = time_span(sorted(declared), t)
-        inside = {x for x in near if (lo is None or lo <= x) and (hi is None or x <= hi)}
-        for edge in sorted(inside | {e for e in (lo, hi) if e is not None}):
-            if edge == t:
+        where = span(sorted(declared), value)
+        if where is None:
+            continue
+        # A number whose rule is missing from `instants` is usually compared with what
+        # another number of its kind is compared with.
+        kin = [x for n, xs in instants.items() if INSTANT_FIELDS.get(n) is integer for x in xs]
+        near = {y for x in kin for y in (x, *neighbours(x, integer))}
+        near |= {neighbours(e, integer)[i] for i, e in enumerate(where) if e is not None}
+        for x in sorted(near):
+            if x == value or not holds(where, value, x):
                 continue
-            moved = {**inp, "context": {**ctx, name: format_ns(edge)}}
+            moved = with_number(inp, name, x)
             if _essence(engine.evaluate_raw(moved)) != base:
+                shown = moved[name.split(".", 1)[0]][name.split(".", 1)[1]]
                 return (
-                    f"the decision at {name}={format_ns(edge)} differs from the one at "
-                    f"{ctx[name]}: a rule compares {name} with an instant that is not in "
-                    "time_instants"
+                    f"the decision at {name}={shown} differs from the one the case has: a rule "
+                    f"compares {name} with a value that is not in its instants"
                 )
     return None

@@ -1,26 +1,29 @@
-"""A cache of policy decisions, reused for the request times the policy says do not matter.
+"""A cache of policy decisions, reused across the request times and probe qualities its
+policy says do not matter.
 
 Why: the embedded Rego engine (rego-cpp) costs ~3-5 ms of CPU per decision on this policy
 (see docs/policy.md), far more than the rest of a MatchFace. A portico sends many probes a
 second whose policy inputs are identical but for their times (``context.now``,
-``context.capture_time``), so the decision is computed once and reused.
+``context.capture_time``) and probe quality, so the decision is computed once and reused.
 
 Until session 21 the key was the whole input with the times at one-second resolution: every
-camera paid a full evaluation at least once a second, ~9-15 cores' worth at 3,000 cameras.
-Now the policy itself says where time matters: each decision carries ``time_instants``, the
-instants at which a rule compares a time with something else (policy/rego/*/request.rego).
-All else equal the decision holds for any time strictly between two neighbouring instants
-(:func:`~centinela.policy.time_span`); a portico outside any judicial authorisation's
-window has none, so one decision serves it until the data or the bundle changes.
+camera paid a full evaluation at least once a second, ~22 cores' worth at 3,000 cameras
+(benchmarks/decision_cache.py). Now the policy itself says where those numbers matter: each
+decision carries ``instants``, the values a rule compares each of them with
+(policy/rego/*/request.rego). All else equal the decision holds for any value strictly
+between two neighbouring instants (:func:`~centinela.policy.span`). A municipal alert
+search compares no time with anything and the quality with its floor only, so one decision
+serves a camera until the data or the bundle changes.
 
 Invariants:
 
-* Two requests share a decision only if everything but the times is the same JSON, and each
-  time lies in the span both the active and the shadow decision declared for it. A time the
-  decision declared nothing for must be equal to the one it was taken at.
+* Two requests share a decision only if everything but those numbers is the same JSON, and
+  each number lies where both the active and the shadow decision hold. A number a decision
+  declared nothing for must equal the one it was taken at.
 * A time is reusable only in the server's own canonical form (``YYYY-MM-DDTHH:MM:SS+00:00``,
-  years 1971-2261, which the engines parse exactly as Python does). Any other value stays in
-  the key as it is: the engine is asked again for anything else.
+  years 1971-2261, which the engines parse exactly as Python does), a quality only on the
+  server's own 0.05 steps from 0 to 1 (rego-cpp reads input floats to six decimals). Any
+  other value stays in the key as it is: the engine is asked again for it.
 * Any change of what the engines know — dynamic data (sites, authorisations), a bundle
   reload — clears the cache before the next decision.
 * Each request still gets its own decision id and its own audit entry; only the engine's
@@ -33,23 +36,34 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import json
+import math
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from centinela.policy import TIME_FIELDS, Decision, PolicyService, ShadowedDecision, time_span
+from centinela.policy import (
+    INSTANT_FIELDS,
+    Decision,
+    PolicyService,
+    ShadowedDecision,
+    holds,
+    span,
+)
+from centinela.policy.decision import Number, Span
 
 #: The one time format a cached decision is reused across: what the server's inputs hold.
 _CANONICAL = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\+00:00")
 #: Within int64 nanoseconds (1677-2262) with a margin: the engines parse these exactly.
 _YEARS = range(1971, 2262)
-#: Decisions kept per input that differ only in their times (a judicial authorisation's
-#: window splits time in at most five spans; a policy without instants gives one per second).
+#: Decisions kept per input that differ only in those numbers (a judicial authorisation's
+#: window splits time in five spans; a policy without instants needs one per second).
 PER_INPUT = 8
-
-Span = tuple[int | None, int | None]
+#: Probe quality reaches the policy in steps of 1/QUALITY_STEPS (0.05).
+QUALITY_STEPS = 20
+#: (section, key) of each field, e.g. "context.now" -> ("context", "now").
+_PATHS = {name: tuple(name.split(".", 1)) for name in INSTANT_FIELDS}
 
 
 def canonical_ns(value: Any) -> int | None:
@@ -67,53 +81,75 @@ def canonical_ns(value: Any) -> int | None:
     return calendar.timegm((year, month, day, hour, minute, second)) * 1_000_000_000
 
 
+def quality_step(quality: float) -> float:
+    """A probe quality rounded *down* to the step the server gives the policy (never more
+    permissive than the real value, R13)."""
+    return math.floor(quality * QUALITY_STEPS) / QUALITY_STEPS
+
+
+def _reusable(name: str, value: Any) -> Number | None:
+    if INSTANT_FIELDS[name]:
+        return canonical_ns(value)
+    # A quality only on the server's own steps: the embedded engine reads input floats to
+    # six decimals, so a decision is never carried to a value it would not see exactly.
+    if type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1:
+        step = round(value * QUALITY_STEPS)
+        if step / QUALITY_STEPS == value:
+            number: Number = value
+            return number
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheKey:
-    """The input without its reusable times, and those times."""
+    """The input without its reusable numbers, and those numbers."""
 
-    #: Canonical JSON of the input, each reusable time replaced by the names list's marker.
+    #: Canonical JSON of the input, each reusable number blanked, with their names.
     rest: str
-    #: (name, ns) of each reusable time, in TIME_FIELDS order.
-    times: tuple[tuple[str, int], ...]
+    #: (name, value) of each reusable number, in INSTANT_FIELDS order.
+    values: tuple[tuple[str, Number], ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    spans: tuple[Span, ...]  # aligned with CacheKey.times
+    spans: tuple[Span, ...]  # aligned with CacheKey.values
+    at: tuple[tuple[str, Number], ...]  # the values the decision was taken at
     result: ShadowedDecision
 
-    def holds_at(self, times: tuple[tuple[str, int], ...]) -> bool:
-        for (lo, hi), (_, t) in zip(self.spans, times, strict=True):
-            if (lo is not None and t < lo) or (hi is not None and t > hi):
-                return False
-        return True
+    def holds_at(self, values: tuple[tuple[str, Number], ...]) -> bool:
+        return all(
+            holds(where, at, value)
+            for where, (_, at), (_, value) in zip(self.spans, self.at, values, strict=True)
+        )
 
 
-def _span(decision: Decision | None, name: str, t: int) -> Span:
+def _span(decision: Decision | None, name: str, value: Number) -> Span:
     if decision is None:
         return (None, None)
-    instants = decision.time_instants.get(name)
-    return (t, t) if instants is None else time_span(instants, t)
+    instants = decision.instants.get(name)
+    return None if instants is None else span(instants, value)
 
 
-def spans(result: ShadowedDecision, times: tuple[tuple[str, int], ...]) -> tuple[Span, ...]:
-    """For each time, the span over which both the active and the shadow decision hold."""
+def spans(result: ShadowedDecision, values: tuple[tuple[str, Number], ...]) -> tuple[Span, ...]:
+    """For each number, where both the active and the shadow decision hold."""
     out: list[Span] = []
-    for name, t in times:
-        a_lo, a_hi = _span(result.active, name, t)
-        s_lo, s_hi = _span(result.shadow, name, t)
-        lo = s_lo if a_lo is None else a_lo if s_lo is None else max(a_lo, s_lo)
-        hi = s_hi if a_hi is None else a_hi if s_hi is None else min(a_hi, s_hi)
-        out.append((lo, hi))
+    for name, value in values:
+        a, b = _span(result.active, name, value), _span(result.shadow, name, value)
+        if a is None or b is None:
+            out.append(None)
+            continue
+        los = [x for x in (a[0], b[0]) if x is not None]
+        his = [x for x in (a[1], b[1]) if x is not None]
+        out.append((max(los) if los else None, min(his) if his else None))
     return tuple(out)
 
 
 class DecisionCache:
-    """LRU of ``ShadowedDecision`` by input without its times; thread-safe."""
+    """LRU of ``ShadowedDecision`` by input without its reusable numbers; thread-safe."""
 
     def __init__(self, policy: PolicyService, max_entries: int = 50_000) -> None:
         self.policy = policy
-        #: Inputs (without their times) kept; each keeps up to PER_INPUT decisions.
+        #: Inputs (without their numbers) kept; each keeps up to PER_INPUT decisions.
         self.max_entries = max_entries
         self._lru: OrderedDict[str, list[_Entry]] = OrderedDict()
         self._lock = threading.Lock()
@@ -129,30 +165,29 @@ class DecisionCache:
 
     @staticmethod
     def key(policy_input: Mapping[str, Any]) -> CacheKey:
-        """The cache key: the input's reusable times apart, the rest as canonical JSON."""
-        ctx = policy_input.get("context")
-        times: list[tuple[str, int]] = []
-        doc: Any = policy_input
-        if isinstance(ctx, Mapping):
-            for name in TIME_FIELDS:
-                ns = canonical_ns(ctx.get(name))
-                if ns is not None:
-                    times.append((name, ns))
-            if times:
-                marked = {name: "" for name, _ in times}
-                doc = {**policy_input, "context": {**ctx, **marked}}
-        # The names go into the key: an input whose time is literally "" stays apart.
+        """The cache key: the input's reusable numbers apart, the rest as canonical JSON."""
+        values: list[tuple[str, Number]] = []
+        doc: dict[str, Any] = dict(policy_input)
+        for name, (section, field) in _PATHS.items():
+            part = doc.get(section)
+            if not isinstance(part, Mapping) or field not in part:
+                continue
+            value = _reusable(name, part[field])
+            if value is not None:
+                values.append((name, value))
+                doc[section] = {**part, field: ""}
+        # The names go into the key: an input whose number is literally "" stays apart.
         rest = json.dumps(
-            [[name for name, _ in times], doc], sort_keys=True, separators=(",", ":"), default=str
+            [[name for name, _ in values], doc], sort_keys=True, separators=(",", ":"), default=str
         )
-        return CacheKey(rest, tuple(times))
+        return CacheKey(rest, tuple(values))
 
     def _find(self, key: CacheKey) -> ShadowedDecision | None:
         entries = self._lru.get(key.rest)
         if entries is None:
             return None
         for i, entry in enumerate(entries):
-            if entry.holds_at(key.times):
+            if entry.holds_at(key.values):
                 self._lru.move_to_end(key.rest)
                 if i:
                     entries.insert(0, entries.pop(i))
@@ -183,7 +218,7 @@ class DecisionCache:
         result = self.policy.decide(policy_input)
         if "ENGINE_UNAVAILABLE" in result.active.reasons:
             return result
-        entry = _Entry(spans(result, key.times), result)
+        entry = _Entry(spans(result, key.values), key.values, result)
         with self._lock:
             if generation == self._generation:
                 entries = self._lru.get(key.rest)

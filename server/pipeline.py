@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -40,7 +39,7 @@ from centinela.logs import get_logger
 from centinela.policy import ENGINE_UNAVAILABLE, Decision, PolicyService, ShadowedDecision
 from centinela.server.alerts import AlertStore
 from centinela.server.context import CallState
-from centinela.server.decision_cache import DecisionCache
+from centinela.server.decision_cache import DecisionCache, quality_step
 from centinela.server.idempotency import IdempotencyStore, current_key
 from centinela.server.identity import Caller
 from centinela.server.ratelimit import RateCounters
@@ -176,7 +175,7 @@ class Pipeline:
         probe = extra.get("probe")
         if isinstance(probe, dict) and "quality" in probe:
             # Rounded down: never more permissive than the real value (R13).
-            extra["probe"] = {**probe, "quality": math.floor(probe["quality"] * 20) / 20}
+            extra["probe"] = {**probe, "quality": quality_step(probe["quality"])}
         doc: dict[str, Any] = {
             "caller": caller.to_policy(str(ctx.get("operator_id", ""))),
             "rpc": rpc,

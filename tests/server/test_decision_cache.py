@@ -1,5 +1,5 @@
-"""The decision cache: a decision reused across the request times its policy says do not
-matter, and only across those.
+"""The decision cache: a decision reused across the request times and probe qualities its
+policy says do not matter, and only across those.
 
 The engine is the real embedded one on the shipped bundles with the bundle tests' fixture
 data (a judicial authorisation valid 2026-02-01 to 2026-04-01); the last test is a real
@@ -24,7 +24,7 @@ from centinela.policy import (
     ShadowedDecision,
 )
 from centinela.policy.testing import load_cases, rfc3339_ns
-from centinela.server.decision_cache import DecisionCache, canonical_ns, spans
+from centinela.server.decision_cache import DecisionCache, canonical_ns, quality_step, spans
 from centinela.server.demo import World, serving_world, ts
 
 SECOND = dt.timedelta(seconds=1)
@@ -57,14 +57,16 @@ def _essence(d: Decision) -> Any:
 def test_a_portico_probe_is_decided_once_for_all_its_times(
     policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
-    """A municipal alert search compares no time with anything: one evaluation serves a
-    year of probes (it served one second before)."""
+    """A municipal alert search compares no time with anything and the quality with its
+    floor only: one evaluation serves a year of probes of any quality above the floor (it
+    served one second of one quality step before)."""
     inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
     cache = DecisionCache(policy)
     start = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
     for k in range(50):
         now = start + k * dt.timedelta(days=7, seconds=13)
         doc = _at(inp, now, now - 2 * SECOND)
+        doc["probe"] = {**doc["probe"], "quality": (11 + k % 9) / 20}  # 0.55 to 0.95
         got = cache.decide(doc).active
         assert got.allow
         assert _essence(got) == _essence(policy.decide(doc).active)
@@ -104,6 +106,7 @@ def test_a_time_in_another_form_is_never_reused(
     cache = DecisionCache(policy)
     at = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
     base = _at(inp, at, at)
+    base["probe"] = {**base["probe"], "quality": 0.9}
     cache.decide(base)
     others = [
         "2026-03-01T10:00:05Z",  # the engines' form, not the server's
@@ -118,31 +121,66 @@ def test_a_time_in_another_form_is_never_reused(
         doc = {**base, "context": {**base["context"], "capture_time": other}}
         assert canonical_ns(other) is None
         key = DecisionCache.key(doc)
-        assert [name for name, _ in key.times] == ["now"]
+        assert [name for name, _ in key.values] == ["context.now", "probe.quality"]
         assert cache.cached(key) is None, other
     assert canonical_ns("2026-03-01T10:00:05+00:00") == rfc3339_ns("2026-03-01T10:00:05Z")
 
 
-def test_shadow_and_active_spans_intersect_and_undeclared_times_pin() -> None:
+def test_a_quality_is_reused_only_between_the_instants_around_it(
+    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """The face floor is 0.5: a decision at 0.9 serves 0.55 and 0.95 but not 0.5 or 1 (the
+    instants: decided at themselves alone), 0.45 (R13), a value off the server's 0.05
+    steps (rego-cpp would read 0.5000001 as 0.5) or a quality that is not a number."""
+    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    at = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    cache = DecisionCache(policy)
+
+    def decide(quality: Any) -> Decision:
+        doc = _at(inp, at, at)
+        doc["probe"] = {**doc["probe"], "quality": quality}
+        got = cache.decide(doc).active
+        assert _essence(got) == _essence(policy.decide(doc).active), quality
+        return got
+
+    for quality in (0.9, 0.55, 0.95):
+        assert decide(quality).allow
+    assert cache.misses == 1
+    for quality in (1.0, 1, 0.5, 0.5):  # instants: each decided at itself alone
+        assert decide(quality).allow
+    assert cache.misses == 3
+    assert decide(0.45).reasons == ("R13",)
+    assert decide(0.5000001).allow  # off the steps: asked again
+    decide(0.4999999)  # off the steps: the engine's answer, not 0.45's R13 carried over
+    assert decide(1.5).reasons == ("INPUT_MALFORMED",)
+    assert decide(True).reasons == ("INPUT_MALFORMED",)  # a bool is not a quality
+    assert cache.misses == 8
+    assert [quality_step(q) for q in (0.35, 0.399, 0.4999999, 1.0)] == [0.35, 0.35, 0.45, 1.0]
+
+
+def test_shadow_and_active_spans_intersect_and_undeclared_numbers_pin() -> None:
     t = 1_000
 
     def decision(instants: dict[str, tuple[int, ...]]) -> Decision:
         return Decision(True, ("R8",), Obligations(), "d", "e", (), instants)
 
-    times = (("now", t), ("capture_time", t))
-    active = decision({"now": (900, 1_200), "capture_time": ()})
-    shadow = decision({"now": (950, 1_100)})
-    assert spans(ShadowedDecision(active, None), times) == ((901, 1_199), (None, None))
+    values = (("context.now", t), ("context.capture_time", t))
+    active = decision({"context.now": (900, 1_200), "context.capture_time": ()})
+    shadow = decision({"context.now": (950, 1_100)})
+    assert spans(ShadowedDecision(active, None), values) == ((900, 1_200), (None, None))
     # The shadow declared nothing for capture_time: that time must stay what it was.
-    assert spans(ShadowedDecision(active, shadow), times) == ((951, 1_099), (t, t))
-    assert spans(ShadowedDecision(decision({}), None), times) == ((t, t), (t, t))
+    assert spans(ShadowedDecision(active, shadow), values) == ((950, 1_100), None)
+    assert spans(ShadowedDecision(decision({}), None), values) == (None, None)
+    # At an instant of either, a decision holds at that value alone.
+    pinned = decision({"context.now": (t,), "context.capture_time": ()})
+    assert spans(ShadowedDecision(active, pinned), values) == (None, (None, None))
 
 
 def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
     fixture: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
-    """A decision without ``time_instants`` (an older bundle, another OPA policy) is reused
-    at its own times only: the behaviour before instants existed."""
+    """A decision without ``instants`` (an older bundle, another OPA policy) is reused at its
+    own times only: the behaviour before instants existed."""
     inner = EmbeddedEngine(Bundle.load("interim"), fixture[1])
 
     class NoInstants:

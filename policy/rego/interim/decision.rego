@@ -9,8 +9,8 @@
 #     allow it holds the rule ids whose obligations shape the answer.
 #   * Obligations can only narrow: galleries are the requested ones, thresholds are never
 #     below the calibrated floor (R8), results are capped by mode.
-#   * `time_instants` names every instant at which the decision may change with the request's
-#     times (request.rego): the server reuses the decision between them.
+#   * `instants` names every value at which the decision may change with the request's times
+#     and probe quality (request.rego): the server reuses the decision between them.
 #
 # Rego v1. Modules in this bundle share package `centinela`; tests live in `centinela_test`.
 package centinela
@@ -20,7 +20,7 @@ decision := {
 	"reasons": reasons,
 	"obligations": obligations,
 	"details": details,
-	"time_instants": time_instants,
+	"instants": instants,
 }
 
 default allow := false

@@ -121,20 +121,24 @@ now_ns := ts_ns(ctx_now)
 
 capture_ns := ts_ns(ctx_capture_time)
 
-# ---- when the decision changes with time -------------------------------------------------
-# `time_instants` tells the server at which instants (ns since the epoch) a rule compares
-# context.now or context.capture_time with something else, so that it can reuse a decision
-# for other times (server/decision_cache.py). All else equal, the decision holds for every
-# value of that time strictly between two neighbouring instants, or beyond the outer ones;
-# at an instant it holds for that instant alone. A time the policy cannot parse gets no
-# entry: a decision on it holds only for that very input.
-# Every rule that reads `now_ns` or `capture_ns` must put the instants it compares them with
-# into `now_instants` / `capture_instants`. The bundle tests check each case's decision at
-# the edges of the span its instants leave (centinela.policy.testing). The lists are in no
-# particular order (rego-cpp 1.5.2 sorts numbers as text); the server sorts them.
-time_instants["now"] := [t | some t in now_instants] if now_ns
+# ---- where the decision changes with the request's numbers -------------------------------
+# `instants` tells the server, for each number of the input it may reuse a decision across
+# (server/decision_cache.py), the values a rule compares it with: "context.now" and
+# "context.capture_time" in ns since the epoch, "probe.quality" as given. All else equal,
+# the decision holds for every value strictly between two neighbouring instants, or beyond
+# the outer ones; at an instant it holds for that value alone. A number the policy cannot
+# read (a time it cannot parse, a quality out of range) gets no entry: a decision on it
+# holds only for that very input.
+# Every rule that compares `now_ns`, `capture_ns` or `probe_quality` with anything must put
+# what it compares it with into `now_instants`, `capture_instants` or `quality_instants`.
+# The bundle tests check each case's decision at the edges of the span its instants leave
+# (centinela.policy.testing). The lists are in no particular order (rego-cpp 1.5.2 sorts
+# numbers as text); the server sorts them.
+instants["context.now"] := [t | some t in now_instants] if now_ns
 
-time_instants["capture_time"] := [t | some t in capture_instants] if capture_ns
+instants["context.capture_time"] := [t | some t in capture_instants] if capture_ns
+
+instants["probe.quality"] := [q | some q in quality_instants] if valid_quality
 
 req_galleries contains g if {
 	probe_rpc
@@ -223,6 +227,10 @@ valid_quality if {
 	probe_quality >= 0
 	probe_quality <= 1
 }
+
+quality_instants contains 0
+
+quality_instants contains 1
 
 malformed contains "probe.model_id" if {
 	probe_rpc

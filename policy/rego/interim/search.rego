@@ -259,6 +259,8 @@ deny contains "R13" if {
 	probe_quality < quality_floor
 }
 
+quality_instants contains quality_floor if is_number(quality_floor)
+
 deny contains "R13" if {
 	probe_rpc
 	probe_kind in probe_kinds
