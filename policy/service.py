@@ -168,6 +168,11 @@ class PolicyService:
         with self._lock:
             return self._compared
 
+    @property
+    def dynamic_data(self) -> Mapping[str, Any]:
+        """The ``data.dynamic`` document both engines hold (normalised)."""
+        return self._dynamic
+
     def set_dynamic_data(self, doc: Mapping[str, Any]) -> None:
         """Push ``data.dynamic`` (sites, authorisations) to both engines.
 

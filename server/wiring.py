@@ -59,7 +59,8 @@ class Application:
     def reload(self) -> None:
         """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""
         results = self.components.policy.reload()
-        self.components.pipeline.cache.clear()
+        if any(r.ok and r.changed for r in results):
+            self.components.pipeline.cache.clear()
         for r in results:
             log.info(
                 "policy.reload", role=r.role, ok=r.ok, digest=r.digest_after, message=r.message

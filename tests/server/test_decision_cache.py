@@ -25,7 +25,9 @@ from centinela.policy import (
 )
 from centinela.policy.testing import load_cases, rfc3339_ns
 from centinela.server.decision_cache import DecisionCache, canonical_ns, quality_step, spans
-from centinela.server.demo import World, serving_world, ts
+from centinela.server.demo import World, admin_context, serving_world, ts
+from centinela.v1 import common_pb2 as c
+from centinela.v1 import watchlist_service_pb2 as wpb
 
 SECOND = dt.timedelta(seconds=1)
 
@@ -249,3 +251,45 @@ def test_probes_of_one_camera_at_different_times_cost_one_policy_evaluation(
         request.context.capture_time.CopyFrom(ts(now - dt.timedelta(minutes=minutes)))
         assert stub.MatchFace(request, timeout=30).alert
     assert cache.misses - misses == 1
+
+
+def test_a_watchlist_write_the_policy_does_not_read_keeps_the_decisions(world: World) -> None:
+    """A new requisitoria changes nothing the policy reads: the cameras' decisions stay
+    (every watchlist write emptied the cache before). A new site does: they go."""
+    cache = world.server.app.components.pipeline.cache
+    stub = world.stub("muni-miraflores")
+    assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
+    world.admin().CreateRequisition(
+        wpb.CreateRequisitionRequest(
+            context=admin_context(),
+            warrant_id="W-2026-000931",
+            issuing_court="Juzgado Penal 3 de Lima",
+            offence_category="ROBO_AGRAVADO",
+            issued_at=ts(dt.datetime.now(dt.UTC) - dt.timedelta(days=1)),
+            expires_at=ts(dt.datetime.now(dt.UTC) + dt.timedelta(days=30)),
+            dni="44556677",
+            templates=wpb.TemplateSet(
+                templates=[
+                    c.FaceTemplate(model_id=world.model_id, vector=world.identities[7].tolist())
+                ]
+            ),
+        ),
+        timeout=30,
+    )
+    # (The admin call's own decision may or may not have been cached: counted from here.)
+    misses = cache.misses
+    # The new requisitoria is matched at once, by the decision already cached.
+    assert stub.MatchFace(world.face_request(world.genuine(7)), timeout=30).alert
+    assert cache.misses == misses
+    site = wpb.Site(
+        site_id="mira-cam-931",
+        municipality="muni-miraflores",
+        region="lima",
+        kind=wpb.SITE_KIND_PORTICO,
+    )
+    world.admin().RegisterSite(
+        wpb.RegisterSiteRequest(context=admin_context(), site=site), timeout=30
+    )
+    misses = cache.misses
+    assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
+    assert cache.misses == misses + 1
