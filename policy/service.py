@@ -159,12 +159,14 @@ class PolicyService:
         return ShadowedDecision(decision, other, rules)
 
     def disagreements(self) -> dict[str, int]:
-        """Requests on which the shadow disagreed, counted per rule id."""
+        """Evaluations on which the shadow disagreed, counted per rule id. The server
+        reuses decisions (server/decision_cache.py), so this counts far fewer than
+        requests; each request's disagreement is in the audit (SHADOW_DISAGREEMENT)."""
         with self._lock:
             return dict(sorted(self._counts.items()))
 
     def compared(self) -> int:
-        """How many requests were evaluated by both bundles."""
+        """How many inputs were evaluated by both bundles (not requests: see above)."""
         with self._lock:
             return self._compared
 

@@ -237,11 +237,11 @@ def instants_differ(engine: EmbeddedEngine, inp: Any, raw: Any) -> str | None:
         where = span(sorted(declared), value)
         if where is None:
             continue
-        # A number whose rule is missing from `instants` is usually compared with what
-        # another number of its kind is compared with.
+        # The span's edges are instants of this number, so their neighbours inside are
+        # among these; and a number whose rule is missing from `instants` is usually
+        # compared with what another number of its kind is compared with.
         kin = [x for n, xs in instants.items() if INSTANT_FIELDS.get(n) is integer for x in xs]
         near = {y for x in kin for y in (x, *neighbours(x, integer))}
-        near |= {neighbours(e, integer)[i] for i, e in enumerate(where) if e is not None}
         for x in sorted(near):
             if x == value or not holds(where, value, x):
                 continue
