@@ -30,11 +30,20 @@ from centinela.v1 import common_pb2 as c
 from centinela.v1 import watchlist_service_pb2 as wpb
 
 SECOND = dt.timedelta(seconds=1)
+#: A time inside the fixture authorisation's window.
+AT = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
 def fixture() -> tuple[dict[str, Any], dict[str, Any]]:
     return load_cases(Bundle.load("interim"))
+
+
+@pytest.fixture(scope="module")
+def muni(fixture: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    """A municipal alert search's input (a Rego test case of the interim bundle)."""
+    found: dict[str, Any] = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +66,16 @@ def _essence(d: Decision) -> Any:
 
 
 def test_a_portico_probe_is_decided_once_for_all_its_times(
-    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+    policy: PolicyService, muni: dict[str, Any]
 ) -> None:
     """A municipal alert search compares no time with anything and the quality with its
     floor only: one evaluation serves a year of probes of any quality above the floor (it
     served one second of one quality step before)."""
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
     cache = DecisionCache(policy)
-    start = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    start = AT
     for k in range(50):
         now = start + k * dt.timedelta(days=7, seconds=13)
-        doc = _at(inp, now, now - 2 * SECOND)
+        doc = _at(muni, now, now - 2 * SECOND)
         doc["probe"] = {**doc["probe"], "quality": (11 + k % 9) / 20}  # 0.55 to 0.95
         got = cache.decide(doc).active
         assert got.allow
@@ -102,12 +110,11 @@ def test_a_cached_decision_never_outlives_the_authorisation_window_it_read(
 
 
 def test_a_time_in_another_form_is_never_reused(
-    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+    policy: PolicyService, muni: dict[str, Any]
 ) -> None:
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
     cache = DecisionCache(policy)
-    at = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
-    base = _at(inp, at, at)
+    at = AT
+    base = _at(muni, at, at)
     base["probe"] = {**base["probe"], "quality": 0.9}
     cache.decide(base)
     others = [
@@ -129,17 +136,16 @@ def test_a_time_in_another_form_is_never_reused(
 
 
 def test_a_quality_is_reused_only_between_the_instants_around_it(
-    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+    policy: PolicyService, muni: dict[str, Any]
 ) -> None:
     """The face floor is 0.5: a decision at 0.9 serves 0.55 and 0.95 but not 0.5 or 1 (the
     instants: decided at themselves alone), 0.45 (R13), a value off the server's 0.05
     steps (rego-cpp would read 0.5000001 as 0.5) or a quality that is not a number."""
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
-    at = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    at = AT
     cache = DecisionCache(policy)
 
     def decide(quality: Any) -> Decision:
-        doc = _at(inp, at, at)
+        doc = _at(muni, at, at)
         doc["probe"] = {**doc["probe"], "quality": quality}
         got = cache.decide(doc).active
         assert _essence(got) == _essence(policy.decide(doc).active), quality
@@ -179,7 +185,7 @@ def test_shadow_and_active_spans_intersect_and_undeclared_numbers_pin() -> None:
 
 
 def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
-    fixture: tuple[dict[str, Any], dict[str, Any]],
+    fixture: tuple[dict[str, Any], dict[str, Any]], muni: dict[str, Any]
 ) -> None:
     """A decision without ``instants`` (an older bundle, another OPA policy) is reused at its
     own times only: the behaviour before instants existed."""
@@ -196,34 +202,29 @@ def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
             inner.set_dynamic_data(doc)
 
     cache = DecisionCache(PolicyService(NoInstants()))
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
-    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    now = AT
     for k in (0, 0, 1, 1, 0):
-        cache.decide(_at(inp, now + k * SECOND, now))
+        cache.decide(_at(muni, now + k * SECOND, now))
     assert (cache.misses, cache.hits) == (2, 3)
 
 
 def test_an_input_whose_time_is_blank_does_not_share_the_reusable_ones(
-    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+    policy: PolicyService, muni: dict[str, Any]
 ) -> None:
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
-    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    now = AT
     cache = DecisionCache(policy)
-    assert cache.decide(_at(inp, now, now)).active.allow
-    blank = {**inp, "context": {**inp["context"], "now": "", "capture_time": ""}}
+    assert cache.decide(_at(muni, now, now)).active.allow
+    blank = {**muni, "context": {**muni["context"], "now": "", "capture_time": ""}}
     assert cache.cached(DecisionCache.key(blank)) is None
     assert not cache.decide(blank).active.allow  # INPUT_MALFORMED, asked of the engine
 
 
-def test_clearing_forgets_every_span(
-    policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
-) -> None:
-    inp = fixture[0]["r10_allow_municipality_sees_minimal_fields"]["input"]
-    now = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+def test_clearing_forgets_every_span(policy: PolicyService, muni: dict[str, Any]) -> None:
+    now = AT
     cache = DecisionCache(policy)
-    cache.decide(_at(inp, now, now))
+    cache.decide(_at(muni, now, now))
     cache.clear()
-    cache.decide(_at(inp, now + SECOND, now))
+    cache.decide(_at(muni, now + SECOND, now))
     assert cache.misses == 2
 
 
