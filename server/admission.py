@@ -479,7 +479,7 @@ class InFlight:
             if len(self._seen) == 1 and self._stale(now):
                 # A second caller: the limit starts to bind, so measure the unloaded time now
                 # (a lone caller's windows measured it loaded, or not at all).
-                self._start_probe()
+                self._start_probe("second caller")
             elif (
                 self.gain
                 and not self.probing
@@ -493,7 +493,7 @@ class InFlight:
                 # certificates alone: 5.8-8.0 ms where the service takes 2.5), and that
                 # limit held the next phase's first seconds (session 20). The limit now
                 # binds between organisations: measure at once.
-                self._start_probe()
+                self._start_probe("second organisation")
             self._org_callers[org] += 1
         else:
             org = seen[1]  # a certificate has one organisation
@@ -797,10 +797,23 @@ class InFlight:
             return
         self._measure_at = now + self.PROBE_S
 
-    def _start_probe(self) -> None:
+    def _start_probe(self, why: str = "") -> None:
+        """Drain to the floor and measure the unloaded time there. ``why``: a caller's
+        arrival (``_see``), logged here; ``_adapt`` logs its own windows' changes."""
+        before = self.limit
         self.probing = True
         self._probe_armed = False
         self.limit = self.floor
+        if why and before != self.limit:
+            log.debug(
+                "admission.limit",
+                limit=self.limit,
+                was=before,
+                probing=True,
+                why=why,
+                callers=len(self._seen) + 1,
+                orgs=len(self._org_callers),
+            )
 
     def _drained(self) -> bool:
         """Every caller's and organisation's probes are down to its share of the floor."""

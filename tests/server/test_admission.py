@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from centinela.config import Settings
 from centinela.errors import ConfigError, DeadlineExceeded, ResourceExhausted
@@ -1001,8 +1002,15 @@ def test_a_second_organisation_has_a_value_measured_within_one_measured_again() 
     assert f.probing  # a second caller, nothing measured yet
     window([(c, "la-victoria") for c in flood], 0.0065)
     assert f.unloaded_s == pytest.approx(0.0065)
-    f.enter("portico-01", org="miraflores")  # a second organisation: measured again at once
+    was = f.limit
+    with structlog.testing.capture_logs() as logs:
+        f.enter("portico-01", org="miraflores")  # a second organisation: measured again
     assert (f.probing, f.limit) == (True, f.floor)
+    # ... and the drop to the floor is in the log, with why (session 20's traces had a gap)
+    drops = [e for e in logs if e["event"] == "admission.limit"]
+    assert [(e["why"], e["was"], e["limit"]) for e in drops] == [
+        ("second organisation", was, f.floor)
+    ]
     window([(flood[0], "la-victoria"), ("portico-01", "miraflores")], 0.0025)
     assert f.unloaded_s == pytest.approx(0.0025)
     clock[0] += 3 * f.ACTIVE_S  # the porticos go quiet and are forgotten ...
