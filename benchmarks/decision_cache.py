@@ -32,26 +32,11 @@ import random
 import time
 from typing import Any
 
-from centinela.policy import Bundle, Decision, EmbeddedEngine, PolicyService
-from centinela.policy.testing import load_cases
+from centinela.policy import Bundle, EmbeddedEngine, PolicyService
+from centinela.policy.testing import WithoutInstants, load_cases
 from centinela.server.decision_cache import DecisionCache
 
 NATIONAL = 3_000
-
-
-class PerSecond:
-    """The engine, its decisions without ``instants`` (the cache before session 21)."""
-
-    def __init__(self, engine: EmbeddedEngine) -> None:
-        self.engine = engine
-        self.name, self.bundle_digest = engine.name, engine.bundle_digest
-
-    def decide(self, inp: Any) -> Decision:
-        d = self.engine.decide(inp)
-        return Decision(d.allow, d.reasons, d.obligations, d.bundle_digest, d.engine, d.details)
-
-    def set_dynamic_data(self, doc: Any) -> None:
-        self.engine.set_dynamic_data(doc)
 
 
 def traffic(
@@ -125,7 +110,7 @@ def main() -> None:
     )
     rows: dict[str, dict[str, Any]] = {}
     for mode, policy in (
-        ("per second", PolicyService(PerSecond(engine))),
+        ("per second", PolicyService(WithoutInstants(engine))),
         ("instants", PolicyService(engine)),
     ):
         print(f"  running {mode} ...", flush=True)

@@ -236,11 +236,14 @@ def _obligations(raw: Any, allow: bool, floors: Mapping[str, float] | None) -> O
     )
 
 
-def _number(value: Any, integer: bool) -> bool:
-    if integer:
-        # Exact integers only: a float would have lost the nanoseconds an instant is made of.
-        return type(value) is int
+def is_number(value: Any) -> bool:
+    """A finite JSON number (a bool is not one)."""
     return type(value) in (int, float) and math.isfinite(value)
+
+
+def _number(value: Any, integer: bool) -> bool:
+    # Exact integers only for times: a float would have lost the nanoseconds of an instant.
+    return type(value) is int if integer else is_number(value)
 
 
 def _instants(raw: Any) -> dict[str, tuple[Number, ...]]:

@@ -24,10 +24,11 @@ failure, never a skip.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import json
-import math
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from centinela.errors import ConfigError
@@ -40,7 +41,7 @@ from centinela.policy.bundle import (
     TestResult,
     deep_merge,
 )
-from centinela.policy.decision import INSTANT_FIELDS, Number, holds, span
+from centinela.policy.decision import INSTANT_FIELDS, Decision, Number, holds, is_number, span
 from centinela.policy.engine import EmbeddedEngine
 
 TEST_PACKAGE = "centinela_test"
@@ -184,6 +185,22 @@ def _essence(raw: Any) -> Any:
     return {k: raw.get(k) for k in ("allow", "reasons", "obligations", "details")}
 
 
+class WithoutInstants:
+    """An engine whose decisions declare no ``instants``: a policy written before them (an
+    older bundle, another OPA policy). The decision cache reuses its decisions only at the
+    very times and quality they were taken at, as it did before session 21."""
+
+    def __init__(self, engine: EmbeddedEngine) -> None:
+        self.engine = engine
+        self.name, self.bundle_digest = engine.name, engine.bundle_digest
+
+    def decide(self, inp: Mapping[str, Any]) -> Decision:
+        return dataclasses.replace(self.engine.decide(inp), instants={})
+
+    def set_dynamic_data(self, doc: Mapping[str, Any]) -> None:
+        self.engine.set_dynamic_data(doc)
+
+
 def read_number(inp: Any, name: str) -> Number | None:
     """The input's number at ``name`` (a path of INSTANT_FIELDS) as the policy compares it:
     a time as ns since the epoch; ``None`` when absent or not a number."""
@@ -192,16 +209,18 @@ def read_number(inp: Any, name: str) -> Number | None:
     value = part.get(field) if isinstance(part, dict) else None
     if INSTANT_FIELDS.get(name):
         return rfc3339_ns(value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return value
-    return None
+    return value if is_number(value) else None
+
+
+def shown(name: str, value: Number) -> Any:
+    """``value`` as the input holds the number at ``name``: a time as RFC 3339."""
+    return format_ns(int(value)) if INSTANT_FIELDS.get(name) else value
 
 
 def with_number(inp: dict[str, Any], name: str, value: Number) -> dict[str, Any]:
-    """``inp`` with its number at ``name`` set to ``value`` (a time as RFC 3339)."""
+    """``inp`` with its number at ``name`` set to ``value``."""
     section, field = name.split(".", 1)
-    shown = format_ns(int(value)) if INSTANT_FIELDS.get(name) else value
-    return {**inp, section: {**inp[section], field: shown}}
+    return {**inp, section: {**inp[section], field: shown(name, value)}}
 
 
 #: The finest step of a non-time number the embedded engine tells apart: rego-cpp 1.5.2 reads
@@ -245,11 +264,9 @@ def instants_differ(engine: EmbeddedEngine, inp: Any, raw: Any) -> str | None:
         for x in sorted(near):
             if x == value or not holds(where, value, x):
                 continue
-            moved = with_number(inp, name, x)
-            if _essence(engine.evaluate_raw(moved)) != base:
-                shown = moved[name.split(".", 1)[0]][name.split(".", 1)[1]]
+            if _essence(engine.evaluate_raw(with_number(inp, name, x))) != base:
                 return (
-                    f"the decision at {name}={shown} differs from the one the case has: a rule "
-                    f"compares {name} with a value that is not in its instants"
+                    f"the decision at {name}={shown(name, x)} differs from the one the case "
+                    f"has: a rule compares {name} with a value that is not in its instants"
                 )
     return None

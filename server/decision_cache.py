@@ -33,8 +33,8 @@ Invariants:
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
+import datetime as dt
 import json
 import math
 import re
@@ -51,10 +51,10 @@ from centinela.policy import (
     holds,
     span,
 )
-from centinela.policy.decision import Number, Span
+from centinela.policy.decision import Number, Span, is_number
 
 #: The one time format a cached decision is reused across: what the server's inputs hold.
-_CANONICAL = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\+00:00")
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
 #: Within int64 nanoseconds (1677-2262) with a margin: the engines parse these exactly.
 _YEARS = range(1971, 2262)
 #: Decisions kept per input that differ only in those numbers (a judicial authorisation's
@@ -68,17 +68,13 @@ _PATHS = {name: tuple(name.split(".", 1)) for name in INSTANT_FIELDS}
 
 def canonical_ns(value: Any) -> int | None:
     """Nanoseconds since the epoch of a time in the canonical form, else ``None``."""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _CANONICAL.fullmatch(value):
         return None
-    m = _CANONICAL.fullmatch(value)
-    if m is None:
+    try:
+        when = dt.datetime.fromisoformat(value)  # refuses 30 February, a 60th second
+    except ValueError:
         return None
-    year, month, day, hour, minute, second = (int(g) for g in m.groups())
-    if year not in _YEARS or not (1 <= month <= 12 and hour < 24 and minute < 60):
-        return None
-    if not 1 <= day <= calendar.monthrange(year, month)[1] or second > 59:
-        return None
-    return calendar.timegm((year, month, day, hour, minute, second)) * 1_000_000_000
+    return int(when.timestamp()) * 1_000_000_000 if when.year in _YEARS else None
 
 
 def quality_step(quality: float) -> float:
@@ -92,11 +88,13 @@ def _reusable(name: str, value: Any) -> Number | None:
         return canonical_ns(value)
     # A quality only on the server's own steps: the embedded engine reads input floats to
     # six decimals, so a decision is never carried to a value it would not see exactly.
-    if type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1:
-        step = round(value * QUALITY_STEPS)
-        if step / QUALITY_STEPS == value:
-            number: Number = value
-            return number
+    if (
+        is_number(value)
+        and 0 <= value <= 1
+        and round(value * QUALITY_STEPS) / QUALITY_STEPS == value
+    ):
+        number: Number = value
+        return number
     return None
 
 

@@ -192,17 +192,22 @@ class SeenKeys:
     def add(self, digest: bytes, when: float | None = None) -> None:
         """Note a key whose answer may be stored from now on (or from ``when``)."""
         now = self._clock() if when is None else when
-        start = now - now % self.WINDOW_S
         with self._lock:
-            filters = self._filters
-            if not filters or filters[-1][0] < start:
-                size = max(self._capacity, filters[-1][1].capacity if filters else 0)
-                filters.append((start, _Bloom(size)))
-            last = filters[-1][1]
-            if last.count >= last.capacity:
-                last = _Bloom(last.capacity * 2)
-                filters.append((filters[-1][0], last))
-            last.add(digest)
+            self._room(now - now % self.WINDOW_S).add(digest)
+
+    def _room(self, start: float) -> _Bloom:
+        """The filter a key of the period beginning at ``start`` goes into, with room for
+        one more: the period's first filter, or one twice as large when the last is full.
+        Called under the lock, with periods in time order."""
+        filters = self._filters
+        if not filters or filters[-1][0] < start:
+            size = max(self._capacity, filters[-1][1].capacity if filters else 0)
+            filters.append((start, _Bloom(size)))
+        last = filters[-1][1]
+        if last.count >= last.capacity:
+            last = _Bloom(last.capacity * 2)
+            filters.append((filters[-1][0], last))
+        return last
 
     def add_many(self, digests: bytes, whens: array.array[float]) -> None:
         """Note many keys (``digests``, 16 bytes each, concatenated) whose answers were
@@ -216,21 +221,14 @@ class SeenKeys:
         keys = np.frombuffer(digests, dtype=np.uint8).reshape(n, 16)[order]
         starts = (times - np.mod(times, self.WINDOW_S))[order]
         with self._lock:
-            filters = self._filters
             i = 0
             while i < n:
                 start = float(starts[i])
                 end = int(np.searchsorted(starts, start, side="right"))
-                if not filters or filters[-1][0] < start:
-                    size = max(self._capacity, filters[-1][1].capacity if filters else 0)
-                    filters.append((start, _Bloom(size)))
-                while i < end:
-                    last = filters[-1][1]
-                    if last.count >= last.capacity:
-                        last = _Bloom(last.capacity * 2)
-                        filters.append((filters[-1][0], last))
-                    upto = min(end, i + last.capacity - last.count)
-                    last.add_many(keys[i:upto])
+                while i < end:  # the period's keys, as many as each filter has room for
+                    room = self._room(start)
+                    upto = min(end, i + room.capacity - room.count)
+                    room.add_many(keys[i:upto])
                     i = upto
 
     def __contains__(self, digest: bytes) -> bool:

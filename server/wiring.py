@@ -59,13 +59,14 @@ class Application:
     def reload(self) -> None:
         """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""
         results = self.components.policy.reload()
-        if any(r.ok and r.changed for r in results):
+        changed = any(r.changed for r in results)  # taken, and another digest
+        if changed:
             self.components.pipeline.cache.clear()
         for r in results:
             log.info(
                 "policy.reload", role=r.role, ok=r.ok, digest=r.digest_after, message=r.message
             )
-        if any(r.ok and r.changed for r in results):
+        if changed:
             event = AuditEvent(
                 event_type=EventType.POLICY_RELOAD,
                 outcome="RELOADED",

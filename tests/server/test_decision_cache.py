@@ -23,7 +23,7 @@ from centinela.policy import (
     PolicyService,
     ShadowedDecision,
 )
-from centinela.policy.testing import load_cases, rfc3339_ns
+from centinela.policy.testing import WithoutInstants, load_cases, rfc3339_ns
 from centinela.server.decision_cache import DecisionCache, canonical_ns, quality_step, spans
 from centinela.server.demo import World, admin_context, serving_world, ts
 from centinela.v1 import common_pb2 as c
@@ -189,19 +189,9 @@ def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
 ) -> None:
     """A decision without ``instants`` (an older bundle, another OPA policy) is reused at its
     own times only: the behaviour before instants existed."""
-    inner = EmbeddedEngine(Bundle.load("interim"), fixture[1])
-
-    class NoInstants:
-        name, bundle_digest = inner.name, inner.bundle_digest
-
-        def decide(self, inp: Any) -> Decision:
-            d = inner.decide(inp)
-            return Decision(d.allow, d.reasons, d.obligations, d.bundle_digest, d.engine, d.details)
-
-        def set_dynamic_data(self, doc: Any) -> None:
-            inner.set_dynamic_data(doc)
-
-    cache = DecisionCache(PolicyService(NoInstants()))
+    cache = DecisionCache(
+        PolicyService(WithoutInstants(EmbeddedEngine(Bundle.load("interim"), fixture[1])))
+    )
     now = AT
     for k in (0, 0, 1, 1, 0):
         cache.decide(_at(muni, now + k * SECOND, now))
