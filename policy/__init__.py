@@ -7,12 +7,14 @@ The server calls :class:`PolicyService` (active engine, optional shadow) or a
 from centinela.policy.bundle import Bundle, TestResult, bundle_names
 from centinela.policy.decision import (
     DEFAULT_DENY,
+    DYNAMIC_SECTIONS,
     ENGINE_UNAVAILABLE,
     INPUT_MALFORMED,
     INSTANT_FIELDS,
     Decision,
     Obligations,
     RateCeiling,
+    Reads,
     holds,
     parse_decision,
     span,
@@ -23,6 +25,7 @@ from centinela.policy.service import PolicyService, ReloadResult, ShadowedDecisi
 
 __all__ = [
     "DEFAULT_DENY",
+    "DYNAMIC_SECTIONS",
     "ENGINE_UNAVAILABLE",
     "INPUT_MALFORMED",
     "INSTANT_FIELDS",
@@ -34,6 +37,7 @@ __all__ = [
     "PolicyEngine",
     "PolicyService",
     "RateCeiling",
+    "Reads",
     "ReloadResult",
     "ShadowedDecision",
     "TestResult",

@@ -13,6 +13,9 @@ Invariants (LEGAL_RULES.md; DESIGN.md §5):
   reuse a decision across (:data:`INSTANT_FIELDS`), the values a rule compares it with;
   the server reuses a decision between them (server/decision_cache.py). A number without
   an entry is one the decision may depend on in any way.
+* ``reads`` (optional) names, per section of ``data.dynamic`` (:data:`DYNAMIC_SECTIONS`),
+  the keys the decision looked up; the server keeps the decision while other entries
+  change. Without it, the decision may depend on all of ``data.dynamic``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ INSTANT_FIELDS: Mapping[str, bool] = {
 }
 #: More instants than this for one number reads as off-contract (bounds a lookup's work).
 MAX_INSTANTS = 1_000
+#: The sections of ``data.dynamic`` the server pushes, each an object by key, and so the
+#: sections a decision's ``reads`` may name.
+DYNAMIC_SECTIONS = ("sites", "authorisations", "models")
+#: More keys than this in one section of ``reads`` reads as off-contract.
+MAX_READS = 1_000
+#: What a decision read of ``data.dynamic``: section -> keys looked up (present or absent).
+Reads = Mapping[str, frozenset[str]]
 
 Number = int | float
 #: Where a decision taken at some value holds: the open interval between the neighbouring
@@ -124,6 +134,9 @@ class Decision:
     #: Per input number (:data:`INSTANT_FIELDS`), the sorted values at which the decision
     #: may change with it.
     instants: Mapping[str, tuple[Number, ...]] = dataclasses.field(default_factory=dict)
+    #: Per section of ``data.dynamic``, the keys the decision looked up; a section not named
+    #: was not read. ``None``: the decision may depend on all of ``data.dynamic``.
+    reads: Reads | None = None
 
     @classmethod
     def deny(
@@ -142,6 +155,7 @@ class Decision:
             "bundle_digest": self.bundle_digest,
             "engine": self.engine,
             "instants": {k: list(v) for k, v in self.instants.items()},
+            "reads": None if self.reads is None else {k: sorted(v) for k, v in self.reads.items()},
         }
 
 
@@ -262,6 +276,19 @@ def _instants(raw: Any) -> dict[str, tuple[Number, ...]]:
     return out
 
 
+def _reads(raw: Any) -> Reads | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _Malformed("reads")
+    out: dict[str, frozenset[str]] = {}
+    for section, keys in raw.items():
+        if section not in DYNAMIC_SECTIONS or not isinstance(keys, list) or len(keys) > MAX_READS:
+            raise _Malformed("reads")
+        out[section] = frozenset(_str_tuple(keys, "reads"))
+    return out
+
+
 def span(instants: Sequence[Number], value: Number) -> Span:
     """Where a decision taken at ``value`` holds, given the sorted ``instants`` the policy
     declared for that number: the open interval between the neighbouring instants, or
@@ -309,6 +336,7 @@ def parse_decision(
         details = _str_tuple(raw.get("details", []), "details")
         obligations = _obligations(raw.get("obligations"), allow, floors)
         instants = _instants(raw.get("instants"))
+        reads = _reads(raw.get("reads"))
         if not allow:
             obligations = dataclasses.replace(
                 obligations, galleries=(), min_score={}, max_results=0, visible_fields=()
@@ -316,4 +344,4 @@ def parse_decision(
     except (_Malformed, TypeError, ValueError, AttributeError, OverflowError):
         # Fail closed on anything off-contract, including shapes no check foresaw.
         return Decision.deny(ENGINE_UNAVAILABLE, digest, engine)
-    return Decision(allow, reasons, obligations, digest, engine, details, instants)
+    return Decision(allow, reasons, obligations, digest, engine, details, instants, reads)

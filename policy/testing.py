@@ -17,6 +17,14 @@ so this runner evaluates the *same* cases instead:
    that span, server/decision_cache.py). A rule that compares a time or the quality with a
    value it does not declare fails the case whose number lies next to that value.
 
+4. when the case passes and its decision declares ``reads``, decide it again on two
+   variants of its ``data.dynamic``: every entry ``reads`` does not name removed; and
+   every such entry changed, with an entry added under every string of any case's input.
+   The decision must be the same, its ``instants`` and ``reads`` included (the server
+   keeps it while such entries change). A rule that looks up an entry it does not
+   declare, or reads a whole section, fails the cases it decides. Each variant is a
+   compile (~70 ms), so cases are checked in groups that share data and ``reads``.
+
 Invariant: a test rule without a case, a case without a test rule, or an engine error is a
 failure, never a skip.
 """
@@ -28,7 +36,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from centinela.errors import ConfigError
@@ -41,7 +49,15 @@ from centinela.policy.bundle import (
     TestResult,
     deep_merge,
 )
-from centinela.policy.decision import INSTANT_FIELDS, Decision, Number, holds, is_number, span
+from centinela.policy.decision import (
+    DYNAMIC_SECTIONS,
+    INSTANT_FIELDS,
+    Decision,
+    Number,
+    holds,
+    is_number,
+    span,
+)
 from centinela.policy.engine import EmbeddedEngine
 
 TEST_PACKAGE = "centinela_test"
@@ -87,7 +103,9 @@ def run_bundle_tests(bundle: Bundle) -> list[TestResult]:
         cases = {}
     engines: dict[str, EmbeddedEngine] = {}
     runner = rego_native.Interpreter()
+    unread = Unread(cases, fixture_dynamic)
     results: list[TestResult] = []
+    passed: list[tuple[int, dict[str, Any], Any]] = []
     seen: set[str] = set()
     for pkg, test in names:
         key = test.removeprefix("test_")
@@ -96,7 +114,12 @@ def run_bundle_tests(bundle: Bundle) -> list[TestResult]:
         if pkg != TEST_PACKAGE or not isinstance(case, dict):
             results.append(TestResult(test, pkg, False, f"no case {key!r} in {TEST_PACKAGE}.cases"))
             continue
-        results.append(_run_case(bundle, test, case, fixture_dynamic, engines, runner, checker))
+        result, decision = _run_case(bundle, test, case, fixture_dynamic, engines, runner, checker)
+        if result.passed:
+            passed.append((len(results), case, decision))
+        results.append(result)
+    for i, why in unread.check(bundle, passed, fixture_dynamic):
+        results[i] = TestResult(results[i].name, TEST_PACKAGE, False, why)
     for key in sorted(set(cases) - seen):
         results.append(TestResult(f"test_{key}", TEST_PACKAGE, False, "case has no test rule"))
     return results
@@ -128,28 +151,29 @@ def _run_case(
     engines: dict[str, EmbeddedEngine],
     runner: rego_native.Interpreter,
     checker: rego_native.Bundle,
-) -> TestResult:
+) -> tuple[TestResult, Any]:
+    """Steps 1-3 for one case: its result, and its decision."""
     try:
         engine = _engine_for(bundle, case, fixture, engines)
         decision = engine.evaluate_raw(case.get("input"))
         if decision is None:
-            return TestResult(test, TEST_PACKAGE, False, "decision undefined")
+            return TestResult(test, TEST_PACKAGE, False, "decision undefined"), None
         rego_native.set_input(runner, {"decision": decision, "expect": case.get("expect", {})})
         ok = rego_native.query_entrypoint(runner, checker, CHECK_ENTRYPOINT)
     except (rego_native.RegoFailure, ConfigError, ValueError) as exc:
-        return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
+        return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}"), None
     if ok is True:
         try:
             moved = instants_differ(engine, case.get("input"), decision)
         except (rego_native.RegoFailure, ValueError) as exc:
-            return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}")
+            return TestResult(test, TEST_PACKAGE, False, f"engine error: {exc}"), decision
         if moved:
-            return TestResult(test, TEST_PACKAGE, False, moved)
-        return TestResult(test, TEST_PACKAGE, True)
+            return TestResult(test, TEST_PACKAGE, False, moved), decision
+        return TestResult(test, TEST_PACKAGE, True), decision
     got = {k: decision.get(k) for k in ("allow", "reasons", "details")}
     return TestResult(
         test, TEST_PACKAGE, False, f"expected {case.get('expect')}, got {json.dumps(got)}"
-    )
+    ), decision
 
 
 _RFC3339 = re.compile(
@@ -179,23 +203,148 @@ def format_ns(ns: int) -> str:
     return stamp + (f".{frac:09d}Z" if frac else "Z")
 
 
+def _strings(doc: Any) -> Iterator[str]:
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
+
+
+def perturbed(value: Any) -> Any:
+    """``value`` with every leaf changed: a bool negated, a number plus one, a string
+    extended, an empty list given one element, a non-empty list emptied."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "~"
+    if isinstance(value, list):
+        return [] if value else ["~"]
+    if isinstance(value, dict):
+        return {k: perturbed(v) for k, v in value.items()}
+    return "~"
+
+
+def _normal(raw: Any) -> Any:
+    """The whole decision, its instants sorted (rego-cpp lists a set in no fixed order)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("instants"), dict):
+        return raw
+    instants = {k: sorted(v) if isinstance(v, list) else v for k, v in raw["instants"].items()}
+    return {**raw, "instants": instants}
+
+
+class Unread:
+    """Variants of a case's ``data.dynamic`` that differ only where its decision's ``reads``
+    say it did not look (step 4 of the module's docstring)."""
+
+    def __init__(self, cases: Mapping[str, Any], fixture: Any) -> None:
+        inputs = [c.get("input") for c in cases.values() if isinstance(c, dict)]
+        #: Keys to add: every string of every case's input, so a lookup of an entry the
+        #: case's data does not hold (an unknown site) finds one.
+        self.keys = sorted({s for inp in inputs for s in _strings(inp)})
+        #: An entry of each section to copy: the first of the fixture or of any case's data.
+        self.samples: dict[str, Any] = {"models": "model~"}
+        docs = [fixture, *(c.get("dynamic") for c in cases.values() if isinstance(c, dict))]
+        for section in DYNAMIC_SECTIONS:
+            for doc in docs:
+                part = doc.get(section) if isinstance(doc, dict) else None
+                if isinstance(part, dict) and part:
+                    self.samples[section] = part[min(part)]
+                    break
+
+    def variants(
+        self, dynamic: Mapping[str, Any], reads: Mapping[str, Any]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """``(what, doc)`` for the two variants of ``dynamic`` around ``reads``."""
+        removed: dict[str, Any] = dict(dynamic)
+        changed: dict[str, Any] = dict(dynamic)
+        for section in DYNAMIC_SECTIONS:
+            part = dynamic.get(section)
+            part = part if isinstance(part, dict) else {}
+            named = reads.get(section, [])
+            listed = set(named) if isinstance(named, list) else set()
+            sample = self.samples.get(section, {})
+            added = [k for k in self.keys if k not in part and k not in listed]
+            removed[section] = {k: v for k, v in part.items() if k in listed}
+            changed[section] = {k: v if k in listed else perturbed(v) for k, v in part.items()}
+            changed[section].update((k, sample) for k in added)
+        return [("removed", removed), ("changed, and entries added", changed)]
+
+    def check(
+        self, bundle: Bundle, passed: list[tuple[int, dict[str, Any], Any]], fixture: Any
+    ) -> Iterator[tuple[int, str]]:
+        """``(index, why)`` for each passed case whose decision is not the same where only
+        entries its ``reads`` do not name differ (a decision without ``reads`` is not
+        checked: the server keeps it across no change of data)."""
+        groups: dict[str, list[tuple[int, dict[str, Any], Any]]] = {}
+        for i, case, raw in passed:
+            reads = raw.get("reads") if isinstance(raw, dict) else None
+            if isinstance(reads, dict):
+                dynamic = case.get("dynamic", fixture if isinstance(fixture, dict) else {})
+                key = json.dumps([case.get("config", {}), dynamic, reads], sort_keys=True)
+                groups.setdefault(key, []).append((i, case, raw))
+        for key in sorted(groups):
+            first = groups[key][0][1]
+            dynamic = first.get("dynamic", fixture if isinstance(fixture, dict) else {})
+            engines: dict[str, EmbeddedEngine] = {}  # this group's variants only
+            for what, doc in self.variants(dynamic, groups[key][0][2]["reads"]):
+                try:
+                    engine = _engine_for(bundle, {**first, "dynamic": doc}, fixture, engines)
+                except ConfigError as exc:
+                    for i, _, _ in groups[key]:
+                        yield i, f"engine error: {exc}"
+                    break
+                failed = []
+                for i, case, raw in groups[key]:
+                    try:
+                        got = _normal(engine.evaluate_raw(case.get("input")))
+                    except (rego_native.RegoFailure, ValueError) as exc:
+                        yield i, f"engine error: {exc}"
+                        failed.append(i)
+                        continue
+                    if got != _normal(raw):
+                        yield (
+                            i,
+                            (
+                                f"the decision differs with the entries of data.dynamic its reads "
+                                f"do not name {what}: a rule reads an entry not in its reads"
+                            ),
+                        )
+                        failed.append(i)
+                groups[key] = [g for g in groups[key] if g[0] not in failed]
+
+
 def _essence(raw: Any) -> Any:
     if not isinstance(raw, dict):
         return raw
     return {k: raw.get(k) for k in ("allow", "reasons", "obligations", "details")}
 
 
-class WithoutInstants:
-    """An engine whose decisions declare no ``instants``: a policy written before them (an
-    older bundle, another OPA policy). The decision cache reuses its decisions only at the
-    very times and quality they were taken at, as it did before session 21."""
+class Undeclared:
+    """An engine whose decisions do not declare ``instants`` and, with ``reads=True``, not
+    ``reads`` either: a policy written before them (an older bundle, another OPA policy).
+    The decision cache reuses such a decision only at the very times and quality it was
+    taken at, as before session 21, and, without ``reads``, keeps it across no change of
+    data, as before session 22."""
 
-    def __init__(self, engine: EmbeddedEngine) -> None:
+    def __init__(self, engine: EmbeddedEngine, *, instants: bool = True, reads: bool = False):
         self.engine = engine
         self.name, self.bundle_digest = engine.name, engine.bundle_digest
+        self.strip_instants, self.strip_reads = instants, reads
 
     def decide(self, inp: Mapping[str, Any]) -> Decision:
-        return dataclasses.replace(self.engine.decide(inp), instants={})
+        d = self.engine.decide(inp)
+        return dataclasses.replace(
+            d,
+            instants={} if self.strip_instants else d.instants,
+            reads=None if self.strip_reads else d.reads,
+        )
 
     def set_dynamic_data(self, doc: Mapping[str, Any]) -> None:
         self.engine.set_dynamic_data(doc)

@@ -25,6 +25,7 @@ from centinela.matcher.service import Matcher
 from centinela.policy import PolicyService
 from centinela.policy.engine import check_dynamic
 from centinela.server.alerts import AlertBus, AlertFeed, AlertStore
+from centinela.server.decision_cache import changes
 from centinela.server.idempotency import IdempotencyStore
 from centinela.server.instance import InstanceLock
 from centinela.server.pipeline import Pipeline
@@ -119,6 +120,9 @@ class Components:
     feed: AlertFeed | None = None
     #: The lock that makes this process the database's one server (``server.instance``).
     instance: InstanceLock | None = None
+    _policy_data_lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, repr=False
+    )
 
     def alert_feed(self) -> AlertFeed:
         """The process's one outbox reader (created on first use, in the server's loop)."""
@@ -144,10 +148,17 @@ class Components:
         Every watchlist write calls this, and most (requisitorias, vehicles) change nothing
         the policy reads. Pushing anyway recompiled the engines (~60 ms) and emptied the
         decision cache: one evaluation per active camera again, 12-17 CPU-seconds at 3,000
-        cameras (benchmarks/decision_cache.py)."""
+        cameras (benchmarks/decision_cache.py). A push drops only the decisions that read
+        a changed entry: a new camera costs the other cameras nothing."""
         models = {"pnp_watchlist": self.face_model_id, "reniec_registry": self.face_model_id}
-        doc = check_dynamic(self.records.policy_data() | {"models": models})
-        if doc != self.policy.dynamic_data:
-            self.policy.set_dynamic_data(doc)
-            self.pipeline.cache.clear()
+        # One refresh at a time: two admin writes refreshing at once could otherwise push
+        # their data in the other order, leaving the engines with the older document and
+        # the cache told of the wrong changes.
+        with self._policy_data_lock:
+            doc = check_dynamic(self.records.policy_data() | {"models": models})
+            old = self.policy.dynamic_data
+            if doc != old:
+                self.policy.set_dynamic_data(doc)
+                # Only decisions that looked up a changed site, authorisation or model go.
+                self.pipeline.cache.invalidate(changes(old, doc))
         self.view.refresh()

@@ -24,8 +24,12 @@ Invariants:
   years 1971-2261, which the engines parse exactly as Python does), a quality only on the
   server's own 0.05 steps from 0 to 1 (rego-cpp reads input floats to six decimals). Any
   other value stays in the key as it is: the engine is asked again for it.
-* Any change of what the engines know — dynamic data (sites, authorisations), a bundle
-  reload — clears the cache before the next decision.
+* A change of dynamic data (sites, authorisations, gallery models) drops every decision
+  that looked up a changed entry, as its ``reads`` say (policy/rego/*/request.rego), and
+  every decision that does not say what it read. Others stay: a new camera of one
+  municipality costs the other cameras nothing (it cost every camera one evaluation
+  before session 22). A bundle reload clears the cache. Both happen after the engines
+  hold the new data and before a decision started earlier may be stored.
 * Each request still gets its own decision id and its own audit entry; only the engine's
   evaluation is shared. Denials that depend on the engine failing (``ENGINE_UNAVAILABLE``)
   are never cached, so a recovered engine is asked again.
@@ -51,7 +55,7 @@ from centinela.policy import (
     holds,
     span,
 )
-from centinela.policy.decision import Number, Span, is_number
+from centinela.policy.decision import DYNAMIC_SECTIONS, Number, Reads, Span, is_number
 
 #: The one time format a cached decision is reused across: what the server's inputs hold.
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
@@ -113,6 +117,12 @@ class _Entry:
     spans: tuple[Span, ...]  # aligned with CacheKey.values
     at: tuple[tuple[str, Number], ...]  # the values the decision was taken at
     result: ShadowedDecision
+    reads: Reads | None  # what the active and the shadow decision read; None: anything
+
+    def reads_any(self, changed: Reads) -> bool:
+        if self.reads is None:
+            return True
+        return any(keys & self.reads.get(section, frozenset()) for section, keys in changed.items())
 
     def holds_at(self, values: tuple[tuple[str, Number], ...]) -> bool:
         return all(
@@ -142,6 +152,39 @@ def spans(result: ShadowedDecision, values: tuple[tuple[str, Number], ...]) -> t
     return tuple(out)
 
 
+def reads(result: ShadowedDecision) -> Reads | None:
+    """What the active and the shadow decision read between them (``None``: anything)."""
+    decisions = [d for d in (result.active, result.shadow) if d is not None]
+    if any(d.reads is None for d in decisions):
+        return None
+    out: dict[str, frozenset[str]] = {}
+    for d in decisions:
+        for section, keys in (d.reads or {}).items():
+            out[section] = out.get(section, frozenset()) | keys
+    return out
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> Reads | None:
+    """The keys of each section of ``data.dynamic`` whose entry differs between ``old`` and
+    ``new`` (added, removed or changed), or ``None`` when something else differs: a section
+    that is not an object, or a part outside :data:`DYNAMIC_SECTIONS`."""
+    rest = set(old) | set(new)
+    if any(old.get(k) != new.get(k) for k in rest - set(DYNAMIC_SECTIONS)):
+        return None
+    out: dict[str, frozenset[str]] = {}
+    for section in DYNAMIC_SECTIONS:
+        a, b = old.get(section), new.get(section)
+        if a == b:
+            continue
+        if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+            return None  # a section appeared, went or is not an object: no entry says what
+        missing = object()
+        out[section] = frozenset(
+            k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing)
+        )
+    return out
+
+
 class DecisionCache:
     """LRU of ``ShadowedDecision`` by input without its reusable numbers; thread-safe."""
 
@@ -154,12 +197,33 @@ class DecisionCache:
         self._generation = 0
         self.hits = 0
         self.misses = 0
+        #: Decisions dropped by :meth:`invalidate` for a change of data they read.
+        self.dropped = 0
 
     def clear(self) -> None:
-        """Forget every decision (after dynamic data or bundles changed)."""
+        """Forget every decision (after a bundle changed)."""
+        self.invalidate(None)
+
+    def invalidate(self, changed: Reads | None) -> None:
+        """Forget the decisions that read an entry of ``data.dynamic`` in ``changed``
+        (section -> keys, :func:`changes`), and those that do not say what they read;
+        ``None`` forgets every decision. A decision being taken meanwhile is not stored."""
         with self._lock:
-            self._lru.clear()
             self._generation += 1
+            if changed is None:
+                self.dropped += sum(len(entries) for entries in self._lru.values())
+                self._lru.clear()
+                return
+            if not any(changed.values()):
+                return
+            for rest in list(self._lru):
+                entries = self._lru[rest]
+                kept = [e for e in entries if not e.reads_any(changed)]
+                self.dropped += len(entries) - len(kept)
+                if not kept:
+                    del self._lru[rest]
+                elif len(kept) < len(entries):
+                    entries[:] = kept
 
     @staticmethod
     def key(policy_input: Mapping[str, Any]) -> CacheKey:
@@ -216,7 +280,7 @@ class DecisionCache:
         result = self.policy.decide(policy_input)
         if "ENGINE_UNAVAILABLE" in result.active.reasons:
             return result
-        entry = _Entry(spans(result, key.values), key.values, result)
+        entry = _Entry(spans(result, key.values), key.values, result, reads(result))
         with self._lock:
             if generation == self._generation:
                 entries = self._lru.get(key.rest)

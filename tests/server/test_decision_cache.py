@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 
 from centinela.policy import (
@@ -23,9 +25,17 @@ from centinela.policy import (
     PolicyService,
     ShadowedDecision,
 )
-from centinela.policy.testing import WithoutInstants, load_cases, rfc3339_ns
-from centinela.server.decision_cache import DecisionCache, canonical_ns, quality_step, spans
+from centinela.policy.testing import Undeclared, load_cases, rfc3339_ns
+from centinela.server.decision_cache import (
+    DecisionCache,
+    canonical_ns,
+    changes,
+    quality_step,
+    reads,
+    spans,
+)
 from centinela.server.demo import World, admin_context, serving_world, ts
+from centinela.server.records import SiteRecord
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import watchlist_service_pb2 as wpb
 
@@ -190,7 +200,7 @@ def test_a_policy_that_declares_no_instants_is_asked_again_for_another_second(
     """A decision without ``instants`` (an older bundle, another OPA policy) is reused at its
     own times only: the behaviour before instants existed."""
     cache = DecisionCache(
-        PolicyService(WithoutInstants(EmbeddedEngine(Bundle.load("interim"), fixture[1])))
+        PolicyService(Undeclared(EmbeddedEngine(Bundle.load("interim"), fixture[1])))
     )
     now = AT
     for k in (0, 0, 1, 1, 0):
@@ -215,6 +225,140 @@ def test_clearing_forgets_every_span(policy: PolicyService, muni: dict[str, Any]
     cache.decide(_at(muni, now, now))
     cache.clear()
     cache.decide(_at(muni, now + SECOND, now))
+    assert cache.misses == 2
+
+
+def test_changes_name_each_entry_that_differs() -> None:
+    old = {
+        "sites": {"a": {"active": True}, "b": {"active": True}},
+        "authorisations": {"X": {"revoked": False}},
+        "models": {"pnp_watchlist": "m1"},
+    }
+    new = {
+        "sites": {"a": {"active": False}, "c": {"active": True}},
+        "authorisations": {"X": {"revoked": False}},
+        "models": {"pnp_watchlist": "m1"},
+    }
+    assert changes(old, new) == {"sites": frozenset({"a", "b", "c"})}
+    assert changes(old, old) == {}
+    # A section that appears or goes, or anything outside the sections: no entry says what.
+    assert changes(old, {**new, "models": None}) is None
+    assert changes(old, {**old, "extra": 1}) is None
+
+
+@pytest.fixture
+def own_policy(fixture: tuple[dict[str, Any], dict[str, Any]]) -> PolicyService:
+    """A policy of this test's own, whose data it changes."""
+    return PolicyService(EmbeddedEngine(Bundle.load("interim"), fixture[1]))
+
+
+def _push(policy: PolicyService, cache: DecisionCache, doc: dict[str, Any]) -> None:
+    """What the server does on a change of data (server/components.py)."""
+    old = policy.dynamic_data
+    policy.set_dynamic_data(doc)
+    cache.invalidate(changes(old, doc))
+
+
+def test_a_change_of_data_drops_only_the_decisions_that_read_it(
+    own_policy: PolicyService, fixture: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """A municipal camera's decision read its site; an investigator's, its authorisation
+    and the van's site. Each stays while the other's entries change, and is decided again,
+    on the new data, once its own change."""
+    cases, dynamic = fixture
+    muni = _at(cases["r10_allow_municipality_sees_minimal_fields"]["input"], AT, AT)
+    investigator = _at(cases["r3_allow_investigator_with_authorisation"]["input"], AT, AT)
+    cache = DecisionCache(own_policy)
+    assert cache.decide(muni).active.allow
+    assert cache.decide(investigator).active.allow
+    sites = dynamic["sites"]
+    surco = {**sites["surco-cam-001"], "active": False}
+    doc = {**dynamic, "sites": {**sites, "surco-cam-001": surco, "new-cam": sites["mira-cam-001"]}}
+    _push(own_policy, cache, doc)  # another municipality's cameras
+    assert cache.decide(muni).active.allow
+    assert cache.decide(investigator).active.allow
+    assert (cache.misses, cache.dropped) == (2, 0)
+
+    auths = dynamic["authorisations"]
+    revoked = {**auths["AUT-2026-0001"], "revoked": True}
+    doc = {**doc, "authorisations": {**auths, "AUT-2026-0001": revoked}}
+    _push(own_policy, cache, doc)
+    assert cache.decide(muni).active.allow
+    assert cache.decide(investigator).active.reasons == ("R3",)  # decided again: revoked
+    assert (cache.misses, cache.dropped) == (3, 1)
+
+    doc = {
+        **doc,
+        "sites": {**doc["sites"], "mira-cam-001": {**sites["mira-cam-001"], "active": False}},
+    }
+    _push(own_policy, cache, doc)
+    assert cache.decide(muni).active.reasons == ("R5",)
+    assert cache.decide(investigator).active.reasons == ("R3",)
+    assert (cache.misses, cache.dropped) == (4, 2)
+
+    doc = {**doc, "models": {"pnp_watchlist": "another-model:0"}}
+    _push(own_policy, cache, doc)  # no models before: the section appeared
+    assert cache.decide(muni).active.reasons == ("R5", "R13")  # another model: R13 too
+    assert cache.decide(investigator).active.reasons == ("R3",)
+    assert cache.misses == 6  # both decided again
+
+    doc = {**doc, "models": {"pnp_watchlist": "another-model:0", "reniec_registry": "x:1"}}
+    _push(own_policy, cache, doc)  # the registry's model: the investigator's alone
+    assert cache.decide(muni).active.reasons == ("R5", "R13")
+    assert cache.decide(investigator).active.reasons == ("R3", "R13")
+    assert cache.misses == 7
+
+
+def test_a_decision_that_does_not_say_what_it_read_goes_at_any_change(
+    fixture: tuple[dict[str, Any], dict[str, Any]], muni: dict[str, Any]
+) -> None:
+    _cases, dynamic = fixture
+    policy = PolicyService(Undeclared(EmbeddedEngine(Bundle.load("interim"), dynamic), reads=True))
+    cache = DecisionCache(policy)
+    cache.decide(_at(muni, AT, AT))
+    sites = dynamic["sites"]
+    _push(policy, cache, {**dynamic, "sites": {**sites, "new-cam": sites["surco-cam-001"]}})
+    cache.decide(_at(muni, AT, AT))
+    assert (cache.misses, cache.dropped) == (2, 1)
+
+
+def test_shadow_and_active_reads_add_up() -> None:
+    def decision(reads: dict[str, frozenset[str]] | None) -> Decision:
+        return Decision(True, ("R8",), Obligations(), "d", "e", (), {}, reads)
+
+    a = decision({"sites": frozenset({"s1"}), "models": frozenset()})
+    b = decision({"sites": frozenset({"s2"}), "authorisations": frozenset({"X"})})
+    assert reads(ShadowedDecision(a, b)) == {
+        "sites": frozenset({"s1", "s2"}),
+        "models": frozenset(),
+        "authorisations": frozenset({"X"}),
+    }
+    assert reads(ShadowedDecision(a, None)) == a.reads
+    assert reads(ShadowedDecision(a, decision(None))) is None
+
+
+def test_a_decision_taken_while_the_data_changes_is_not_kept(
+    own_policy: PolicyService,
+    muni: dict[str, Any],
+    fixture: tuple[dict[str, Any], dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The data changes while a decision is being taken (perhaps on the old data): it is
+    answered, not stored, even when the change touched nothing it read."""
+    _, dynamic = fixture
+    cache = DecisionCache(own_policy)
+    decide = own_policy.decide
+
+    def decide_while_data_changes(inp: Any) -> ShadowedDecision:
+        result = decide(inp)
+        sites = dynamic["sites"]
+        _push(own_policy, cache, {**dynamic, "sites": {**sites, "x": sites["surco-cam-001"]}})
+        return result
+
+    with monkeypatch.context() as m:
+        m.setattr(own_policy, "decide", decide_while_data_changes)
+        assert cache.decide(_at(muni, AT, AT)).active.allow
+    cache.decide(_at(muni, AT, AT))
     assert cache.misses == 2
 
 
@@ -244,9 +388,19 @@ def test_probes_of_one_camera_at_different_times_cost_one_policy_evaluation(
     assert cache.misses - misses == 1
 
 
+def _register(world: World, site_id: str, municipality: str = "muni-miraflores") -> None:
+    site = wpb.Site(
+        site_id=site_id, municipality=municipality, region="lima", kind=wpb.SITE_KIND_PORTICO
+    )
+    world.admin().RegisterSite(
+        wpb.RegisterSiteRequest(context=admin_context(), site=site), timeout=30
+    )
+
+
 def test_a_watchlist_write_the_policy_does_not_read_keeps_the_decisions(world: World) -> None:
-    """A new requisitoria changes nothing the policy reads: the cameras' decisions stay
-    (every watchlist write emptied the cache before). A new site does: they go."""
+    """A new requisitoria changes nothing the policy reads, and a new site changes nothing a
+    camera's decision read: the cameras' decisions stay (before session 21 every watchlist
+    write emptied the cache; before session 22 every new site did)."""
     cache = world.server.app.components.pipeline.cache
     stub = world.stub("muni-miraflores")
     assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
@@ -272,15 +426,62 @@ def test_a_watchlist_write_the_policy_does_not_read_keeps_the_decisions(world: W
     # The new requisitoria is matched at once, by the decision already cached.
     assert stub.MatchFace(world.face_request(world.genuine(7)), timeout=30).alert
     assert cache.misses == misses
-    site = wpb.Site(
-        site_id="mira-cam-931",
-        municipality="muni-miraflores",
-        region="lima",
-        kind=wpb.SITE_KIND_PORTICO,
-    )
-    world.admin().RegisterSite(
-        wpb.RegisterSiteRequest(context=admin_context(), site=site), timeout=30
-    )
+    _register(world, "mira-cam-931")
     misses = cache.misses
     assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
-    assert cache.misses == misses + 1
+    assert cache.misses == misses
+
+
+def test_a_change_of_the_site_a_decision_read_is_seen_at_the_next_probe(world: World) -> None:
+    """A camera's own site deactivated: its next probe is decided again and refused (R5),
+    while another camera's decision stays."""
+    cache = world.server.app.components.pipeline.cache
+    stub = world.stub("muni-miraflores")
+    _register(world, "mira-cam-932")
+    here = world.face_request(world.genuine(0), site="mira-cam-932")
+    assert stub.MatchFace(here, timeout=30).alert
+    assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
+    misses = cache.misses
+    world.admin().DeactivateSite(
+        wpb.DeactivateSiteRequest(context=admin_context(), site_id="mira-cam-932"), timeout=30
+    )
+    after = cache.misses
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.MatchFace(world.face_request(world.genuine(0), site="mira-cam-932"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "R5" in (refused.value.details() or "")
+    assert cache.misses == after + 1
+    assert stub.MatchFace(world.face_request(world.genuine(0)), timeout=30).alert
+    assert cache.misses == after + 1  # the other camera's decision was kept
+    assert after >= misses  # (the admin call's own decision)
+
+
+def test_two_refreshes_at_once_leave_the_engines_with_the_newer_data(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin write's refresh reads the data, and is slow to push them; a second write
+    commits and refreshes meanwhile. The engines must end with the second write's site,
+    not the first refresh's older document (one refresh at a time)."""
+    c = world.server.app.components
+    real = c.records.policy_data
+    read, release = threading.Event(), threading.Event()
+
+    def slow_first(*args: Any, **kwargs: Any) -> Any:
+        doc = real(*args, **kwargs)
+        if not read.is_set():
+            read.set()
+            release.wait(10)  # the first refresh holds its (soon old) document here
+        return doc
+
+    monkeypatch.setattr(c.records, "policy_data", slow_first)
+    first = threading.Thread(target=c.refresh_policy_data)
+    first.start()
+    assert read.wait(10)
+    c.records.add_site(SiteRecord("mira-cam-933", "muni-miraflores", "lima", 1, "", True))
+    second = threading.Thread(target=c.refresh_policy_data)
+    second.start()
+    second.join(0.5)  # with one refresh at a time, it waits for the first
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert "mira-cam-933" in c.policy.dynamic_data["sites"]

@@ -11,6 +11,8 @@
 #     below the calibrated floor (R8), results are capped by mode.
 #   * `instants` names every value at which the decision may change with the request's times
 #     and probe quality (request.rego): the server reuses the decision between them.
+#   * `reads` names every entry of data.dynamic the decision looked up (request.rego): the
+#     server keeps the decision while other entries change.
 #
 # Rego v1. Modules in this bundle share package `centinela`; tests live in `centinela_test`.
 package centinela
@@ -21,6 +23,7 @@ decision := {
 	"obligations": obligations,
 	"details": details,
 	"instants": instants,
+	"reads": reads,
 }
 
 default allow := false

@@ -140,6 +140,23 @@ instants["context.capture_time"] := [t | some t in capture_instants] if capture_
 
 instants["probe.quality"] := [q | some q in quality_instants] if valid_quality
 
+# ---- what the decision read of the server's data ---------------------------------------------
+# `reads` tells the server, for each section of data.dynamic, the keys a rule looked up in it
+# (a key that is absent included): the decision depends on data.dynamic through those
+# entries alone, so the server keeps it while others change (server/decision_cache.py). A
+# section `reads` does not name is one no rule reads.
+# Every rule that looks up an entry of `sites`, `authorisations` or `dynamic_models` must put
+# the key into `site_reads`, `authorisation_reads` or `model_reads`. A rule that reads a whole
+# section (iterates it, counts it) cannot be declared this way: take `reads` out of the
+# decision, and the server keeps no decision across a change of data. The bundle tests
+# decide each case again with every entry its decision does not name removed, changed or
+# added (centinela.policy.testing).
+reads := {
+	"sites": sort([k | some k in site_reads]),
+	"authorisations": sort([k | some k in authorisation_reads]),
+	"models": sort([k | some k in model_reads]),
+}
+
 req_galleries contains g if {
 	probe_rpc
 	some g in in_galleries

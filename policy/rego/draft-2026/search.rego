@@ -103,6 +103,8 @@ deny contains "R3" if {
 
 authorisation := authorisations[ctx_authorisation_id]
 
+authorisation_reads contains ctx_authorisation_id if is_string(ctx_authorisation_id)
+
 judicial_order_ok if {
 	caller_kind == cfg.judicial.caller_kind
 	some role in caller_role_list
@@ -173,6 +175,8 @@ own_active_site if {
 	site.municipality == caller_org
 	site.active == true
 }
+
+site_reads contains ctx_site_id if is_string(ctx_site_id)
 
 deny contains "R5" if {
 	probe_rpc
@@ -284,6 +288,9 @@ gallery_model(g, spec) := m if {
 	m := dynamic_models[g]
 	is_string(m)
 } else := spec.model_id
+
+# gallery_model is asked for every gallery of the request.
+model_reads contains g if some g, _ in gallery_specs
 
 deny contains "R13" if {
 	probe_rpc
