@@ -32,7 +32,8 @@ class Settings:
     database_url: str = ""
     #: Active policy bundle: a name under ``policy/rego/`` or a directory path.
     policy_bundle: str = "interim"
-    #: Optional shadow bundle evaluated beside the active one (disagreements counted).
+    #: Optional shadow bundle evaluated beside the active one (disagreements counted), always
+    #: in process: an OPA server holds one bundle.
     shadow_bundle: str = ""
     #: ``embedded`` (regopy) or ``opa`` (an OPA server at ``opa_url``).
     policy_engine: str = "embedded"

@@ -10,10 +10,18 @@ Invariants (DESIGN.md §5):
   the bundle whose digest this engine reports; dynamic data goes to ``PUT /v1/data/dynamic``.
   The push is module by module, not atomic: deployments that swap bundles under load should
   let OPA pull signed bundles instead (deploy/).
+* An OPA that restarts loses what was pushed to it. Our bundles define the decision for
+  every input once their data are there (decision.rego), so an undefined decision means
+  the sidecar lost its modules or its data: that call is denied unless publishing
+  everything again (at most once a :data:`REPUBLISH_INTERVAL_S`, one caller at a time)
+  and asking once more gives a decision. The sidecar heals with no restart of Centinela
+  and no change of data.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +38,9 @@ _log = get_logger("policy")
 
 #: OPA policy ids of the modules we publish; stale ones under it are deleted on publish.
 POLICY_PREFIX = "centinela/"
+#: The least time between two publications after undefined decisions (an OPA that keeps
+#: losing its state is not pushed to on every call).
+REPUBLISH_INTERVAL_S = 1.0
 
 
 class OpaServerEngine:
@@ -50,6 +61,10 @@ class OpaServerEngine:
         self._dynamic: dict[str, Any] = check_dynamic({})
         self._bundle = bundle
         self._floors = bundle.floors()
+        self._republishing = threading.Lock()
+        self._last_republish = -REPUBLISH_INTERVAL_S
+        #: Times the bundle was published again after an undefined decision.
+        self.republished = 0
         self._client = OpaClient(
             host=parts.hostname,
             port=parts.port or (443 if parts.scheme == "https" else 80),
@@ -130,5 +145,37 @@ class OpaServerEngine:
             )
             return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
         if raw is None:
-            return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
+            _log.error("policy_undefined", engine=self.name, bundle=digest)
+            if not self._republish():
+                return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
+            try:
+                raw = self.evaluate_raw(dict(input) if isinstance(input, Mapping) else input)
+            except Exception as exc:
+                _log.error(
+                    "policy_engine_error", engine=self.name, bundle=digest, error=type(exc).__name__
+                )
+                return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
+            if raw is None:
+                return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
         return parse_decision(raw, digest, self.name, self._floors)
+
+    def _republish(self) -> bool:
+        """Publish the bundle and the data in force again, after an undefined decision;
+        whether it was done (not when another caller is at it, or did it less than
+        REPUBLISH_INTERVAL_S ago, or OPA refused)."""
+        if not self._republishing.acquire(blocking=False):
+            return False
+        try:
+            now = time.monotonic()
+            if now - self._last_republish < REPUBLISH_INTERVAL_S:
+                return False
+            self._last_republish = now
+            self.publish(self._dynamic)
+        except PolicyEngineUnavailable as exc:
+            _log.error("policy_republish_failed", engine=self.name, error=str(exc))
+            return False
+        finally:
+            self._republishing.release()
+        self.republished += 1
+        _log.warning("policy_republished", engine=self.name, bundle=self._bundle.digest)
+        return True

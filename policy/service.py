@@ -81,8 +81,9 @@ def disagreement_rules(a: Decision, b: Decision) -> tuple[str, ...]:
     return tuple(sorted(rules))
 
 
-def default_factory(template: PolicyEngine) -> EngineFactory:
-    """A factory building engines of the same kind as ``template`` for a new bundle."""
+def default_factory(template: PolicyEngine | None) -> EngineFactory:
+    """A factory building engines of the same kind as ``template`` for a new bundle
+    (embedded without one)."""
 
     def make(bundle: Bundle, dynamic: Mapping[str, Any]) -> PolicyEngine:
         if isinstance(template, OpaServerEngine):
@@ -224,7 +225,11 @@ class PolicyService:
                         "policy_reload_refused", role=role, bundle=bundle.digest, failed=len(failed)
                     )
                     return ReloadResult(False, role, before, before, msg, failed)
-            factory = self._factory or default_factory(current or self._active)
+            # A new shadow runs in process: one OPA server holds one bundle (server/wiring.py).
+            template = (
+                current if current is not None else (self._active if role == "active" else None)
+            )
+            factory = self._factory or default_factory(template)
             engine = factory(bundle, self._dynamic)
         except CentinelaError as exc:
             _log.error("policy_reload_refused", role=role, error=exc.diagnostics())

@@ -162,7 +162,9 @@ def _build_components(settings: Settings, undo: contextlib.ExitStack) -> Compone
     undo.callback(_close_engine, active)
     shadow = None
     if settings.shadow_bundle:
-        shadow = _engine_for(settings, Bundle.load(settings.shadow_bundle))
+        # In process whatever the active engine: an OPA server holds one bundle (both
+        # declare `package centinela`), and the shadow's would replace the active one's.
+        shadow = EmbeddedEngine(Bundle.load(settings.shadow_bundle))
         undo.callback(_close_engine, shadow)
     policy = PolicyService(active, shadow)
     face_model_id = settings.effective_face_model_id

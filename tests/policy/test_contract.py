@@ -3,22 +3,18 @@
 Engines: the embedded one (rego-cpp); the OPA-server engine against a real ``opa run
 --server`` when an ``opa`` binary is on PATH (none is installable on this machine, so those
 tests skip and say so); and the OPA-server engine against a loopback *stand-in* for the OPA
-REST data API. The stand-in is the one mock here, for what cannot exist on this machine (an
-OPA server): it speaks the same HTTP contract (PUT /v1/data, PUT /v1/policies,
-POST /v1/data/centinela/decision) and evaluates with rego-cpp, so it checks the client path
-(requests, parsing, failure handling), not OPA's semantics.
+REST API (tests/policy/_opa_standin.py), the one mock here, for what cannot exist on this
+machine: it checks the client path (requests, parsing, failure handling), not OPA's
+semantics.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -32,99 +28,10 @@ from centinela.policy import (
     PolicyEngine,
 )
 
+from ._opa_standin import OpaStandIn
+
 BUNDLES = ("interim", "draft-2026")
 OPA = shutil.which("opa")
-
-
-class OpaStandIn(ThreadingHTTPServer):
-    """Loopback stand-in for OPA's REST data API, backed by rego-cpp (see module doc)."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.modules: dict[str, str] = {}
-        self.data: dict[str, Any] = {}
-        self.engine: EmbeddedEngine | None = None
-        self.mode = "ok"  # ok | error | slow | undefined | garbage
-        self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def engine_now(self) -> EmbeddedEngine:
-        with self.lock:
-            if self.engine is None:
-                files = {k.rsplit("/", 1)[-1]: v for k, v in self.modules.items()}
-                files["data.json"] = json.dumps(
-                    {"centinela_config": self.data.get("centinela_config", {})}
-                )
-                bundle = Bundle(
-                    "standin",
-                    Bundle.load("interim").path,
-                    files,
-                    json.loads(files["data.json"]),
-                    "",
-                )
-                self.engine = EmbeddedEngine(bundle, self.data.get("dynamic", {}))
-            return self.engine
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: OpaStandIn
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _reply(self, code: int, body: Any = None) -> None:
-        raw = b"" if body is None else json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-    def do_PUT(self) -> None:
-        body = self._body()
-        with self.server.lock:
-            self.server.engine = None
-            if self.path.startswith("/v1/policies/"):
-                self.server.modules[self.path.removeprefix("/v1/policies/")] = body.decode()
-                self._reply(200, {})
-                return
-            self.server.data[self.path.removeprefix("/v1/data/")] = json.loads(body)
-        self._reply(204)
-
-    def do_GET(self) -> None:
-        ids = sorted(self.server.modules)
-        self._reply(200, {"result": [{"id": i} for i in ids]})
-
-    def do_DELETE(self) -> None:
-        with self.server.lock:
-            self.server.engine = None
-            self.server.modules.pop(self.path.removeprefix("/v1/policies/"), None)
-        self._reply(200, {})
-
-    def do_POST(self) -> None:
-        doc = json.loads(self._body())
-        mode = self.server.mode
-        if mode == "error":
-            self._reply(500, {"code": "internal_error", "message": "boom"})
-        elif mode == "slow":
-            time.sleep(3.0)
-            self._reply(200, {})
-        elif mode == "undefined":
-            self._reply(200, {})
-        elif mode == "garbage":
-            self._reply(200, {"result": {"allow": "sure"}})
-        else:
-            raw = self.server.engine_now().evaluate_raw(doc.get("input"))
-            self._reply(200, {} if raw is None else {"result": raw})
 
 
 def _free_port() -> int:
@@ -137,8 +44,7 @@ def _free_port() -> int:
 def standin() -> Iterator[OpaStandIn]:
     server = OpaStandIn()
     yield server
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 @pytest.fixture(scope="module")

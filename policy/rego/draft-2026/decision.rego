@@ -3,8 +3,11 @@
 # Invariants (LEGAL_RULES.md, DESIGN.md §5):
 #   * Default deny: `allow` is true only for a well-formed input, a known RPC, a caller whose
 #     roles grant that RPC, and no rule in `deny` firing.
-#   * The decision is defined for every input, garbage included, so an engine never has to
-#     guess: an undefined decision is an engine failure and reads as a deny there.
+#   * The decision is defined for every input, garbage included, once the server's data are
+#     loaded (`data.centinela_config` and `data.dynamic`), so an engine never has to guess:
+#     an undefined decision is an engine failure and reads as a deny there. Without that
+#     data it is undefined: an OPA sidecar that restarted has lost what the server pushed,
+#     and the server publishes it again (policy/opa.py) instead of deciding without it.
 #   * `reasons` holds the rule ids that denied (or INPUT_MALFORMED / DEFAULT_DENY); on an
 #     allow it holds the rule ids whose obligations shape the answer.
 #   * Obligations can only narrow: galleries are the requested ones, thresholds are never
@@ -24,6 +27,15 @@ decision := {
 	"details": details,
 	"instants": instants,
 	"reads": reads,
+} if {
+	loaded
+}
+
+# What the server pushes to an OPA sidecar (the embedded engine always has both).
+loaded if {
+	is_object(data.centinela_config)
+	is_object(data.dynamic.sites)
+	is_object(data.dynamic.authorisations)
 }
 
 default allow := false

@@ -1,0 +1,149 @@
+"""An OPA sidecar that restarts loses what Centinela pushed to it; the engine heals it.
+
+OPA is a stand-in here (tests/policy/_opa_standin.py: its REST API over real HTTP, what was
+pushed evaluated by rego-cpp, lost on a restart), because no registry this machine reaches
+ships the OPA binary. Until session 22 the loss was healed only by a change of policy data
+or a restart of Centinela; in between, every decision was ENGINE_UNAVAILABLE (fail closed,
+but down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from centinela.config import Settings
+from centinela.policy import Bundle, OpaServerEngine, opa
+from centinela.server.demo import populate
+from centinela.server.testing import ServerThread
+
+from ._opa_standin import OpaStandIn
+
+
+@pytest.fixture
+def fake() -> Iterator[OpaStandIn]:
+    server = OpaStandIn()
+    yield server
+    if server.socket.fileno() != -1:
+        server.close()
+
+
+@pytest.fixture
+def muni(cases_of: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    cases, dynamic = cases_of("interim")
+    return cases["r10_allow_municipality_sees_minimal_fields"]["input"], dynamic
+
+
+def _engine(fake: OpaStandIn, dynamic: dict[str, Any]) -> OpaServerEngine:
+    engine = OpaServerEngine(fake.url, Bundle.load("interim"), timeout_s=5)
+    engine.publish(dynamic)
+    return engine
+
+
+def test_a_restarted_opa_is_published_again_at_the_first_undefined_decision(
+    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp, dynamic = muni
+    engine = _engine(fake, dynamic)
+    assert engine.decide(inp).allow
+    fake.restart()
+    decision = engine.decide(inp)
+    assert decision.allow, decision.reasons
+    assert engine.republished == 1
+    assert engine.decide(inp).allow
+    assert engine.republished == 1
+
+
+def test_an_opa_that_lost_only_the_data_is_healed_too(
+    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """Modules kept (an OPA that loads its bundle from disk), data.dynamic gone: the
+    decision is undefined, not a deny of a camera no longer known (R5)."""
+    inp, dynamic = muni
+    engine = _engine(fake, dynamic)
+    del fake.data["dynamic"]
+    fake.changed()
+    assert engine.decide(inp).allow
+    assert engine.republished == 1
+    del fake.data["centinela_config"]
+    fake.changed()
+    engine._last_republish -= opa.REPUBLISH_INTERVAL_S
+    assert engine.decide(inp).allow
+    assert engine.republished == 2
+
+
+def test_republishing_is_held_to_once_an_interval_and_denies_meanwhile(
+    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp, dynamic = muni
+    engine = _engine(fake, dynamic)
+    fake.restart()
+    assert engine.decide(inp).allow
+    fake.restart()  # again, within the interval: not pushed to on every call
+    assert engine.decide(inp).reasons == ("ENGINE_UNAVAILABLE",)
+    assert engine.republished == 1
+    engine._last_republish -= opa.REPUBLISH_INTERVAL_S  # the interval has passed
+    assert engine.decide(inp).allow
+    assert engine.republished == 2
+
+
+def test_an_opa_that_refuses_the_push_leaves_the_call_denied(
+    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    inp, dynamic = muni
+    engine = _engine(fake, dynamic)
+    fake.restart()
+    fake.close()  # gone altogether
+    assert engine.decide(inp).reasons == ("ENGINE_UNAVAILABLE",)
+    assert engine.republished == 0
+
+
+def test_the_served_policy_heals_after_an_opa_restart(fake: OpaStandIn, tmp_path: Path) -> None:
+    """A server on OPA, with a shadow bundle: OPA holds the active bundle's modules (the
+    shadow runs in process, or its modules would replace the active ones), and a MatchFace
+    after OPA restarted is answered."""
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        listen="127.0.0.1:0",
+        policy_engine="opa",
+        opa_url=fake.url,
+        shadow_bundle="draft-2026",
+    )
+    active = Bundle.load("interim")
+    with ServerThread(settings) as server:
+        policy = server.app.components.policy
+        assert policy.active.name == "opa"
+        assert policy.shadow is not None
+        assert policy.shadow.name == "embedded"
+        modules = {f"{opa.POLICY_PREFIX}{n}": src for n, src in active.policy_modules.items()}
+        assert fake.modules == modules
+        w = populate(server, registry=False)
+        stub = w.stub("muni-miraflores")
+        assert stub.MatchFace(w.face_request(w.genuine(0)), timeout=30).alert
+        fake.restart()
+        # The decision cache would answer this camera without asking OPA: forget it, as a
+        # camera not seen before would.
+        server.app.components.pipeline.cache.clear()
+        assert stub.MatchFace(w.face_request(w.genuine(0)), timeout=30).alert
+        assert fake.modules == modules
+        assert "mira-portico-01" in fake.data["dynamic"]["sites"]  # and the data with it
+        w.close()
+
+
+def test_a_server_on_opa_refuses_while_opa_is_gone(fake: OpaStandIn, tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "d", listen="127.0.0.1:0", policy_engine="opa", opa_url=fake.url
+    )
+    with ServerThread(settings) as server:
+        w = populate(server, registry=False)
+        fake.restart()
+        fake.close()
+        server.app.components.pipeline.cache.clear()
+        with pytest.raises(grpc.RpcError) as err:
+            w.stub("muni-miraflores").MatchFace(w.face_request(w.genuine(0)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        w.close()
