@@ -30,6 +30,8 @@ from centinela.policy.testing import (
     with_number,
 )
 
+from ._raw import DENIED
+
 BUNDLES = ("interim", "draft-2026")
 SECOND = 1_000_000_000
 DAY = 86_400 * SECOND
@@ -174,27 +176,6 @@ def test_a_span_is_the_open_interval_between_neighbouring_instants() -> None:
     assert not holds((0.5, 1), 0.9, 0.5)
 
 
-RAW = {
-    "allow": False,
-    "reasons": ["R1"],
-    "obligations": {
-        "galleries": [],
-        "min_score": {},
-        "max_results": 0,
-        "mode": "READ",
-        "visible_fields": [],
-        "human_review": True,
-        "two_person_confirmation": False,
-        "rate_ceiling": {"caller_per_minute": 0, "site_per_minute": 0},
-        "active_only": True,
-        "exclude_objectors": False,
-        "objection_exempt_subjects": [],
-        "alert_scope": None,
-    },
-    "details": [],
-}
-
-
 @pytest.mark.parametrize(
     "instants",
     [
@@ -210,12 +191,12 @@ RAW = {
     ],
 )
 def test_instants_off_contract_fail_closed(instants: Any) -> None:
-    decision = parse_decision({**RAW, "instants": instants}, "d", "e")
+    decision = parse_decision({**DENIED, "instants": instants}, "d", "e")
     assert decision.reasons == ("ENGINE_UNAVAILABLE",)
 
 
 def test_instants_are_sorted_and_optional() -> None:
-    raw = json.loads(json.dumps(RAW))
+    raw = json.loads(json.dumps(DENIED))
     assert parse_decision(raw, "d", "e").instants == {}
     raw["instants"] = {
         "context.now": [3, 1, 2, 1],

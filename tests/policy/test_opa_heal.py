@@ -38,49 +38,41 @@ def muni(cases_of: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return cases["r10_allow_municipality_sees_minimal_fields"]["input"], dynamic
 
 
-def _engine(fake: OpaStandIn, dynamic: dict[str, Any]) -> OpaServerEngine:
+@pytest.fixture
+def published(
+    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+) -> tuple[OpaServerEngine, dict[str, Any]]:
+    """An engine whose bundle and data are in the stand-in, and a municipal probe's input."""
+    inp, dynamic = muni
     engine = OpaServerEngine(fake.url, Bundle.load("interim"), timeout_s=5)
     engine.publish(dynamic)
-    return engine
+    return engine, inp
 
 
-def test_a_restarted_opa_is_published_again_at_the_first_undefined_decision(
-    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+@pytest.mark.parametrize("lost", ["everything", "dynamic", "centinela_config"])
+def test_an_opa_that_lost_what_was_pushed_is_published_again_at_the_first_undefined_decision(
+    fake: OpaStandIn, published: tuple[OpaServerEngine, dict[str, Any]], lost: str
 ) -> None:
-    inp, dynamic = muni
-    engine = _engine(fake, dynamic)
-    assert engine.decide(inp).allow
-    fake.restart()
+    """A restart loses modules and data; an OPA that loads its bundle from disk keeps the
+    modules and loses the data: the decision is then undefined, not a deny of a camera no
+    longer known (R5)."""
+    engine, inp = published
+    if lost == "everything":
+        fake.restart()
+    else:
+        del fake.data[lost]
+        fake.changed()
     decision = engine.decide(inp)
     assert decision.allow, decision.reasons
     assert engine.republished == 1
     assert engine.decide(inp).allow
-    assert engine.republished == 1
-
-
-def test_an_opa_that_lost_only_the_data_is_healed_too(
-    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
-) -> None:
-    """Modules kept (an OPA that loads its bundle from disk), data.dynamic gone: the
-    decision is undefined, not a deny of a camera no longer known (R5)."""
-    inp, dynamic = muni
-    engine = _engine(fake, dynamic)
-    del fake.data["dynamic"]
-    fake.changed()
-    assert engine.decide(inp).allow
-    assert engine.republished == 1
-    del fake.data["centinela_config"]
-    fake.changed()
-    engine._last_republish -= opa.REPUBLISH_INTERVAL_S
-    assert engine.decide(inp).allow
-    assert engine.republished == 2
+    assert engine.republished == 1  # healed: nothing more to publish
 
 
 def test_republishing_is_held_to_once_an_interval_and_denies_meanwhile(
-    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+    fake: OpaStandIn, published: tuple[OpaServerEngine, dict[str, Any]]
 ) -> None:
-    inp, dynamic = muni
-    engine = _engine(fake, dynamic)
+    engine, inp = published
     fake.restart()
     assert engine.decide(inp).allow
     fake.restart()  # again, within the interval: not pushed to on every call
@@ -92,10 +84,9 @@ def test_republishing_is_held_to_once_an_interval_and_denies_meanwhile(
 
 
 def test_an_opa_that_refuses_the_push_leaves_the_call_denied(
-    fake: OpaStandIn, muni: tuple[dict[str, Any], dict[str, Any]]
+    fake: OpaStandIn, published: tuple[OpaServerEngine, dict[str, Any]]
 ) -> None:
-    inp, dynamic = muni
-    engine = _engine(fake, dynamic)
+    engine, inp = published
     fake.restart()
     fake.close()  # gone altogether
     assert engine.decide(inp).reasons == ("ENGINE_UNAVAILABLE",)

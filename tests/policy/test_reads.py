@@ -21,6 +21,8 @@ import pytest
 from centinela.policy import DYNAMIC_SECTIONS, Bundle, parse_decision
 from centinela.policy.testing import Unread, perturbed
 
+from ._raw import DENIED
+
 BUNDLES = ("interim", "draft-2026")
 
 
@@ -125,25 +127,6 @@ def test_the_variants_keep_exactly_the_entries_named() -> None:
     assert perturbed(2) == 3
 
 
-RAW: dict[str, Any] = {
-    "allow": False,
-    "reasons": ["R1"],
-    "obligations": {
-        "galleries": [],
-        "min_score": {},
-        "max_results": 0,
-        "mode": "READ",
-        "visible_fields": [],
-        "human_review": True,
-        "two_person_confirmation": False,
-        "rate_ceiling": {"caller_per_minute": 0, "site_per_minute": 0},
-        "active_only": True,
-        "exclude_objectors": False,
-        "objection_exempt_subjects": [],
-    },
-}
-
-
 @pytest.mark.parametrize(
     "reads",
     [
@@ -157,12 +140,12 @@ RAW: dict[str, Any] = {
     ],
 )
 def test_reads_off_contract_fail_closed(reads: Any) -> None:
-    decision = parse_decision({**RAW, "reads": reads}, "d", "e")
+    decision = parse_decision({**DENIED, "reads": reads}, "d", "e")
     assert decision.reasons == ("ENGINE_UNAVAILABLE",)
 
 
 def test_reads_are_optional() -> None:
-    raw = json.loads(json.dumps(RAW))
+    raw = json.loads(json.dumps(DENIED))
     assert parse_decision(raw, "d", "e").reads is None
     raw["reads"] = {"sites": ["b", "a", "a"], "models": []}
     decision = parse_decision(raw, "d", "e")
