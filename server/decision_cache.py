@@ -193,6 +193,13 @@ class DecisionCache:
         #: Inputs (without their numbers) kept; each keeps up to PER_INPUT decisions.
         self.max_entries = max_entries
         self._lru: OrderedDict[str, list[_Entry]] = OrderedDict()
+        # Which inputs hold a decision that read an entry, so that a change of data looks
+        # at those only (a scan of every decision held the lock ~1.7 µs a decision: 8 ms at
+        # 3,000 cameras, ~0.7 s full). Over-approximate: a dropped decision's keys stay
+        # until its input goes.
+        self._by_read: dict[tuple[str, str], set[str]] = {}
+        self._unknown: set[str] = set()  # inputs with a decision that says nothing it read
+        self._indexed: dict[str, set[tuple[str, str]]] = {}  # input -> its keys above
         self._lock = threading.Lock()
         self._generation = 0
         self.hits = 0
@@ -213,17 +220,44 @@ class DecisionCache:
             if changed is None:
                 self.dropped += sum(len(entries) for entries in self._lru.values())
                 self._lru.clear()
+                self._by_read.clear()
+                self._unknown.clear()
+                self._indexed.clear()
                 return
-            if not any(changed.values()):
-                return
-            for rest in list(self._lru):
-                entries = self._lru[rest]
+            candidates = set(self._unknown)
+            for section, keys in changed.items():
+                for k in keys:
+                    candidates |= self._by_read.get((section, k), set())
+            for rest in candidates:
+                entries = self._lru.get(rest)
+                if entries is None:
+                    continue
                 kept = [e for e in entries if not e.reads_any(changed)]
                 self.dropped += len(entries) - len(kept)
                 if not kept:
                     del self._lru[rest]
+                    self._unindex(rest)
                 elif len(kept) < len(entries):
                     entries[:] = kept
+
+    def _index(self, rest: str, entry: _Entry) -> None:
+        if entry.reads is None:
+            self._unknown.add(rest)
+            return
+        mine = self._indexed.setdefault(rest, set())
+        for section, keys in entry.reads.items():
+            for k in keys:
+                self._by_read.setdefault((section, k), set()).add(rest)
+                mine.add((section, k))
+
+    def _unindex(self, rest: str) -> None:
+        self._unknown.discard(rest)
+        for read in self._indexed.pop(rest, ()):
+            rests = self._by_read.get(read)
+            if rests is not None:
+                rests.discard(rest)
+                if not rests:
+                    del self._by_read[read]
 
     @staticmethod
     def key(policy_input: Mapping[str, Any]) -> CacheKey:
@@ -287,9 +321,11 @@ class DecisionCache:
                 if entries is None:
                     entries = self._lru[key.rest] = []
                     if len(self._lru) > self.max_entries:
-                        self._lru.popitem(last=False)
+                        gone, _ = self._lru.popitem(last=False)
+                        self._unindex(gone)
                 else:
                     self._lru.move_to_end(key.rest)
                 entries.insert(0, entry)
                 del entries[PER_INPUT:]
+                self._index(key.rest, entry)
         return result

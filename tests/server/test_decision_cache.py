@@ -485,3 +485,28 @@ def test_two_refreshes_at_once_leave_the_engines_with_the_newer_data(
     first.join(10)
     second.join(10)
     assert "mira-cam-933" in c.policy.dynamic_data["sites"]
+
+
+def test_what_a_change_looks_at_is_what_read_it_and_the_index_stays_bounded(
+    policy: PolicyService, muni: dict[str, Any]
+) -> None:
+    """A change looks only at the inputs whose decisions read a changed entry, and the
+    inputs pushed out of the cache leave the index with them."""
+    cache = DecisionCache(policy, max_entries=10)
+
+    def at(site: str) -> dict[str, Any]:
+        return _at({**muni, "context": {**muni["context"], "site_id": site}}, AT, AT)
+
+    for i in range(30):
+        cache.decide(at(f"cam-{i:02d}"))  # unknown sites: refused (R5), each read its site
+    assert len(cache._lru) == 10
+    assert len(cache._indexed) == 10
+    assert {k for (s, k) in cache._by_read if s == "sites"} == {
+        f"cam-{i:02d}" for i in range(20, 30)
+    }
+    cache.invalidate({"sites": frozenset({"cam-25", "cam-05"})})  # cam-05 long gone
+    assert cache.dropped == 1
+    assert len(cache._lru) == 9
+    assert ("sites", "cam-25") not in cache._by_read
+    cache.decide(at("cam-29"))
+    assert cache.misses == 30  # kept
