@@ -142,8 +142,13 @@ class PolicyService:
         """Digest of the shadow bundle, if any."""
         return self._shadow.bundle_digest if self._shadow is not None else None
 
-    def decide(self, input: Mapping[str, Any]) -> ShadowedDecision:
-        """Decide with the active engine and, if configured, compare with the shadow."""
+    def decide(self, input: Mapping[str, Any], *, tally: bool = True) -> ShadowedDecision:
+        """Decide with the active engine and, if configured, compare with the shadow.
+
+        ``tally``: count the comparison (:meth:`disagreements`). A caller that reuses
+        decisions (the server's decision cache) passes False and tallies each request it
+        answers instead (:meth:`tally`).
+        """
         active, shadow = self._active, self._shadow
         decision = active.decide(input)
         if shadow is None:
@@ -153,21 +158,28 @@ class PolicyService:
         except Exception as exc:  # a shadow can never hurt the active path
             _log.error("shadow_policy_error", error=type(exc).__name__)
             return ShadowedDecision(decision, None)
-        rules = disagreement_rules(decision, other)
+        result = ShadowedDecision(decision, other, disagreement_rules(decision, other))
+        if tally:
+            self.tally(result)
+        return result
+
+    def tally(self, result: ShadowedDecision) -> None:
+        """Count one request decided by both bundles, and the rules they differ on."""
+        if result.shadow is None:
+            return
         with self._lock:
             self._compared += 1
-            self._counts.update(rules)
-        return ShadowedDecision(decision, other, rules)
+            self._counts.update(result.disagreement)
 
     def disagreements(self) -> dict[str, int]:
-        """Evaluations on which the shadow disagreed, counted per rule id. The server
-        reuses decisions (server/decision_cache.py), so this counts far fewer than
-        requests; each request's disagreement is in the audit (SHADOW_DISAGREEMENT)."""
+        """Requests on which the shadow disagreed, counted per rule id (each request's
+        disagreement on allow or deny is also in the audit, SHADOW_DISAGREEMENT)."""
         with self._lock:
             return dict(sorted(self._counts.items()))
 
     def compared(self) -> int:
-        """How many inputs were evaluated by both bundles (not requests: see above)."""
+        """How many requests both bundles decided (a decision the server reused counts
+        for each request it answered)."""
         with self._lock:
             return self._compared
 

@@ -311,7 +311,7 @@ class DecisionCache:
                 return found
             generation = self._generation
             self.misses += 1
-        result = self.policy.decide(policy_input)
+        result = self.policy.decide(policy_input, tally=False)  # tallied per request
         if "ENGINE_UNAVAILABLE" in result.active.reasons:
             return result
         entry = _Entry(spans(result, key.values), key.values, result, reads(result))

@@ -206,6 +206,7 @@ class Pipeline:
                 log.error("policy.timeout", engine=engine.name, timeout_s=self.policy_timeout_s)
                 deny = Decision.deny(ENGINE_UNAVAILABLE, engine.bundle_digest, engine.name)
                 result = ShadowedDecision(deny, None)
+        self.policy.tally(result)  # each request, whether its decision was reused or not
         return result.active, result.shadow
 
     # ---- audit ---------------------------------------------------------------------------

@@ -12,11 +12,13 @@ import datetime as dt
 import random
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from centinela.config import Settings
 from centinela.policy import (
     Bundle,
     Decision,
@@ -34,8 +36,9 @@ from centinela.server.decision_cache import (
     reads,
     spans,
 )
-from centinela.server.demo import World, admin_context, serving_world, ts
+from centinela.server.demo import World, admin_context, populate, serving_world, ts
 from centinela.server.records import SiteRecord
+from centinela.server.testing import ServerThread
 from centinela.v1 import common_pb2 as c
 from centinela.v1 import watchlist_service_pb2 as wpb
 
@@ -349,8 +352,8 @@ def test_a_decision_taken_while_the_data_changes_is_not_kept(
     cache = DecisionCache(own_policy)
     decide = own_policy.decide
 
-    def decide_while_data_changes(inp: Any) -> ShadowedDecision:
-        result = decide(inp)
+    def decide_while_data_changes(inp: Any, **kwargs: Any) -> ShadowedDecision:
+        result = decide(inp, **kwargs)
         sites = dynamic["sites"]
         _push(own_policy, cache, {**dynamic, "sites": {**sites, "x": sites["surco-cam-001"]}})
         return result
@@ -510,3 +513,26 @@ def test_what_a_change_looks_at_is_what_read_it_and_the_index_stays_bounded(
     assert ("sites", "cam-25") not in cache._by_read
     cache.decide(at("cam-29"))
     assert cache.misses == 30  # kept
+
+
+def test_the_shadow_is_tallied_per_request_when_its_decision_is_reused(tmp_path: Path) -> None:
+    """A shadow bundle's comparison counts each request answered, not each evaluation: three
+    probes of one camera are one evaluation and three comparisons (one, before session 22)."""
+    settings = Settings(data_dir=tmp_path / "d", listen="127.0.0.1:0", shadow_bundle="draft-2026")
+    with ServerThread(settings) as server:
+        w = populate(server, registry=False)
+        c = server.app.components
+        stub = w.stub("muni-miraflores")
+        assert stub.MatchFace(w.face_request(w.genuine(0)), timeout=30).alert
+        compared, counts, misses = (
+            c.policy.compared(),
+            c.policy.disagreements(),
+            c.pipeline.cache.misses,
+        )
+        for _ in range(3):
+            assert stub.MatchFace(w.face_request(w.genuine(0)), timeout=30).alert
+        assert c.pipeline.cache.misses == misses  # reused
+        assert c.policy.compared() == compared + 3
+        # draft-2026 wants two confirmations of an alert (R9): each request disagrees
+        assert c.policy.disagreements()["R9"] == counts["R9"] + 3
+        w.close()
