@@ -483,7 +483,8 @@ def test_two_refreshes_at_once_leave_the_engines_with_the_newer_data(
     c.records.add_site(SiteRecord("mira-cam-933", "muni-miraflores", "lima", 1, "", True))
     second = threading.Thread(target=c.refresh_policy_data)
     second.start()
-    second.join(0.5)  # with one refresh at a time, it waits for the first
+    second.join(0.5)
+    assert second.is_alive()  # one refresh at a time: it waits for the first
     release.set()
     first.join(10)
     second.join(10)
