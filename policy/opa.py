@@ -15,7 +15,8 @@ Invariants (DESIGN.md §5):
   the sidecar lost its modules or its data: that call is denied unless publishing
   everything again (at most once a :data:`REPUBLISH_INTERVAL_S`, one caller at a time)
   and asking once more gives a decision. The sidecar heals with no restart of Centinela
-  and no change of data.
+  and no change of data. An engine a reload replaces is retired first (:meth:`retire`):
+  a call still in flight on it must not publish the old bundle over the new one.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class OpaServerEngine:
         self._floors = bundle.floors()
         self._republishing = threading.Lock()
         self._last_republish = -REPUBLISH_INTERVAL_S
+        self._retired = False
         #: Times the bundle was published again after an undefined decision.
         self.republished = 0
         self._client = OpaClient(
@@ -159,6 +161,23 @@ class OpaServerEngine:
                 return Decision.deny(ENGINE_UNAVAILABLE, digest, self.name)
         return parse_decision(raw, digest, self.name, self._floors)
 
+    def retire(self) -> None:
+        """Never publish again after an undefined decision: another engine's bundle takes
+        the sidecar. Waits for a publication in progress to end."""
+        with self._republishing:
+            self._retired = True
+
+    def resume(self) -> None:
+        """Undo :meth:`retire`: the engine that was to replace this one was not made. Its
+        publication may have failed half-way, leaving part of its bundle in the sidecar, so
+        this engine's bundle and data are published again (as far as the sidecar lets)."""
+        with self._republishing:
+            self._retired = False
+            try:
+                self.publish(self._dynamic)
+            except PolicyEngineUnavailable as exc:
+                _log.error("policy_republish_failed", engine=self.name, error=str(exc))
+
     def _republish(self) -> bool:
         """Publish the bundle and the data in force again, after an undefined decision;
         whether it was done (not when another caller is at it, or did it less than
@@ -167,7 +186,7 @@ class OpaServerEngine:
             return False
         try:
             now = time.monotonic()
-            if now - self._last_republish < REPUBLISH_INTERVAL_S:
+            if self._retired or now - self._last_republish < REPUBLISH_INTERVAL_S:
                 return False
             self._last_republish = now
             self.publish(self._dynamic)

@@ -215,6 +215,22 @@ class PolicyService:
                 results.append(self._reload_one("shadow", shadow))
             return results
 
+    @staticmethod
+    def _replace(current: PolicyEngine | None, make: Callable[[], PolicyEngine]) -> PolicyEngine:
+        """``make()`` the engine that replaces ``current``. An OPA engine is retired first,
+        so that it never publishes its bundle again over its successor's (policy/opa.py),
+        and resumed if the new one cannot be made."""
+        retire = getattr(current, "retire", None)
+        resume = getattr(current, "resume", None)
+        if retire is not None:
+            retire()
+        try:
+            return make()
+        except BaseException:
+            if resume is not None:
+                resume()
+            raise
+
     def _reload_one(self, role: str, source: str | Path | None) -> ReloadResult:
         current = self._active if role == "active" else self._shadow
         before = current.bundle_digest if current is not None else ""
@@ -242,7 +258,7 @@ class PolicyService:
                 current if current is not None else (self._active if role == "active" else None)
             )
             factory = self._factory or default_factory(template)
-            engine = factory(bundle, self._dynamic)
+            engine = self._replace(current, lambda: factory(bundle, self._dynamic))
         except CentinelaError as exc:
             _log.error("policy_reload_refused", role=role, error=exc.diagnostics())
             return ReloadResult(False, role, before, before, f"refused: {exc.diagnostics()}")

@@ -6,9 +6,11 @@ reaches ships the OPA binary. It speaks the same HTTP contract (``PUT /v1/data/<
 ``PUT /v1/policies/<id>``, ``GET /v1/policies``, ``DELETE /v1/policies/<id>``,
 ``POST /v1/data/centinela/decision``) and evaluates exactly the modules and data pushed to
 it, so it checks the client path (requests, parsing, failure handling, publishing), not
-OPA's semantics. Like OPA it keeps what was pushed in memory only, and loses it on a
-restart (:meth:`OpaStandIn.restart`); a query no module defines is a 200 without a
-``result``. ``mode`` makes it fail on purpose.
+OPA's semantics. Of OPA's checks on a pushed module it makes only the parse: a module that
+does not parse is refused with 400; OPA also refuses one that does not compile. Like OPA it
+keeps what was pushed in memory only, and loses it on a restart
+(:meth:`OpaStandIn.restart`); a query no module defines is a 200 without a ``result``.
+``mode`` makes it fail on purpose.
 """
 
 from __future__ import annotations
@@ -92,7 +94,13 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server._compiled = None
             if self.path.startswith("/v1/policies/"):
-                self.server.modules[self.path.removeprefix("/v1/policies/")] = body.decode()
+                policy_id = self.path.removeprefix("/v1/policies/")
+                try:  # OPA refuses a module that does not parse (it checks more: see above)
+                    rego_native.Interpreter().add_module(policy_id, body.decode())
+                except Exception:
+                    self._reply(400, {"code": "invalid_parameter", "message": "parse error"})
+                    return
+                self.server.modules[policy_id] = body.decode()
                 self._reply(200, {})
                 return
             parts = self.path.removeprefix("/v1/data/").strip("/").split("/")

@@ -9,6 +9,7 @@ but down).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import grpc
 import pytest
 
 from centinela.config import Settings
-from centinela.policy import Bundle, OpaServerEngine, opa
+from centinela.policy import Bundle, OpaServerEngine, PolicyService, opa
 from centinela.server.demo import populate
 from centinela.server.testing import ServerThread
 
@@ -138,3 +139,48 @@ def test_a_server_on_opa_refuses_while_opa_is_gone(fake: OpaStandIn, tmp_path: P
             w.stub("muni-miraflores").MatchFace(w.face_request(w.genuine(0)), timeout=30)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         w.close()
+
+
+def test_an_engine_a_reload_replaced_never_publishes_its_bundle_again(
+    fake: OpaStandIn, published: tuple[OpaServerEngine, dict[str, Any]]
+) -> None:
+    """A call still in flight on the engine a reload replaced, meeting an undefined decision,
+    must not publish the old bundle over the new one (the audit would name the new digest
+    while the sidecar applied the old law); the new engine heals the sidecar itself."""
+    old, inp = published
+    service = PolicyService(old, run_tests_on_reload=False)
+    (result,) = service.reload(active="draft-2026")
+    assert result.changed
+    draft = {
+        f"{opa.POLICY_PREFIX}{n}": s for n, s in Bundle.load("draft-2026").policy_modules.items()
+    }
+    assert fake.modules == draft
+    fake.restart()
+    assert old.decide(inp).reasons == ("ENGINE_UNAVAILABLE",)
+    assert old.republished == 0
+    assert fake.modules == {}
+    new = service.active
+    assert isinstance(new, OpaServerEngine)
+    assert new.decide(inp).obligations.two_person_confirmation  # draft-2026's
+    assert fake.modules == draft
+
+
+def test_a_reload_that_fails_leaves_the_old_bundle_in_opa_and_its_engine_able_to_heal(
+    fake: OpaStandIn, published: tuple[OpaServerEngine, dict[str, Any]], tmp_path: Path
+) -> None:
+    old, inp = published
+    service = PolicyService(old, run_tests_on_reload=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(Bundle.load("interim").path, broken)
+    with (broken / "calibrate.rego").open("a") as f:
+        f.write("\n# pushed before decision.rego, which fails\n")
+    (broken / "decision.rego").write_text("package centinela\n\nthis is not rego\n")
+    (result,) = service.reload(active=broken)
+    assert not result.ok
+    assert service.active is old
+    # The half-pushed bundle is replaced by the old engine's again.
+    interim = Bundle.load("interim").policy_modules
+    assert fake.modules == {f"{opa.POLICY_PREFIX}{n}": s for n, s in interim.items()}
+    fake.restart()
+    assert old.decide(inp).allow
+    assert old.republished == 1
