@@ -5,9 +5,13 @@ Invariants (DESIGN.md §5):
 * The decision is ``POST /v1/data/centinela/decision`` with ``{"input": …}``; anything but a
   200 with a ``result`` object that parses as a decision is a deny with ``ENGINE_UNAVAILABLE``
   (errors, time-outs and an undefined result alike). ``decide`` never raises.
-* ``publish`` pushes the bundle's policy modules (tests excluded, ids ``centinela/<file>``)
-  and its static data, then deletes modules of an earlier bundle, so the sidecar evaluates
-  the bundle whose digest this engine reports; dynamic data goes to ``PUT /v1/data/dynamic``.
+* ``publish`` pushes the bundle's policy modules (tests excluded) and its static data, then
+  deletes modules of an earlier bundle, so the sidecar evaluates the bundle whose digest
+  this engine reports; dynamic data goes to ``PUT /v1/data/dynamic``. The files of one
+  package go as one module (:func:`opa_modules`, id ``centinela/<package>.rego``): OPA
+  compiles every module it holds at each ``PUT /v1/policies``, and a file pushed alone
+  whose rules name a rule of another file not pushed yet would be refused (an unsafe
+  variable), whatever the order.
   The push is module by module, not atomic: deployments that swap bundles under load should
   let OPA pull signed bundles instead (deploy/).
 * An OPA that restarts loses what was pushed to it. Our bundles define the decision for
@@ -21,6 +25,7 @@ Invariants (DESIGN.md §5):
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -39,6 +44,40 @@ _log = get_logger("policy")
 
 #: OPA policy ids of the modules we publish; stale ones under it are deleted on publish.
 POLICY_PREFIX = "centinela/"
+_PACKAGE = re.compile(r"^package\s+(\S+)\s*$", re.MULTILINE)
+
+
+def opa_modules(modules: Mapping[str, str]) -> dict[str, str]:
+    """The modules as pushed to OPA (policy id -> source): the files of each package joined
+    into one module, the package line once and the imports first, each file's rules
+    after a comment naming it. A file without a package line goes as it is."""
+    packages: dict[str, list[tuple[str, str]]] = {}
+    out: dict[str, str] = {}
+    for name, src in sorted(modules.items()):
+        found = _PACKAGE.search(src)
+        if found is None:
+            out[f"{POLICY_PREFIX}{name}"] = src
+        else:
+            packages.setdefault(found.group(1), []).append((name, src))
+    for package, files in packages.items():
+        imports: list[str] = []
+        parts: list[str] = []
+        for name, src in files:
+            rules: list[str] = []
+            for line in src.splitlines():
+                if _PACKAGE.fullmatch(line):
+                    continue
+                if line.startswith("import "):
+                    if line not in imports:
+                        imports.append(line)
+                    continue
+                rules.append(line)
+            parts.append(f"# ---- {name} ----\n" + "\n".join(rules))
+        text = "\n".join([f"package {package}", *imports, "", *parts])
+        out[f"{POLICY_PREFIX}{package}.rego"] = text + "\n"
+    return out
+
+
 #: The least time between two publications after undefined decisions (an OPA that keeps
 #: losing its state is not pushed to on every call).
 REPUBLISH_INTERVAL_S = 1.0
@@ -103,9 +142,7 @@ class OpaServerEngine:
             self._client.update_or_create_data(dict(self._bundle.config), CONFIG_KEY)
             self._dynamic = check_dynamic(dynamic or {})
             self._client.update_or_create_data(self._dynamic, "dynamic")
-            ours = {
-                f"{POLICY_PREFIX}{name}": src for name, src in self._bundle.policy_modules.items()
-            }
+            ours = opa_modules(self._bundle.policy_modules)
             for policy_id, src in sorted(ours.items()):
                 self._client.update_policy_from_string(src, policy_id, rego_compat=False)
             for policy_id in self._client.get_policies_list():

@@ -170,3 +170,25 @@ def test_opa_publish_replaces_an_earlier_bundle(
     d = engine.decide(cases["r1_allow_declared_purpose"]["input"])
     assert d.obligations.two_person_confirmation  # draft-2026 semantics now
     del standin.modules["other/keep.rego"]
+
+
+def test_opa_gets_one_module_per_package() -> None:
+    """OPA compiles all it holds at each PUT, so a file whose rules name another file's
+    cannot go alone: the files of a package go as one module, imports first, once."""
+    from centinela.policy.opa import opa_modules
+
+    modules = {
+        "b.rego": "# b\npackage centinela\n\nimport rego.v1\n\nx := y\n",
+        "a.rego": "package centinela\nimport rego.v1\nimport data.other\n\ny := 1\n",
+        "other.rego": "package other\n\nz := 2\n",
+        "loose.rego": "# no package line\n",
+    }
+    out = opa_modules(modules)
+    assert set(out) == {"centinela/centinela.rego", "centinela/other.rego", "centinela/loose.rego"}
+    merged = out["centinela/centinela.rego"]
+    assert merged.startswith("package centinela\nimport rego.v1\nimport data.other\n")
+    assert merged.count("package ") == 1
+    assert merged.index("# ---- a.rego") < merged.index("y := 1") < merged.index("x := y")
+    assert out["centinela/loose.rego"] == "# no package line\n"
+    for name in ("interim", "draft-2026"):  # the shipped bundles: one package, one module
+        assert list(opa_modules(Bundle.load(name).policy_modules)) == ["centinela/centinela.rego"]

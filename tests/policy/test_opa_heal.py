@@ -9,6 +9,7 @@ but down).
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_the_served_policy_heals_after_an_opa_restart(fake: OpaStandIn, tmp_path
         assert policy.active.name == "opa"
         assert policy.shadow is not None
         assert policy.shadow.name == "embedded"
-        modules = {f"{opa.POLICY_PREFIX}{n}": src for n, src in active.policy_modules.items()}
+        modules = opa.opa_modules(active.policy_modules)
         assert fake.modules == modules
         w = populate(server, registry=False)
         stub = w.stub("muni-miraflores")
@@ -151,9 +152,7 @@ def test_an_engine_a_reload_replaced_never_publishes_its_bundle_again(
     service = PolicyService(old, run_tests_on_reload=False)
     (result,) = service.reload(active="draft-2026")
     assert result.changed
-    draft = {
-        f"{opa.POLICY_PREFIX}{n}": s for n, s in Bundle.load("draft-2026").policy_modules.items()
-    }
+    draft = opa.opa_modules(Bundle.load("draft-2026").policy_modules)
     assert fake.modules == draft
     fake.restart()
     assert old.decide(inp).reasons == ("ENGINE_UNAVAILABLE",)
@@ -172,15 +171,17 @@ def test_a_reload_that_fails_leaves_the_old_bundle_in_opa_and_its_engine_able_to
     service = PolicyService(old, run_tests_on_reload=False)
     broken = tmp_path / "broken"
     shutil.copytree(Bundle.load("interim").path, broken)
-    with (broken / "calibrate.rego").open("a") as f:
-        f.write("\n# pushed before decision.rego, which fails\n")
+    data = json.loads((broken / "data.json").read_text())
+    data["centinela_config"]["pushed_before_the_policy"] = True  # the data go first
+    (broken / "data.json").write_text(json.dumps(data))
     (broken / "decision.rego").write_text("package centinela\n\nthis is not rego\n")
     (result,) = service.reload(active=broken)
     assert not result.ok
     assert service.active is old
-    # The half-pushed bundle is replaced by the old engine's again.
-    interim = Bundle.load("interim").policy_modules
-    assert fake.modules == {f"{opa.POLICY_PREFIX}{n}": s for n, s in interim.items()}
+    # What the failed publication changed is the old engine's again.
+    interim = Bundle.load("interim")
+    assert fake.modules == opa.opa_modules(interim.policy_modules)
+    assert fake.data["centinela_config"] == interim.config
     fake.restart()
     assert old.decide(inp).allow
     assert old.republished == 1
