@@ -129,7 +129,7 @@ def _engine_for(
     bundle: Bundle, case: dict[str, Any], fixture: Any, engines: dict[str, EmbeddedEngine]
 ) -> EmbeddedEngine:
     config_patch = case.get("config", {})
-    dynamic = case.get("dynamic", fixture if isinstance(fixture, dict) else {})
+    dynamic = _dynamic_of(case, fixture)
     cache_key = json.dumps([config_patch, dynamic], sort_keys=True)
     engine = engines.get(cache_key)
     if engine is None:
@@ -286,38 +286,44 @@ class Unread:
         for i, case, raw in passed:
             reads = raw.get("reads") if isinstance(raw, dict) else None
             if isinstance(reads, dict):
-                dynamic = case.get("dynamic", fixture if isinstance(fixture, dict) else {})
-                key = json.dumps([case.get("config", {}), dynamic, reads], sort_keys=True)
-                groups.setdefault(key, []).append((i, case, raw))
-        for key in sorted(groups):
-            first = groups[key][0][1]
-            dynamic = first.get("dynamic", fixture if isinstance(fixture, dict) else {})
+                key = [case.get("config", {}), _dynamic_of(case, fixture), reads]
+                groups.setdefault(json.dumps(key, sort_keys=True), []).append((i, case, raw))
+        for _, members in sorted(groups.items()):
+            first, reads = members[0][1], members[0][2]["reads"]
             engines: dict[str, EmbeddedEngine] = {}  # this group's variants only
-            for what, doc in self.variants(dynamic, groups[key][0][2]["reads"]):
-                try:
-                    engine = _engine_for(bundle, {**first, "dynamic": doc}, fixture, engines)
-                except ConfigError as exc:
-                    for i, _, _ in groups[key]:
-                        yield i, f"engine error: {exc}"
-                    break
-                failed = []
-                for i, case, raw in groups[key]:
-                    try:
-                        got = _normal(engine.evaluate_raw(case.get("input")))
-                    except (rego_native.RegoFailure, ValueError) as exc:
-                        yield i, f"engine error: {exc}"
-                        failed.append(i)
-                        continue
-                    if got != _normal(raw):
-                        yield (
-                            i,
-                            (
-                                f"the decision differs with the entries of data.dynamic its reads "
-                                f"do not name {what}: a rule reads an entry not in its reads"
-                            ),
-                        )
-                        failed.append(i)
-                groups[key] = [g for g in groups[key] if g[0] not in failed]
+            try:
+                variants = [
+                    (what, _engine_for(bundle, {**first, "dynamic": doc}, fixture, engines))
+                    for what, doc in self.variants(_dynamic_of(first, fixture), reads)
+                ]
+            except ConfigError as exc:
+                for i, _, _ in members:
+                    yield i, f"engine error: {exc}"
+                continue
+            for i, case, raw in members:
+                why = _first_difference(variants, case.get("input"), raw)
+                if why is not None:
+                    yield i, why
+
+
+def _dynamic_of(case: Mapping[str, Any], fixture: Any) -> Any:
+    """The ``data.dynamic`` a case is decided on: its own, else the fixture's."""
+    return case.get("dynamic", fixture if isinstance(fixture, dict) else {})
+
+
+def _first_difference(variants: list[tuple[str, EmbeddedEngine]], inp: Any, raw: Any) -> str | None:
+    """Why the decision on ``inp`` under the first variant that changes it is not ``raw``."""
+    for what, engine in variants:
+        try:
+            got = engine.evaluate_raw(inp)
+        except (rego_native.RegoFailure, ValueError) as exc:
+            return f"engine error: {exc}"
+        if _normal(got) != _normal(raw):
+            return (
+                f"the decision differs with the entries of data.dynamic its reads do not "
+                f"name {what}: a rule reads an entry not in its reads"
+            )
+    return None
 
 
 def _essence(raw: Any) -> Any:

@@ -66,6 +66,8 @@ _YEARS = range(1971, 2262)
 PER_INPUT = 8
 #: Probe quality reaches the policy in steps of 1/QUALITY_STEPS (0.05).
 QUALITY_STEPS = 20
+#: The index key of a decision that does not say what it read (no section is named "").
+_ANYTHING = ("", "")
 #: (section, key) of each field, e.g. "context.now" -> ("context", "now").
 _PATHS = {name: tuple(name.split(".", 1)) for name in INSTANT_FIELDS}
 
@@ -197,8 +199,8 @@ class DecisionCache:
         # at those only (a scan of every decision held the lock ~1.7 µs a decision: 8 ms at
         # 3,000 cameras, ~0.7 s full). Over-approximate: a dropped decision's keys stay
         # until its input goes.
+        # A decision that says nothing of what it read is filed under _ANYTHING.
         self._by_read: dict[tuple[str, str], set[str]] = {}
-        self._unknown: set[str] = set()  # inputs with a decision that says nothing it read
         self._indexed: dict[str, set[tuple[str, str]]] = {}  # input -> its keys above
         self._lock = threading.Lock()
         self._generation = 0
@@ -221,10 +223,9 @@ class DecisionCache:
                 self.dropped += sum(len(entries) for entries in self._lru.values())
                 self._lru.clear()
                 self._by_read.clear()
-                self._unknown.clear()
                 self._indexed.clear()
                 return
-            candidates = set(self._unknown)
+            candidates = set(self._by_read.get(_ANYTHING, ()))
             for section, keys in changed.items():
                 for k in keys:
                     candidates |= self._by_read.get((section, k), set())
@@ -241,17 +242,16 @@ class DecisionCache:
                     entries[:] = kept
 
     def _index(self, rest: str, entry: _Entry) -> None:
-        if entry.reads is None:
-            self._unknown.add(rest)
-            return
         mine = self._indexed.setdefault(rest, set())
-        for section, keys in entry.reads.items():
-            for k in keys:
-                self._by_read.setdefault((section, k), set()).add(rest)
-                mine.add((section, k))
+        if entry.reads is None:
+            read_keys = [_ANYTHING]
+        else:
+            read_keys = [(section, k) for section, keys in entry.reads.items() for k in keys]
+        for read in read_keys:
+            self._by_read.setdefault(read, set()).add(rest)
+            mine.add(read)
 
     def _unindex(self, rest: str) -> None:
-        self._unknown.discard(rest)
         for read in self._indexed.pop(rest, ()):
             rests = self._by_read.get(read)
             if rests is not None:
