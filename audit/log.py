@@ -32,7 +32,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -114,6 +114,7 @@ class AuditLog:
         checkpoint_every_seconds: float = 10.0,
         max_batch: int = 4096,
         verify_at_open: bool = False,
+        resume_guard: Callable[[], bool] | None = None,
     ) -> None:
         if checkpoint_every_entries < 1 or checkpoint_every_seconds <= 0 or max_batch < 1:
             raise ValueError("checkpoint intervals and max_batch must be positive")
@@ -136,6 +137,7 @@ class AuditLog:
         self._closed = False
         self._loaded = False
         self._verify_at_open = verify_at_open
+        self._resume_guard = resume_guard
         self._verify_size = 0
         self._verify_stop = threading.Event()
         self._verify_thread: threading.Thread | None = None
@@ -157,12 +159,20 @@ class AuditLog:
         checkpoint_every_seconds: float = 10.0,
         max_batch: int = 4096,
         verify_at_open: bool = False,
+        resume_guard: Callable[[], bool] | None = None,
     ) -> AuditLog:
         """Migrate the tables, open and check the tree, and start the writer.
 
         The tree's last signed root is checked before this returns; the check of every stored
         subtree against the leaves (O(n), ~1 s a million entries) runs beside the service and
         faults the log if the store was altered, or here first with ``verify_at_open``.
+
+        ``resume_guard`` is asked before the writer appends again after a failed append: the
+        writer resumes only once it returns True. A server passes its serving lock's check
+        (:meth:`~centinela.server.instance.InstanceLock.check`): a PostgreSQL restart ends
+        every session, the lock's with the writer's, and without the guard the writer would
+        append again as soon as the database answered, before the lock was taken again or
+        while another server held it.
 
         Raises:
             StorageError: the database failed.
@@ -178,6 +188,7 @@ class AuditLog:
             checkpoint_every_seconds=checkpoint_every_seconds,
             max_batch=max_batch,
             verify_at_open=verify_at_open,
+            resume_guard=resume_guard,
         )
         log.store.migrate()
         log.load()
@@ -434,6 +445,11 @@ class AuditLog:
                     loop.call_soon_threadsafe(_resolve_many, items)
 
     def _reload(self) -> None:
+        if self._resume_guard is not None and not self._resume_guard():
+            raise AuditUnavailable(
+                "this server does not hold its database's serving lock (the database is down, "
+                "or another server took it): not appending"
+            )
         stored = self.store.size()
         have = self._tree.size
         if stored < have:

@@ -17,8 +17,11 @@ it fail at start, with the holder named:
 * **PostgreSQL**: a session-level advisory lock (``pg_try_advisory_lock``) on a key derived
   from the database and the schema, held on a connection of its own. It ends with that
   session: when the server dies, or when the database restarts. :meth:`InstanceLock.check`
-  (every few seconds, from the server) takes it again after a restart, and logs an error
-  if another process took it meanwhile.
+  takes it again after a restart, and logs an error if another process took it meanwhile.
+  The audit writer asks it before it appends again after a failed append (a restart fails
+  the writer's connection too), so no entry is appended between the database's return and
+  the lock's, nor while another process holds it: matches are refused UNAVAILABLE until the
+  lock is this server's again. The server also asks it every few seconds.
 
 In-memory SQLite databases are private to their process and need no lock.
 
@@ -91,6 +94,7 @@ class InstanceLock:
         self._conn: Connection | None = None
         self._key: int | None = None
         self._held = False
+        self._other = False  # another process holds it: said once
         self._private = False
         self._mutex = threading.Lock()
 
@@ -192,7 +196,9 @@ class InstanceLock:
         """Confirm the lock is still held, taking it again after a database restart.
 
         Returns whether it is held now. Never raises: a database that is down is the
-        audit log's and the health check's to report; this only logs.
+        audit log's and the health check's to report; this only logs. The audit writer asks
+        this before it appends again after a failed append (``AuditLog``'s
+        ``resume_guard``), and the server every few seconds (``watch_instance_lock``).
         """
         if self._key is None:
             return self.held
@@ -214,14 +220,17 @@ class InstanceLock:
             except sa.exc.SQLAlchemyError:
                 return False  # still down: try again at the next check
             if got:
-                self._conn, self._held = conn, True
+                self._conn, self._held, self._other = conn, True, False
                 log.info("instance_lock.taken_again")
                 return True
             conn.close()
-            log.error(
-                "instance_lock.held_by_other",
-                hint="another server took this database while it was down; stop one of them",
-            )
+            if not self._other:  # once, not at every append the audit writer refuses
+                self._other = True
+                log.error(
+                    "instance_lock.held_by_other",
+                    hint="another server took this database while it was down; stop one of "
+                    "them (this one appends nothing to the audit log meanwhile)",
+                )
             return False
 
     def _drop(self) -> None:

@@ -153,6 +153,8 @@ def _build_components(settings: Settings, undo: contextlib.ExitStack) -> Compone
         settings.audit_origin,
         checkpoint_every_entries=settings.checkpoint_every_entries,
         checkpoint_every_seconds=settings.checkpoint_every_seconds,
+        # After a database outage, no append until this server holds its lock again.
+        resume_guard=instance.check if instance.needs_watch else None,
     )
     undo.callback(audit.close)
     digester = Digester(load_or_create_hmac_key(keys_dir / "audit-hmac.key"))

@@ -176,6 +176,43 @@ def test_second_writer_never_gets_an_index_twice(
         b.close()
 
 
+def test_after_a_failed_append_the_writer_resumes_only_when_its_guard_allows(
+    engine: Engine, signing_key: Ed25519PrivateKey
+) -> None:
+    """A server's writer appends again after a failure only once it holds its database's
+    lock again (``resume_guard``): while the guard says no, every append is refused and
+    nothing is written; the guard is asked before resuming, not at every append."""
+    allowed = False
+    asked = 0
+
+    def guard() -> bool:
+        nonlocal asked
+        asked += 1
+        return allowed
+
+    other = AuditLog.open(engine, signing_key, ORIGIN, checkpoint_every_seconds=3600)
+    log = AuditLog.open(
+        engine, signing_key, ORIGIN, checkpoint_every_seconds=3600, resume_guard=guard
+    )
+    try:
+        assert other.append_blocking(sample_entry(0)).index == 0
+        with pytest.raises(AuditUnavailable):
+            log.append_blocking(sample_entry(1))  # it believed the next index was 0
+        assert asked == 0
+        for i in (2, 3):
+            with pytest.raises(AuditUnavailable):
+                log.append_blocking(sample_entry(i))
+        assert asked == 2
+        assert log.store.size() == 1
+        allowed = True
+        assert log.append_blocking(sample_entry(4)).index == 1
+        assert log.append_blocking(sample_entry(5)).index == 2
+        assert asked == 3
+    finally:
+        log.close()
+        other.close()
+
+
 def _break_and_heal(engine: Engine, db_url: str) -> tuple[Any, Any]:
     """Return (break, heal) callables that make the database really fail for the writer."""
     if is_sqlite(engine):

@@ -1,12 +1,16 @@
-"""PostgreSQL becomes unreachable under MatchFace load, then comes back: the server fails
-closed with UNAVAILABLE, answers nothing without its audit entry, and recovers by itself.
+"""PostgreSQL goes away under MatchFace load, then comes back: the server fails closed with
+UNAVAILABLE, answers nothing without its audit entry, and recovers by itself.
 
-The fault is a real network fault, not a mock: the server reaches PostgreSQL (127.0.0.1:5432,
-database ``test``, a fresh schema) through a small TCP relay run by this test. Cutting the
-relay aborts every open connection (both ends see a reset, as when PostgreSQL stops) and
-closes its listening socket (new connections are refused, as when PostgreSQL is down);
-restoring it listens again on the same port. The machine's PostgreSQL service itself is never
-stopped: other users share it.
+Real faults, not mocks, of two kinds:
+
+* **The network.** The server reaches the machine's PostgreSQL (127.0.0.1:5432, database
+  ``test``, a fresh schema) through a small TCP relay run by the test. Cutting the relay
+  aborts every open connection (both ends see a reset) and closes its listening socket (new
+  connections are refused); restoring it listens again on the same port.
+* **PostgreSQL itself.** The machine's PostgreSQL is shared with every other test and never
+  stopped, so the server runs on a PostgreSQL of the test's own (``_postgres.py``), which is
+  stopped as the service is stopped (every session told it is being terminated, SQLSTATE
+  57P01), started, then killed at once (a crash) and started again (it replays its WAL).
 
 While the database is away, every call made gets UNAVAILABLE (never INTERNAL or UNKNOWN,
 never an answer). When it returns, calls succeed again without restarting the server. At the
@@ -33,11 +37,13 @@ from centinela.matcher import synth
 from centinela.matcher.service import REGISTRY
 from centinela.policy.bundle import Bundle
 from centinela.server.demo import World, populate
+from centinela.server.instance import advisory_key
 from centinela.server.testing import ServerThread, TcpProxy
 from centinela.v1 import common_pb2
 from centinela.v1 import registry_service_pb2 as rpb
 from centinela.v1 import registry_service_pb2_grpc as rgrpc
 
+from ._postgres import PrivatePostgres
 from ._proc import lifted_bundle, verified_entries
 
 THREADS = 8
@@ -61,6 +67,9 @@ class Load:
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._busy = 0
         self._threads = [threading.Thread(target=self._client, args=(k,)) for k in range(THREADS)]
 
     def _client(self, k: int) -> None:
@@ -68,6 +77,12 @@ class Load:
         stub = w.stub("muni-miraflores")
         i = k
         while not self._stop.is_set():
+            with self._lock:
+                go = self._go.is_set()
+                self._busy += go
+            if not go:
+                self._go.wait(0.05)
+                continue
             vec = w.genuine(0, seed=i) if i % 4 == 0 else w.stranger(seed=i % 500)
             t0 = time.monotonic()
             try:
@@ -84,6 +99,7 @@ class Load:
                 time.sleep(0.02)  # a client backs off a little
             with self._lock:
                 self.calls.append(call)
+                self._busy -= 1
             i += THREADS
 
     def __enter__(self) -> Load:
@@ -96,6 +112,20 @@ class Load:
         for t in self._threads:
             t.join(30)
 
+    def pause(self) -> None:
+        """No new call until :meth:`resume`; returns once the calls under way have ended."""
+        self._go.clear()
+        deadline = time.monotonic() + 30
+        while True:
+            with self._lock:
+                if not self._busy:
+                    return
+            assert time.monotonic() < deadline, "a call did not end"
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        self._go.set()
+
     def snapshot(self) -> list[Call]:
         with self._lock:
             return list(self.calls)
@@ -107,6 +137,21 @@ class Load:
                 c.code.name for c in self.snapshot()
             )
             time.sleep(0.05)
+
+
+def _made_after(t: float, n: int) -> Callable[[list[Call]], bool]:
+    """At least ``n`` calls made after ``t`` have ended."""
+    return lambda calls: sum(c.started > t for c in calls) >= n
+
+
+def _recovered_after(t: float) -> Callable[[list[Call]], bool]:
+    """The last 40 calls made after ``t`` were answered."""
+
+    def recovered(calls: list[Call]) -> bool:
+        after = [c for c in calls if c.started > t]
+        return sum(c.code == grpc.StatusCode.OK for c in after[-40:]) == 40
+
+    return recovered
 
 
 def _import_and_wait_searchable(server: ServerThread, timeout: float = 60.0) -> None:
@@ -142,62 +187,206 @@ def proxy(pg_url: str) -> Iterator[TcpProxy]:
         relay.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_database_outage_fails_closed_and_recovers(
-    tmp_path: Path, pg_url: str, proxy: TcpProxy
-) -> None:
-    url = sa.engine.make_url(pg_url).set(host="127.0.0.1", port=proxy.port)
-    bundle = lifted_bundle(tmp_path / "bundle")
-    settings = Settings(
-        face_model_id=str(Bundle.load(str(bundle)).config["galleries"][REGISTRY]["model_id"]),
-        data_dir=tmp_path / "data",
-        listen="127.0.0.1:0",
-        shutdown_grace_s=1.0,
-        database_url=url.render_as_string(hide_password=False),
-        policy_bundle=str(bundle),
-    )
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """A way for the database to go away, and to come back."""
+
+    name: str
+    down: Callable[[], None]
+    up: Callable[[], None]
+
+
+def _outages(tmp_path: Path, database_url: str, faults: list[Fault]) -> None:
+    """MatchFace load from ``THREADS`` clients while each fault in turn takes the database
+    away for a while; then what every client got is checked against the audit log."""
+    settings = _settings(tmp_path, database_url)
+    windows: list[tuple[str, float, float]] = []
     with ServerThread(settings) as server:
         world = populate(server, registry=False)
         with Load(world) as load:
             load.wait(lambda calls: sum(c.code == grpc.StatusCode.OK for c in calls) >= 40)
-            proxy.cut()
-            cut_at = time.monotonic()
-            load.wait(lambda calls: sum(c.started > cut_at for c in calls) >= 40)
-            time.sleep(2.0)  # outlast the index catch-up's interval (0.5 s) a few times
-            restored_at = time.monotonic()
-            proxy.restore()
-
-            def recovered(calls: list[Call]) -> bool:
-                after = [c for c in calls if c.started > restored_at]
-                return sum(c.code == grpc.StatusCode.OK for c in after[-40:]) == 40
-
-            load.wait(recovered)
-        # The background index catch-up survived the outage too: a registry import made
-        # after it becomes searchable without a restart.
+            for fault in faults:
+                fault.down()
+                down_at = time.monotonic()
+                load.wait(_made_after(down_at, 40))
+                time.sleep(2.0)  # outlast the index catch-up's interval (0.5 s) a few times
+                up_at = time.monotonic()
+                fault.up()
+                windows.append((fault.name, down_at, up_at))
+                load.wait(_recovered_after(up_at))
+                # Serving again means serving under the lock again (read from PostgreSQL).
+                assert _lock_holder(database_url) is not None, fault.name
+        # The background index catch-up survived the outages too: a registry import made
+        # after them becomes searchable without a restart.
         _import_and_wait_searchable(server)
         world.close()
     calls = load.snapshot()
 
     # While the database was away: UNAVAILABLE, and only that.
-    down = [c for c in calls if c.started > cut_at and c.ended < restored_at]
-    assert len(down) >= 20
-    codes = collections.Counter(c.code.name for c in down)
-    assert codes == {"UNAVAILABLE": len(down)}, codes
-    # Over the whole run no call met anything but OK or UNAVAILABLE.
+    for name, down_at, up_at in windows:
+        down = [c for c in calls if c.started > down_at and c.ended < up_at]
+        assert len(down) >= 20, name
+        codes = collections.Counter(c.code.name for c in down)
+        assert codes == {"UNAVAILABLE": len(down)}, (name, codes)
+    _check_answers(tmp_path, database_url, calls)
+
+
+def _lock_key(conn: sa.Connection) -> int:
+    database, schema = conn.exec_driver_sql("SELECT current_database(), current_schema()").one()
+    return advisory_key(str(database), str(schema))
+
+
+def _lock_holder(database_url: str) -> int | None:
+    """The PostgreSQL backend pid holding the server lock of ``database_url``, if any."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            key = _lock_key(conn)
+            pid = conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND objsubid = 1 AND classid = CAST(:hi AS oid) AND objid = CAST(:lo AS oid)"
+                ),
+                {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
+            ).scalar()
+        return None if pid is None else int(pid)
+    finally:
+        engine.dispose()
+
+
+def _settings(tmp_path: Path, database_url: str) -> Settings:
+    bundle = lifted_bundle(tmp_path / "bundle")
+    return Settings(
+        face_model_id=str(Bundle.load(str(bundle)).config["galleries"][REGISTRY]["model_id"]),
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        database_url=database_url,
+        policy_bundle=str(bundle),
+    )
+
+
+def _check_answers(tmp_path: Path, database_url: str, calls: list[Call]) -> None:
+    """No call met anything but OK or UNAVAILABLE; no answer without its audit entry;
+    every alert answered is stored; the log verifies offline."""
     everything = collections.Counter(c.code.name for c in calls)
     assert set(everything) <= {"OK", "UNAVAILABLE"}, everything
-
-    # No answer without its audit entry; every alert answered is stored; the log verifies.
     answered = [c for c in calls if c.code == grpc.StatusCode.OK]
     assert any(c.alert_ids for c in answered), "no alert was raised: the load is not realistic"
     logged = {
-        e.get("decision_id") for e in verified_entries(tmp_path / "data", tmp_path / "x", pg_url)
+        e.get("decision_id")
+        for e in verified_entries(tmp_path / "data", tmp_path / "x", database_url)
     }
     missing = [c.decision_id for c in answered if c.decision_id not in logged]
     assert len(missing) == 0, f"{len(missing)} answered decisions are not in the audit log"
-    engine = sa.create_engine(pg_url)
+    engine = sa.create_engine(database_url)
     with engine.connect() as conn:
         stored = {r[0] for r in conn.exec_driver_sql("SELECT alert_id FROM alerts")}
     engine.dispose()
     assert {a for c in answered for a in c.alert_ids} <= stored
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_database_outage_fails_closed_and_recovers(
+    tmp_path: Path, pg_url: str, proxy: TcpProxy
+) -> None:
+    """The network to the machine's PostgreSQL is cut, then restored."""
+    url = sa.engine.make_url(pg_url).set(host="127.0.0.1", port=proxy.port)
+    _outages(
+        tmp_path,
+        url.render_as_string(hide_password=False),
+        [Fault("network cut", proxy.cut, proxy.restore)],
+    )
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    pg = PrivatePostgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.mark.slow
+def test_postgres_stopped_then_crashed_under_load_fails_closed_and_recovers(
+    tmp_path: Path, own_postgres: PrivatePostgres
+) -> None:
+    """PostgreSQL itself goes away: first stopped as the service is stopped (every session
+    told it is being terminated), then killed at once (a crash, recovered from its WAL at the
+    next start). Each time the server answers UNAVAILABLE until PostgreSQL is back, then
+    serves again without a restart, and nothing it answered is missing from the audit log."""
+    pg = own_postgres
+    _outages(
+        tmp_path,
+        pg.url,
+        [
+            Fault("stopped (fast)", lambda: pg.stop("fast"), pg.start),
+            Fault("crashed (immediate)", lambda: pg.stop("immediate"), pg.start),
+        ],
+    )
+
+
+def _leaves(database_url: str) -> int:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT COUNT(*) FROM audit_leaves").scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_after_a_restart_nothing_is_appended_until_the_server_holds_its_lock_again(
+    tmp_path: Path, own_postgres: PrivatePostgres
+) -> None:
+    """PostgreSQL restarts, and another process takes the server lock before Centinela
+    takes it again (as a second server, started while the database was down, would).
+    Centinela then appends nothing and answers every MatchFace UNAVAILABLE until that
+    process lets go; then it takes its lock again and serves, without a restart.
+
+    Before the audit writer asked for the lock, it appended again as soon as PostgreSQL
+    answered, without the lock, and went on while the other process held it (the server's
+    own check, every 5 s, only logged that)."""
+    pg = own_postgres
+    with ServerThread(_settings(tmp_path, pg.url)) as server:
+        world = populate(server, registry=False)
+        with Load(world) as load:
+            load.wait(lambda calls: sum(c.code == grpc.StatusCode.OK for c in calls) >= 40)
+            load.pause()
+            other = None
+            for _ in range(3):  # the server's own 5 s check may take it first: again
+                pg.stop("fast")
+                pg.start()
+                candidate = sa.create_engine(pg.url).connect()
+                got = candidate.execute(
+                    sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(candidate)}
+                ).scalar()
+                candidate.commit()
+                if got:
+                    other = candidate
+                    break
+                candidate.close()
+            assert other is not None, "the server took its lock back first, three times"
+            try:
+                leaves = _leaves(pg.url)
+                held_at = time.monotonic()
+                load.resume()
+                load.wait(_made_after(held_at, 40))
+                time.sleep(1.0)
+                released_at = time.monotonic()
+                refused = [c for c in load.snapshot() if c.started > held_at]
+                # Nothing appended, nothing answered, while the other process held the lock.
+                assert _leaves(pg.url) == leaves
+            finally:
+                other.close()
+                other.engine.dispose()
+            assert len(refused) >= 40
+            codes = collections.Counter(c.code.name for c in refused if c.ended < released_at)
+            assert set(codes) == {"UNAVAILABLE"}, codes
+            load.wait(_recovered_after(released_at))
+            assert _lock_holder(pg.url) is not None
+        world.close()
+    _check_answers(tmp_path, pg.url, load.snapshot())
