@@ -134,6 +134,53 @@ def fetch_one(
     return None if row is None else tuple(row)
 
 
+#: SQLAlchemy's errors for a database that cannot be reached or cannot serve now: refused or
+#: dropped connections, a server shutting down (PostgreSQL's 57P01), a locked SQLite file,
+#: a pool with no free connection in time.
+_UNREACHABLE = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.TimeoutError,
+)
+
+
+def unreachable(exc: BaseException) -> StorageError | None:
+    """The :class:`StorageError` (UNAVAILABLE) that a database error escaping a component
+    stands for, when it means the database cannot serve now; else None.
+
+    For the one place errors become status codes (the server's interceptor): a component
+    that calls the database without mapping its errors would otherwise answer INTERNAL
+    while PostgreSQL restarts, where the client should retry. Other SQLAlchemy errors (a
+    constraint, a statement the database refuses) stay internal errors: they are bugs. The
+    cause chain is followed a few links; the message names the class only (a driver's
+    message can quote a statement's values).
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if _cannot_serve(seen):
+            return StorageError(f"the database cannot serve now ({type(seen).__name__})")
+        seen = seen.__cause__
+    return None
+
+
+#: SQLite's primary result codes for a database that cannot serve now: BUSY, LOCKED, NOMEM,
+#: READONLY, IOERR, FULL, CANTOPEN. Its other OperationalErrors (SQLITE_ERROR: no such
+#: table or column, a syntax error) are bugs.
+_SQLITE_CANNOT_SERVE = frozenset({5, 6, 7, 8, 10, 13, 14})
+
+
+def _cannot_serve(exc: BaseException) -> bool:
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, _UNREACHABLE):
+        return False
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return code is None or (int(code) & 0xFF) in _SQLITE_CANNOT_SERVE
+
+
 def is_sqlite(bind: Engine | Connection) -> bool:
     """True when the engine or connection talks to SQLite."""
     return bind.dialect.name == "sqlite"

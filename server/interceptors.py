@@ -63,6 +63,7 @@ from centinela.server import certs
 from centinela.server.admission import InFlight
 from centinela.server.context import CallState, reset_call, set_call
 from centinela.server.identity import Caller, caller_from_pem
+from centinela.storage import unreachable
 
 log = get_logger("server.rpc")
 security = get_logger("server.security")
@@ -350,18 +351,25 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         elif isinstance(exc, NotImplementedError):
             err = CentinelaError("this RPC is not implemented yet")
             err.status = "UNIMPLEMENTED"
+        elif (down := unreachable(exc)) is not None:
+            err = down
+            log.warning(
+                "rpc.database_unavailable",
+                method=state.method,
+                request_id=state.request_id,
+                error_type=type(exc).__name__,
+                where=_where(exc),
+            )
         else:
             err = CentinelaError(
                 "internal error; see the server log for request " + state.request_id
             )
-            tb = traceback.extract_tb(exc.__traceback__)
             log.error(
                 "rpc.internal_error",
                 method=state.method,
                 request_id=state.request_id,
                 error_type=type(exc).__name__,
-                # Where, never what: the message may carry request data.
-                where=[f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}:{f.name}" for f in tb[-4:]],
+                where=_where(exc),
             )
         code = status_code(err)
         if code == grpc.StatusCode.PERMISSION_DENIED and state.caller is not None:
@@ -540,3 +548,10 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+def _where(exc: BaseException) -> list[str]:
+    """The last frames an exception passed through: where, never what (its message may
+    carry request data)."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    return [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}:{f.name}" for f in tb[-4:]]

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection
 from centinela import __version__
 from centinela.audit.entry import EventType
 from centinela.errors import CentinelaError, InvalidArgument, NotFound
+from centinela.logs import get_logger
 from centinela.matcher.plates import PlateRead
 from centinela.matcher.rwlock import WouldBlock
 from centinela.policy import Decision
@@ -62,6 +63,7 @@ from centinela.server.validation import (
     check_site_id,
     check_text,
 )
+from centinela.storage import unreachable
 from centinela.v1 import common_pb2
 from centinela.v1 import match_service_pb2 as pb
 
@@ -84,6 +86,8 @@ _MODES = {
     common_pb2.SEARCH_MODE_ALERT: "ALERT",
     common_pb2.SEARCH_MODE_INVESTIGATION: "INVESTIGATION",
 }
+
+log = get_logger("server.match")
 
 
 #: ``AuditLog.history_verified`` as the API reports it.
@@ -644,15 +648,25 @@ class MatchServicer(UnimplementedMatch):  # type: ignore[misc]
                 )
                 return pb.StreamMatchResponse(sequence=msg.sequence, plate=plate)
             raise InvalidArgument("carries neither a face nor a plate", field="probe")
-        except CentinelaError as exc:
+        except Exception as exc:
+            # A database that cannot serve now fails this probe UNAVAILABLE, not the stream.
+            err = exc if isinstance(exc, CentinelaError) else unreachable(exc)
+            if err is None:
+                raise
+            if err is not exc:
+                log.warning(
+                    "stream.probe_database_unavailable",
+                    request_id=sub.request_id,
+                    error_type=type(exc).__name__,
+                )
             return pb.StreamMatchResponse(
                 sequence=seq,
                 error=common_pb2.ErrorStatus(
-                    code=status_code(exc).value[0],
-                    message=exc.diagnostics(),
-                    field=exc.field or "",
-                    rule_ids=list(exc.rule_ids),
-                    decision_id=exc.decision_id or "",
+                    code=status_code(err).value[0],
+                    message=err.diagnostics(),
+                    field=err.field or "",
+                    rule_ids=list(err.rule_ids),
+                    decision_id=err.decision_id or "",
                 ),
             )
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from centinela.errors import StorageError
-from centinela.storage import Migration, applied_versions, fetch_one, make_engine, migrate
+from centinela.storage import (
+    Migration,
+    applied_versions,
+    fetch_one,
+    make_engine,
+    migrate,
+    unreachable,
+)
 
 
 def _create_t(conn: Connection) -> None:
@@ -66,3 +76,45 @@ def test_fetch_one_reads_through_the_driver_and_maps_errors(db_url: str) -> None
     with pytest.raises(StorageError, match="read failed"):
         fetch_one(engine, "SELECT v FROM missing WHERE k = {key}", {"key": "a"})
     engine.dispose()
+
+
+def test_an_unreachable_database_is_unavailable_and_a_bug_is_not(
+    db_url: str, tmp_path: Path
+) -> None:
+    """``unreachable`` (what the interceptor asks of an error no component mapped): the
+    real errors of a database that cannot serve now are StorageError (UNAVAILABLE), named by
+    class only; a constraint violation or a bad statement is not."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t_unreach (k INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO t_unreach VALUES (1)")
+    with pytest.raises(sa.exc.IntegrityError) as dup, engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t_unreach VALUES (1)")
+    assert unreachable(dup.value) is None
+    # A bad statement: ProgrammingError on PostgreSQL, OperationalError (SQLITE_ERROR) on
+    # SQLite, a bug either way.
+    with pytest.raises(sa.exc.DBAPIError) as bad, engine.connect() as conn:
+        conn.exec_driver_sql("SELECT no_such_column FROM t_unreach")
+    assert unreachable(bad.value) is None
+    engine.dispose()
+
+    if db_url.startswith("sqlite"):
+        # A file that cannot be opened as a database (its folder does not exist:
+        # SQLITE_CANTOPEN).
+        gone = make_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    else:
+        with socket.socket() as s:  # a port nobody listens on: connection refused
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        gone = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+    with pytest.raises(sa.exc.OperationalError) as down:
+        gone.connect()
+    gone.dispose()
+    err = unreachable(down.value)
+    assert isinstance(err, StorageError)
+    assert err.status == "UNAVAILABLE"
+    assert str(err) == "the database cannot serve now (OperationalError)"
+    # Also when a component wrapped it in an error of its own.
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = down.value
+    assert isinstance(unreachable(wrapped), StorageError)

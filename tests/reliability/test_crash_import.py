@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+import sqlalchemy as sa
 
 from centinela.clients import registry_cli
 from centinela.clients.client import CentinelaClient
@@ -53,6 +57,7 @@ from centinela.storage import make_engine
 from centinela.v1 import common_pb2
 from centinela.v1 import registry_service_pb2 as rpb
 
+from ._postgres import PrivatePostgres
 from ._proc import sigkill, start_serve, terminate, verified_entries
 
 RENIEC = "reniec"  # the dev identity of the Reniec data owner
@@ -80,13 +85,13 @@ def _file_vectors(path: Path) -> dict[str, npt.NDArray[np.float32]]:
         }
 
 
-def _stored(data_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
+def _stored(data_dir: Path, database_url: str | None = None) -> dict[str, npt.NDArray[np.float32]]:
     """Offline: every live registry template, decrypted, by its subject's DNI in the file.
 
     Fails on a template whose subject is no DNI of the file, on a DNI with two live
     templates, and on a ciphertext that does not decrypt (half-written or torn).
     """
-    engine = make_engine(f"sqlite:///{data_dir / 'centinela.db'}")
+    engine = make_engine(database_url or f"sqlite:///{data_dir / 'centinela.db'}")
     try:
         store = TemplateStore(engine, FileKeyProvider(data_dir / "keys"))
         by_ref = {}
@@ -117,18 +122,19 @@ def _check_offline(
     acked: list[FileBatch],
     answers: list[rpb.ImportTemplatesResponse],
     export: Path,
+    database_url: str | None = None,
 ) -> tuple[int, set[str]]:
     """What a killed server left: a log that verifies with every acknowledged stream's entry,
     every acknowledged template durable and intact, each message whole or absent. Returns
     the number of stored templates and the decision ids in the log."""
-    entries = verified_entries(data_dir, export)
+    entries = verified_entries(data_dir, export, database_url)
     imported = [
         e for e in entries if e.get("type") == "REGISTRY_CHANGE" and e.get("outcome") == "IMPORTED"
     ]
     for a in answers:
         mine = [e for e in imported if e["decision_id"] == a.decision.decision_id]
         assert sum(e["metrics"]["accepted"] for e in mine) == a.accepted, "acked, not audited"
-    stored = _stored(data_dir)
+    stored = _stored(data_dir, database_url)
     missing = [d for b in acked for d in _batch_dnis(b) if d not in stored]
     assert len(missing) == 0, f"{len(missing)} acknowledged templates are not durable"
     whole: set[int] = set()
@@ -283,5 +289,90 @@ def test_sigkill_during_import_then_resume(
 
     # ---- offline: exactly the file, and a log that verifies -----------------------------
     final, logged = _check_offline(data_dir, expected, batches, answers, tmp_path / "export-3")
+    assert final == ROWS
+    assert set(summary["decision_ids"]) <= logged
+
+
+def _wait_for_pg_rows(database_url: str, rows: int, timeout: float = 60.0) -> None:
+    engine = make_engine(database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                count = conn.execute(
+                    sa.text("SELECT count(*) FROM matcher_templates WHERE gallery = :g"),
+                    {"g": REGISTRY},
+                ).scalar_one()
+            if count >= rows:
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"the import stored fewer than {rows} rows")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_postgres_stopped_during_import_then_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], own_postgres: PrivatePostgres
+) -> None:
+    """PostgreSQL is stopped, as the service is stopped, while ``centinela registry import``
+    runs against ``centinela serve``: the command fails and says from which batch to resume;
+    with PostgreSQL back, the same server (not restarted) holds every message whole or not
+    at all, each with its entry in a log that verifies; the command resumed from its hint
+    finishes the file, and the index catches up to exactly the file."""
+    pg = own_postgres
+    data_dir = tmp_path / "data"
+    certs.init_dev_pki(data_dir / "certs")
+    model_id = str(Bundle.load("interim").config["galleries"][REGISTRY]["model_id"])
+    env = {
+        "CENTINELA_FACE_MODEL_ID": model_id,
+        "CENTINELA_POLICY_BUNDLE": "interim",
+        "CENTINELA_DATABASE_URL": pg.url,
+    }
+    path = tmp_path / "reniec.csv"
+    _write_file(path, model_id, identities(ROWS, seed=92))
+    expected = _file_vectors(path)
+    argv = [
+        sys.executable, "-m", "centinela.cli", "registry", "import", str(path),
+        "--reference", REFERENCE, "--batch-size", str(BATCH),
+        "--batches-per-stream", str(PER_STREAM), "--quiet",
+    ]  # fmt: skip
+    proc, port = start_serve(data_dir, tmp_path / "server.log", env)
+    try:
+        cli = subprocess.Popen(
+            [*argv, *_cli(port, data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        _wait_for_pg_rows(pg.url, 5 * BATCH)
+        pg.stop("fast")
+        _, err = cli.communicate(timeout=180)
+        pg.start()
+        hint = err.decode()
+        assert cli.returncode != 0, hint
+        # The client is told to retry later, not that the server is broken.
+        assert hint.startswith("centinela registry import: UNAVAILABLE:"), hint
+        found = re.search(r"--resume-from-batch (\d+)", hint)
+        assert found, hint
+        resume_from = int(found.group(1))
+
+        # What the outage left, read with the database back and the server still up.
+        stored, _ = _check_offline(data_dir, expected, [], [], tmp_path / "x-1", pg.url)
+        assert 5 * BATCH <= stored < ROWS
+        assert resume_from * BATCH <= stored, "the hint skips a batch that is not stored"
+
+        done = subprocess.run(
+            [*argv, "--resume-from-batch", str(resume_from), "--json", *_cli(port, data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary["rejected"] == 0
+        assert summary["accepted"] == ROWS - stored
+        _caught_up(capsys, port, data_dir, ROWS)
+    finally:
+        assert terminate(proc) == 0
+    final, logged = _check_offline(data_dir, expected, [], [], tmp_path / "x-2", pg.url)
     assert final == ROWS
     assert set(summary["decision_ids"]) <= logged

@@ -300,16 +300,6 @@ def test_database_outage_fails_closed_and_recovers(
     )
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.close()
-
-
 @pytest.mark.slow
 def test_postgres_stopped_then_crashed_under_load_fails_closed_and_recovers(
     tmp_path: Path, own_postgres: PrivatePostgres
