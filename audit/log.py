@@ -445,12 +445,15 @@ class AuditLog:
                     loop.call_soon_threadsafe(_resolve_many, items)
 
     def _reload(self) -> None:
+        # The store first: while the database cannot be reached this fails at once (or in
+        # a connection attempt's timeout), where the guard might first wait out the
+        # lock's own silent connection.
+        stored = self.store.size()
         if self._resume_guard is not None and not self._resume_guard():
             raise AuditUnavailable(
                 "this server does not hold its database's serving lock (the database is down, "
                 "or another server took it): not appending"
             )
-        stored = self.store.size()
         have = self._tree.size
         if stored < have:
             self._fault = "the audit store holds fewer leaves than were committed: refusing"

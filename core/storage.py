@@ -31,6 +31,34 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_PAGE_SIZE = 8192
 
 
+#: libpq's settings for a PostgreSQL that stops answering without closing the connection
+#: (a network partition, a host that froze): a connection attempt gives up after 5 s; an
+#: established connection is declared dead when data it sent is unacknowledged for 5 s
+#: (the peer's kernel acknowledges at once however busy the database: only a network that
+#: lost 4-5 retransmissions in a row is that slow), or, idle or waiting for a reply, after
+#: 5 s of silence and 3 unanswered probes 2 s apart.
+#: Without them a call waits on a silent socket until the network returns (or TCP gives
+#: up, ~15 min later) and the audit writer with it. A URL's own parameters take precedence.
+PG_LIVENESS: dict[str, int] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 5000,
+}
+#: The same on PostgreSQL's side of each connection (session settings), so that a
+#: connection this process gave up on during a partition does not live on in the server
+#: for hours (the kernel's keepalive default) holding what it held: the server lock's
+#: session (the server could not take its lock again), a transaction's row locks.
+_PG_SERVER_LIVENESS = (
+    "SELECT set_config('tcp_keepalives_idle', '5', false),"
+    " set_config('tcp_keepalives_interval', '2', false),"
+    " set_config('tcp_keepalives_count', '3', false),"
+    " set_config('tcp_user_timeout', '5000', false)"
+)
+
+
 def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
     """Create an engine with Centinela's durability settings for the URL's dialect.
 
@@ -52,13 +80,16 @@ def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
         _install_sqlite_hooks(engine)
         return engine
     if backend == "postgresql":
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             echo=echo,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
+            connect_args={k: v for k, v in PG_LIVENESS.items() if k not in parsed.query},
         )
+        _install_pg_hooks(engine)
+        return engine
     raise StorageError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
 
@@ -82,6 +113,17 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         if mode == "NONE":
             return  # single-statement reads: SQLite's own statement snapshot suffices
         conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _install_pg_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(_PG_SERVER_LIVENESS)
+        finally:
+            cur.close()
+        dbapi_conn.commit()  # session settings set in a transaction last only if it commits
 
 
 @contextmanager

@@ -13,6 +13,11 @@ binaries on a data directory in a temporary folder and a free loopback port:
 
 Run as root (as this machine's tests are), the server runs as the ``postgres`` account,
 because PostgreSQL refuses to run as root.
+
+Given a :class:`Netns`, the server runs in a network namespace of its own, reached over a
+veth pair, so that the test can also partition the network between it and Centinela: every
+packet dropped without a word, no reset and no ICMP, as when a link or a switch between two
+hosts fails.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -43,10 +49,68 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PrivatePostgres:
-    """A PostgreSQL cluster in a temporary folder, on a loopback port of its own."""
+class Netns:
+    """A network namespace joined to this one by a veth pair: a host of its own at
+    ``address``, with this one at the other end of a /30.
+
+    :meth:`cut` takes the namespace's end of the link down: the kernel then drops every
+    packet sent to it, silently (a partition); :meth:`mend` brings it up again, and
+    connections that outlived the cut carry on. Needs root and iproute2.
+    """
 
     def __init__(self) -> None:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("a network partition needs root and iproute2 in CI")
+            pytest.skip("a network partition needs root and iproute2 (ip netns)")
+        tag = secrets.token_hex(3)
+        self.name = f"cpg{tag}"
+        self._here, self._there = f"cpg{tag}h", f"cpg{tag}n"
+        octet = 100 + secrets.randbelow(150)
+        net = f"10.{octet}.{secrets.randbelow(256)}"
+        self.local, self.address = f"{net}.1", f"{net}.2"
+        self._ip("netns", "add", self.name)
+        try:
+            self._ip("link", "add", self._here, "type", "veth", "peer", "name", self._there)
+            self._ip("link", "set", self._there, "netns", self.name)
+            self._ip("addr", "add", f"{self.local}/30", "dev", self._here)
+            self._ip("link", "set", self._here, "up")
+            self._ip("addr", "add", f"{self.address}/30", "dev", self._there, inside=True)
+            self._ip("link", "set", self._there, "up", inside=True)
+            self._ip("link", "set", "lo", "up", inside=True)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def prefix(self) -> list[str]:
+        """The command prefix that runs a program inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        cmd = [*(self.prefix if inside else []), "ip", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+        assert out.returncode == 0, f"{' '.join(cmd)}: {out.stderr}"
+
+    def cut(self) -> None:
+        self._ip("link", "set", self._there, "down", inside=True)
+
+    def mend(self) -> None:
+        self._ip("link", "set", self._there, "up", inside=True)
+
+    def close(self) -> None:
+        # Deleting the namespace deletes its end of the pair, and with it this end.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self._here], capture_output=True, check=False)
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster in a temporary folder, on a loopback port of its own (or, given
+    a :class:`Netns`, on the namespace's address)."""
+
+    def __init__(self, netns: Netns | None = None) -> None:
+        self.netns = netns
+        self.host = netns.address if netns else "127.0.0.1"
         bindir = _bindir()
         if bindir is None:
             if os.environ.get("CI") == "true":
@@ -78,15 +142,19 @@ class PrivatePostgres:
             "UTF8",
             "--no-sync",
         )
+        if netns is not None:  # initdb trusts loopback only
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {netns.local}/32 trust\n")
 
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of its ``postgres`` database, over TCP."""
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
+        inside = self.netns.prefix if self.netns else []
         out = subprocess.run(
-            [*self._as, str(self.bindir / tool), *args],
+            [*inside, *self._as, str(self.bindir / tool), *args],
             capture_output=True,
             text=True,
             check=False,
@@ -102,7 +170,7 @@ class PrivatePostgres:
     def start(self) -> None:
         """Start the server and return once it accepts connections."""
         options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            f"-p {self.port} -c listen_addresses={self.host} -k {self.root} "
             "-c max_connections=50 -c shared_buffers=16MB"
         )
         self._run(

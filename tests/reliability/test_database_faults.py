@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,10 +41,12 @@ from centinela.server.demo import World, populate
 from centinela.server.instance import advisory_key
 from centinela.server.testing import ServerThread, TcpProxy
 from centinela.v1 import common_pb2
+from centinela.v1 import match_service_pb2 as mpb
+from centinela.v1 import match_service_pb2_grpc as mgrpc
 from centinela.v1 import registry_service_pb2 as rpb
 from centinela.v1 import registry_service_pb2_grpc as rgrpc
 
-from ._postgres import PrivatePostgres
+from ._postgres import Netns, PrivatePostgres
 from ._proc import lifted_bundle, verified_entries
 
 THREADS = 8
@@ -380,3 +383,168 @@ def test_after_a_restart_nothing_is_appended_until_the_server_holds_its_lock_aga
             assert _lock_holder(pg.url) is not None
         world.close()
     _check_answers(tmp_path, pg.url, load.snapshot())
+
+
+class _Portico:
+    """A StreamMatch kept open, as a portico keeps it all day: probes are sent one at a time
+    and each waits for its answer."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self._out: queue.Queue[mpb.StreamMatchRequest | None] = queue.Queue()
+        self._answers: queue.Queue[mpb.StreamMatchResponse | BaseException] = queue.Queue()
+        stub = world.stub("muni-miraflores")
+        self.call = stub.StreamMatch(iter(self._out.get, None), timeout=300)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.sequence = 0
+
+    def _read(self) -> None:
+        try:
+            for answer in self.call:
+                self._answers.put(answer)
+        except grpc.RpcError as err:
+            self._answers.put(err)
+
+    def probe(self, vector: list[float]) -> mpb.StreamMatchResponse:
+        self.sequence += 1
+        self._out.put(
+            mpb.StreamMatchRequest(sequence=self.sequence, face=self.world.face_request(vector))
+        )
+        answer = self._answers.get(timeout=60)
+        assert isinstance(answer, mpb.StreamMatchResponse), f"the stream ended: {answer}"
+        assert answer.sequence == self.sequence
+        return answer
+
+    def close(self) -> None:
+        self._out.put(None)
+        self._reader.join(30)
+
+
+@pytest.mark.slow
+def test_open_streams_survive_a_postgres_restart(
+    tmp_path: Path, own_postgres: PrivatePostgres
+) -> None:
+    """A portico's StreamMatch and a control centre's SubscribeAlerts, both opened before
+    PostgreSQL is stopped, stay open through the stop and the restart. Probes sent while it
+    is down are refused one by one (UNAVAILABLE, in the answer, not on the stream); after
+    it the same stream's hits raise alerts that reach the same subscription, and nothing
+    refused raised one."""
+    pg = own_postgres
+    with ServerThread(_settings(tmp_path, pg.url)) as server:
+        world = populate(server, registry=False)
+        events: list[mpb.SubscribeAlertsResponse] = []
+        centre = server.channel("pnp-center-lima")
+        subscription = mgrpc.MatchServiceStub(centre).SubscribeAlerts(
+            mpb.SubscribeAlertsRequest(
+                context=common_pb2.RequestContext(operator_id="op-center-000001"),
+                cursor="ev-0",  # from the first event: none is missed while it opens
+            ),
+            timeout=300,
+        )
+        ended: list[BaseException] = []
+
+        def listen() -> None:
+            try:
+                events.extend(subscription)
+            except grpc.RpcError as err:
+                ended.append(err)
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        portico = _Portico(world)
+        try:
+            before = portico.probe(world.genuine(0))
+            assert before.face.alert
+            _wait_until(lambda: len(events) >= 1)
+
+            pg.stop("fast")
+            for vector in (world.genuine(0), world.stranger(seed=5), world.genuine(0)):
+                refused = portico.probe(vector)
+                assert refused.WhichOneof("result") == "error"
+                assert refused.error.code == grpc.StatusCode.UNAVAILABLE.value[0], refused
+            pg.start()
+
+            # The first probe may meet the connection the restart ended (the audit
+            # writer's): refused like the ones before; the next is served.
+            after = portico.probe(world.genuine(0))
+            if after.WhichOneof("result") == "error":
+                assert after.error.code == grpc.StatusCode.UNAVAILABLE.value[0], after
+                after = portico.probe(world.genuine(0))
+            assert after.face.alert
+            _wait_until(lambda: len(events) >= 2)
+            assert not ended, ended
+            assert subscription.is_active()
+            assert portico.call.is_active()
+        finally:
+            portico.close()
+            cast(Any, subscription).cancel()
+            listener.join(30)
+            centre.close()
+        raised = [before.face.candidates[0].alert_id, after.face.candidates[0].alert_id]
+        assert [e.alert_id for e in events] == raised
+        world.close()
+
+
+def _wait_until(what: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def partitioned_postgres() -> Iterator[tuple[PrivatePostgres, Netns]]:
+    netns = Netns()
+    try:
+        pg = PrivatePostgres(netns)
+        try:
+            pg.start()
+            yield pg, netns
+        finally:
+            pg.close()
+    finally:
+        netns.close()
+
+
+#: How long the partition below lasts, and the share of it at whose start a call must still
+#: end before the network returns. PostgreSQL's liveness settings (``storage.PG_LIVENESS``)
+#: declare a silent connection dead within 5-11 s and give a connection attempt up after 5 s.
+PARTITION_S = 25.0
+EARLY_S = 10.0
+
+
+@pytest.mark.slow
+def test_a_network_partition_from_postgres_fails_calls_and_heals(
+    tmp_path: Path, partitioned_postgres: tuple[PrivatePostgres, Netns]
+) -> None:
+    """The network between the server and PostgreSQL fails silently (PostgreSQL in a network
+    namespace of its own, its end of the link taken down: no reset, no ICMP) for 25 s.
+
+    Calls made in the partition's first seconds end UNAVAILABLE before the network returns:
+    the server gives up on silent connections instead of waiting for the network (before
+    the liveness settings, every call waited the whole partition, holding its unit). When
+    it returns, the server serves again by itself, under its lock again: PostgreSQL let go
+    of the sessions the server had given up on, the lock's included. Nothing answered is
+    missing from the audit log."""
+    pg, netns = partitioned_postgres
+    with ServerThread(_settings(tmp_path, pg.url)) as server:
+        world = populate(server, registry=False)
+        with Load(world) as load:
+            load.wait(lambda calls: sum(c.code == grpc.StatusCode.OK for c in calls) >= 40)
+            netns.cut()
+            cut_at = time.monotonic()
+            time.sleep(PARTITION_S)
+            mended_at = time.monotonic()
+            netns.mend()
+            load.wait(_recovered_after(mended_at), timeout=90)
+            assert _lock_holder(pg.url) is not None
+        world.close()
+    calls = load.snapshot()
+    early = [c for c in calls if cut_at < c.started < cut_at + EARLY_S]
+    assert len(early) >= THREADS
+    late = [round(c.ended - cut_at, 1) for c in early if c.ended >= mended_at]
+    assert late == [], "calls waited for the network instead of failing"
+    codes = collections.Counter(c.code.name for c in early)
+    assert codes == {"UNAVAILABLE": len(early)}, codes
+    _check_answers(tmp_path, pg.url, calls)

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from centinela.clients.retry import retryable
 from centinela.config import Settings
@@ -218,6 +219,38 @@ def test_reused_request_id_with_another_request_is_refused(world: World) -> None
         stub.MatchFace(other, timeout=30)
     assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
     assert "client_request_id" in (err.value.details() or "")
+
+
+def test_a_probe_that_meets_an_unreachable_database_fails_alone(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database error no component mapped, met by one StreamMatch probe, fails that probe
+    UNAVAILABLE (the portico may send it again) and the stream goes on. Injected: every
+    probe path maps its own database errors today (``tests/reliability`` stops a real
+    PostgreSQL under StreamMatch), so only a raised error can reach this backstop."""
+    servicer = world.server.app.servicers.match
+    real = servicer._match_face
+    calls = 0
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(servicer, "_match_face", flaky)
+    msgs = [
+        mpb.StreamMatchRequest(sequence=i, face=world.face_request(world.genuine(0)))
+        for i in (1, 2)
+    ]
+    answers = list(world.stub("muni-miraflores").StreamMatch(iter(msgs), timeout=60))
+    assert [a.sequence for a in answers] == [1, 2]
+    assert answers[0].WhichOneof("result") == "error"
+    assert answers[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "OperationalError" in answers[0].error.message
+    assert "server closed" not in answers[0].error.message  # the class, never the text
+    assert answers[1].face.alert
 
 
 def test_stream_answers_in_order_and_survives_a_bad_message(world: World) -> None:
