@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import os
 import queue
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -269,20 +273,23 @@ def _settings(tmp_path: Path, database_url: str) -> Settings:
     )
 
 
-def _check_answers(tmp_path: Path, database_url: str, calls: list[Call]) -> None:
+def _check_answers(
+    tmp_path: Path, database_url: str, calls: list[Call], data_dir: Path | None = None
+) -> None:
     """No call met anything but OK or UNAVAILABLE; no answer without its audit entry;
-    every alert answered is stored; the log verifies offline."""
+    every alert answered is stored; the log verifies offline. ``database_url`` empty: the
+    data directory's SQLite database."""
+    data = data_dir or tmp_path / "data"
     everything = collections.Counter(c.code.name for c in calls)
     assert set(everything) <= {"OK", "UNAVAILABLE"}, everything
     answered = [c for c in calls if c.code == grpc.StatusCode.OK]
     assert any(c.alert_ids for c in answered), "no alert was raised: the load is not realistic"
     logged = {
-        e.get("decision_id")
-        for e in verified_entries(tmp_path / "data", tmp_path / "x", database_url)
+        e.get("decision_id") for e in verified_entries(data, tmp_path / "x", database_url or None)
     }
     missing = [c.decision_id for c in answered if c.decision_id not in logged]
     assert len(missing) == 0, f"{len(missing)} answered decisions are not in the audit log"
-    engine = sa.create_engine(database_url)
+    engine = sa.create_engine(database_url or f"sqlite:///{data / 'centinela.db'}")
     with engine.connect() as conn:
         stored = {r[0] for r in conn.exec_driver_sql("SELECT alert_id FROM alerts")}
     engine.dispose()
@@ -548,3 +555,75 @@ def test_a_network_partition_from_postgres_fails_calls_and_heals(
     codes = collections.Counter(c.code.name for c in early)
     assert codes == {"UNAVAILABLE": len(early)}, codes
     _check_answers(tmp_path, pg.url, calls)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 64 MB file system of the test's own (tmpfs), which the test may fill."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    where = Path(tempfile.mkdtemp(prefix="centinela-disk-"))
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        where.rmdir()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"could not mount a tmpfs: {out.stderr}")
+        pytest.skip(f"could not mount a tmpfs: {out.stderr}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+        where.rmdir()
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file until the file system is full; returns it."""
+    ballast = disk / "ballast"
+    block = b"\0" * (1 << 16)
+    with ballast.open("wb", buffering=0) as out:
+        while _written(out, block):
+            pass
+    return ballast
+
+
+def _written(out: Any, block: bytes) -> bool:
+    """Whether ``block`` was written; False once the file system is full."""
+    try:
+        out.write(block)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_closed_and_recovers(tmp_path: Path, small_disk: Path) -> None:
+    """The data directory's file system fills up under MatchFace load (SQLite, the default:
+    the database, its WAL, the keys and snapshots on a 64 MB tmpfs, the rest of it taken by
+    another file). Calls fail UNAVAILABLE, none is answered without its entry; when space is
+    freed the server serves again by itself, and the log verifies."""
+    settings = dataclasses.replace(_settings(tmp_path, ""), data_dir=small_disk / "data")
+    with ServerThread(settings) as server:
+        world = populate(server, registry=False)
+        with Load(world) as load:
+            load.wait(lambda calls: sum(c.code == grpc.StatusCode.OK for c in calls) >= 40)
+            ballast = _fill(small_disk)
+            full_at = time.monotonic()
+
+            def refused(calls: list[Call]) -> bool:
+                after = [c for c in calls if c.started > full_at]
+                return sum(c.code == grpc.StatusCode.UNAVAILABLE for c in after) >= 40
+
+            load.wait(refused, timeout=120)
+            ballast.unlink()
+            freed_at = time.monotonic()
+            load.wait(_recovered_after(freed_at))
+        world.close()
+    calls = load.snapshot()
+    _check_answers(tmp_path, "", calls, data_dir=small_disk / "data")
