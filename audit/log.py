@@ -134,6 +134,10 @@ class AuditLog:
         self._conn: Connection | None = None
         self._needs_reload = False
         self._fault: str | None = None
+        #: Whether the last append failed, until an append or a probe succeeds (a database
+        #: that cannot be reached, the server lock not held), and failed appends so far.
+        self._failing = False
+        self._failures = 0
         self._closed = False
         self._loaded = False
         self._verify_at_open = verify_at_open
@@ -400,6 +404,8 @@ class AuditLog:
             )
         except Exception as exc:  # fail closed whatever broke
             self._needs_reload = True
+            self._failures += 1
+            self._failing = True
             self._drop_conn()
             _log.error("audit_append_failed", error=exc.__class__.__name__, batch=len(batch))
             err = AuditUnavailable("the audit log could not make the entry durable")
@@ -407,6 +413,7 @@ class AuditLog:
             results = [err] * len(batch)
         else:
             self._tree.apply(growth)
+            self._failing = False
             results = [AppendReceipt(first + i, item[1].hex()) for i, item in enumerate(batch)]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, object]]] = {}
         for item, res in zip(batch, results, strict=True):
@@ -551,6 +558,28 @@ class AuditLog:
     def fault(self) -> str | None:
         """Why the log refuses every append (altered store, writer failure), or None."""
         return self._fault
+
+    def probe(self) -> str | None:
+        """Why the log cannot append now, or None: its fault, or, after a failed append,
+        whether the store answers again and the resume guard allows (blocking: it reads the
+        database). A log whose last append failed stays not ready until an append or this
+        probe succeeds, so a server that no client calls while it is not ready (a load
+        balancer sends them elsewhere) still becomes ready again. The tree is left to the
+        writer, which reloads it before its next append."""
+        if self._fault is not None:
+            return self._fault
+        if not self._failing:
+            return None
+        failures = self._failures
+        try:
+            self.store.size()
+        except Exception as exc:  # the database still cannot serve
+            return f"the audit store cannot be read ({exc.__class__.__name__})"
+        if self._resume_guard is not None and not self._resume_guard():
+            return "this server does not hold its database's serving lock"
+        if self._failures == failures:  # no append failed meanwhile
+            self._failing = False
+        return None
 
     @property
     def size(self) -> int:

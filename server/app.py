@@ -276,11 +276,12 @@ class CentinelaServer:
 
     async def _watch_readiness(self, readiness: Callable[[], str | None]) -> None:
         """Health follows the components: NOT_SERVING while one cannot answer (the audit log
-        refusing appends), so a load balancer sends calls elsewhere instead of to a server
-        that can only answer UNAVAILABLE."""
+        refusing appends, or unable to append since its last append failed: a database that
+        cannot be reached, the server lock not held), so a load balancer sends calls
+        elsewhere instead of to a server that can only answer UNAVAILABLE."""
         serving = True
         while True:
-            reason = readiness()
+            reason = await asyncio.to_thread(readiness)  # it may read the database
             if (reason is None) != serving:
                 serving = reason is None
                 status = health_pb2.HealthCheckResponse

@@ -53,8 +53,10 @@ class Application:
     components: Components
 
     def unready(self) -> str | None:
-        """Why the service cannot answer a match now (the audit log refuses appends), or None."""
-        return self.components.audit.fault
+        """Why the service cannot answer a match now, or None: the audit log refuses
+        appends, or its last append failed and the database still cannot serve it (blocking:
+        it may read the database)."""
+        return self.components.audit.probe()
 
     def reload(self) -> None:
         """SIGHUP: reload the policy bundles from disk (refused if they fail their tests)."""

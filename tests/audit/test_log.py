@@ -181,7 +181,9 @@ def test_after_a_failed_append_the_writer_resumes_only_when_its_guard_allows(
 ) -> None:
     """A server's writer appends again after a failure only once it holds its database's
     lock again (``resume_guard``): while the guard says no, every append is refused and
-    nothing is written; the guard is asked before resuming, not at every append."""
+    nothing is written; the guard is asked before resuming, not at every append. The log's
+    readiness (``probe``) follows: not ready after a failed append until the store answers
+    and the guard allows."""
     allowed = False
     asked = 0
 
@@ -195,6 +197,7 @@ def test_after_a_failed_append_the_writer_resumes_only_when_its_guard_allows(
         engine, signing_key, ORIGIN, checkpoint_every_seconds=3600, resume_guard=guard
     )
     try:
+        assert log.probe() is None
         assert other.append_blocking(sample_entry(0)).index == 0
         with pytest.raises(AuditUnavailable):
             log.append_blocking(sample_entry(1))  # it believed the next index was 0
@@ -204,10 +207,17 @@ def test_after_a_failed_append_the_writer_resumes_only_when_its_guard_allows(
                 log.append_blocking(sample_entry(i))
         assert asked == 2
         assert log.store.size() == 1
+        # Not ready while appends fail; the probe asks the guard too.
+        assert log.probe() == "this server does not hold its database's serving lock"
+        assert asked == 3
         allowed = True
+        # Ready again without an append: the store answers and the guard allows.
+        assert log.probe() is None
+        assert log.probe() is None
+        assert asked == 4  # asked only while not ready
         assert log.append_blocking(sample_entry(4)).index == 1
         assert log.append_blocking(sample_entry(5)).index == 2
-        assert asked == 3
+        assert asked == 5
     finally:
         log.close()
         other.close()

@@ -36,6 +36,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from centinela.config import Settings
 from centinela.matcher import synth
@@ -216,11 +217,14 @@ def _outages(tmp_path: Path, database_url: str, faults: list[Fault]) -> None:
                 fault.down()
                 down_at = time.monotonic()
                 load.wait(_made_after(down_at, 40))
+                # Health says so, for a balancer or an orchestrator's readiness probe.
+                _wait_until(lambda: _health(server) == NOT_SERVING)
                 time.sleep(2.0)  # outlast the index catch-up's interval (0.5 s) a few times
                 up_at = time.monotonic()
                 fault.up()
                 windows.append((fault.name, down_at, up_at))
                 load.wait(_recovered_after(up_at))
+                _wait_until(lambda: _health(server) == SERVING)
                 # Serving again means serving under the lock again (read from PostgreSQL).
                 assert _lock_holder(database_url) is not None, fault.name
         # The background index catch-up survived the outages too: a registry import made
@@ -236,6 +240,16 @@ def _outages(tmp_path: Path, database_url: str, faults: list[Fault]) -> None:
         codes = collections.Counter(c.code.name for c in down)
         assert codes == {"UNAVAILABLE": len(down)}, (name, codes)
     _check_answers(tmp_path, database_url, calls)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(server: ServerThread) -> int:
+    with server.channel("compliance") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
 
 
 def _lock_key(conn: sa.Connection) -> int:
@@ -375,7 +389,11 @@ def test_after_a_restart_nothing_is_appended_until_the_server_holds_its_lock_aga
                 held_at = time.monotonic()
                 load.resume()
                 load.wait(_made_after(held_at, 40))
+                _wait_until(lambda: _health(server) == NOT_SERVING)
                 time.sleep(1.0)
+                # No call while the other process lets go: the server becomes ready again
+                # by itself (a balancer sends nothing to a server that is not ready).
+                load.pause()
                 released_at = time.monotonic()
                 refused = [c for c in load.snapshot() if c.started > held_at]
                 # Nothing appended, nothing answered, while the other process held the lock.
@@ -384,10 +402,12 @@ def test_after_a_restart_nothing_is_appended_until_the_server_holds_its_lock_aga
                 other.close()
                 other.engine.dispose()
             assert len(refused) >= 40
-            codes = collections.Counter(c.code.name for c in refused if c.ended < released_at)
+            codes = collections.Counter(c.code.name for c in refused)
             assert set(codes) == {"UNAVAILABLE"}, codes
-            load.wait(_recovered_after(released_at))
+            _wait_until(lambda: _health(server) == SERVING)
             assert _lock_holder(pg.url) is not None
+            load.resume()
+            load.wait(_recovered_after(released_at))
         world.close()
     _check_answers(tmp_path, pg.url, load.snapshot())
 
