@@ -125,6 +125,9 @@ async def main() -> None:
     parser.add_argument("--templates", type=int, default=10_000)
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument(
+        "--database-url", default="", help="PostgreSQL URL (default: SQLite in the data dir)"
+    )
+    parser.add_argument(
         "--watchlist-floor", type=float, default=0.0, help="calibrated floor (0: packaged)"
     )
     args = parser.parse_args()
@@ -133,6 +136,7 @@ async def main() -> None:
         data_dir=args.data_dir,
         listen="127.0.0.1:0",
         max_concurrent_rpcs=4096,
+        database_url=args.database_url,
         policy_bundle=str(bench_bundle(args.data_dir, args.watchlist_floor, args.templates)),
     )
     app = await build_application(settings)

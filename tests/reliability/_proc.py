@@ -30,12 +30,17 @@ START_TIMEOUT_S = 120.0
 _BANNER = re.compile(r"serving on [^\s]+:(\d+) ")
 
 
-def start_bench_server(data_dir: Path, templates: int = 200) -> tuple[subprocess.Popen[bytes], int]:
+def start_bench_server(
+    data_dir: Path, templates: int = 200, database_url: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
     """``benchmarks/_bench_server.py`` on ``data_dir`` (watchlist of ``templates`` synthetic
-    people, R14 ceilings lifted); returns the process and its port once it serves."""
+    people, R14 ceilings lifted; on ``database_url`` if given, else SQLite); returns the
+    process and its port once it serves."""
     port_file = data_dir / "port"
     argv = [sys.executable, str(ROOT / "benchmarks" / "_bench_server.py"), "--data-dir"]
     argv += [str(data_dir), "--templates", str(templates), "--port-file", str(port_file)]
+    if database_url:
+        argv += ["--database-url", database_url]
     return spawn_serving(
         argv,
         port_file,

@@ -33,10 +33,16 @@ CLIENTS = 64  # concurrent MatchFace clients (issue 9: 64-way load)
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sigkill_under_load_loses_no_answered_decision(
+    tmp_path: Path, db: str, request: pytest.FixtureRequest
+) -> None:
+    """On SQLite and on PostgreSQL (where the killed process's sessions, its server lock's
+    among them, end with its connections, so the restarted server takes the lock)."""
+    database_url = "" if db == "sqlite" else str(request.getfixturevalue("pg_url"))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    proc, port = start_bench_server(data_dir)
+    proc, port = start_bench_server(data_dir, database_url=database_url)
     files = certs.client_files(data_dir / "certs", "muni-miraflores")
     identities = synth.identities(200, seed=5)  # what _bench_server enrolled
     received: list[tuple[str, list[str]]] = []
@@ -93,17 +99,20 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
     assert answered_alerts, "no alert was answered before the kill"
 
     # Offline: export and verify the log the dead server left behind.
-    logged = {e.get("decision_id") for e in verified_entries(data_dir, tmp_path / "export")}
+    logged = {
+        e.get("decision_id")
+        for e in verified_entries(data_dir, tmp_path / "export", database_url or None)
+    }
     missing = [d for d, _ in received if d not in logged]
     assert missing == [], f"{len(missing)} answered decisions are not in the audit log"
-    engine = sa.create_engine(f"sqlite:///{data_dir / 'centinela.db'}")
+    engine = sa.create_engine(database_url or f"sqlite:///{data_dir / 'centinela.db'}")
     with engine.connect() as conn:
         stored = {r[0] for r in conn.exec_driver_sql("SELECT alert_id FROM alerts")}
     engine.dispose()
     assert answered_alerts <= stored  # alerts commit with their decision's entry
 
     # The server comes back on the same data and serves.
-    proc, port = start_bench_server(data_dir)
+    proc, port = start_bench_server(data_dir, database_url=database_url)
     try:
         with secure_channel(f"127.0.0.1:{port}", files) as ch:
             info = mgrpc.MatchServiceStub(ch).GetServerInfo(mpb.GetServerInfoRequest(), timeout=30)
