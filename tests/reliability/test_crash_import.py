@@ -1,7 +1,8 @@
 """SIGKILL during a Reniec bulk import: nothing acknowledged is lost, nothing half-written is
 visible, the index catches up with the store, and the import resumes to the exact count.
 
-The server is the production entry point (``centinela serve``) in a subprocess on SQLite. A
+The server is the production entry point (``centinela serve``) in a subprocess, on SQLite and on
+PostgreSQL (a fresh schema of the machine's; the killed process's sessions end with it). A
 CSV file of templates is imported the way ``centinela registry import`` does it (the same
 file reader and client call; streams of two 100-record messages), and the server is killed
 with SIGKILL twice:
@@ -151,8 +152,13 @@ def _check_offline(
     return len(stored), {str(e.get("decision_id")) for e in entries}
 
 
-def _wait_for_rows(data_dir: Path, rows: int, timeout: float = 60.0) -> None:
+def _wait_for_rows(
+    data_dir: Path, rows: int, database_url: str = "", timeout: float = 60.0
+) -> None:
     """Poll the live server's database (read-only) until it holds ``rows`` registry rows."""
+    if database_url:
+        _wait_for_pg_rows(database_url, rows, timeout)
+        return
     db = sqlite3.connect(f"file:{data_dir / 'centinela.db'}?mode=ro", uri=True, timeout=30)
     try:
         deadline = time.monotonic() + timeout
@@ -194,13 +200,17 @@ def _caught_up(capsys: pytest.CaptureFixture[str], port: int, data_dir: Path, ro
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_sigkill_during_import_then_resume(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], db: str, request: pytest.FixtureRequest
 ) -> None:
+    database_url = "" if db == "sqlite" else str(request.getfixturevalue("pg_url"))
     data_dir = tmp_path / "data"
     certs.init_dev_pki(data_dir / "certs")
     model_id = str(Bundle.load("interim").config["galleries"][REGISTRY]["model_id"])
     env = {"CENTINELA_FACE_MODEL_ID": model_id, "CENTINELA_POLICY_BUNDLE": "interim"}
+    if database_url:
+        env["CENTINELA_DATABASE_URL"] = database_url
     path = tmp_path / "reniec.csv"
     _write_file(path, model_id, identities(ROWS, seed=91))
     expected = _file_vectors(path)
@@ -226,7 +236,7 @@ def test_sigkill_during_import_then_resume(
     def doomed(group: list[FileBatch]) -> Iterator[rpb.ImportTemplatesRequest]:
         yield group[0].message
         yield group[1].message
-        _wait_for_rows(data_dir, len(acked) * BATCH + 1)
+        _wait_for_rows(data_dir, len(acked) * BATCH + 1, database_url)
         killed.set()
         sigkill(proc)
 
@@ -240,7 +250,9 @@ def test_sigkill_during_import_then_resume(
     proc.wait(30)
     assert failure.value.code.name == "UNAVAILABLE"
     assert sum(a.accepted for a in answers) == len(acked) * BATCH
-    stored, _ = _check_offline(data_dir, expected, acked, answers, tmp_path / "export-1")
+    stored, _ = _check_offline(
+        data_dir, expected, acked, answers, tmp_path / "export-1", database_url or None
+    )
     assert len(acked) * BATCH <= stored <= (len(acked) + PER_STREAM) * BATCH
 
     # ---- 2. restart: caught up; one more stream, the server killed as its ack arrives ----
@@ -252,7 +264,9 @@ def test_sigkill_during_import_then_resume(
         sigkill(proc)
     answers.append(answer)
     acked += group
-    stored, _ = _check_offline(data_dir, expected, acked, answers, tmp_path / "export-2")
+    stored, _ = _check_offline(
+        data_dir, expected, acked, answers, tmp_path / "export-2", database_url or None
+    )
 
     # ---- 3. restart: caught up; the command line resumes and finishes the file ----------
     proc, port = start_serve(data_dir, log, env)
@@ -288,7 +302,9 @@ def test_sigkill_during_import_then_resume(
         assert terminate(proc) == 0
 
     # ---- offline: exactly the file, and a log that verifies -----------------------------
-    final, logged = _check_offline(data_dir, expected, batches, answers, tmp_path / "export-3")
+    final, logged = _check_offline(
+        data_dir, expected, batches, answers, tmp_path / "export-3", database_url or None
+    )
     assert final == ROWS
     assert set(summary["decision_ids"]) <= logged
 
