@@ -56,6 +56,7 @@ LOCK_SUFFIX = ".serving.lock"
 
 _TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:key)")
 _UNLOCK = sa.text("SELECT pg_advisory_unlock(:key)")
+_SESSION = sa.text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
 _HOLDER = sa.text(
     "SELECT a.pid, COALESCE(host(a.client_addr), 'local socket'), a.backend_start"
     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -94,7 +95,10 @@ class InstanceLock:
         self._conn: Connection | None = None
         self._key: int | None = None
         self._held = False
-        self._other = False  # another process holds it: said once
+        self._refused_by = ""  # "own" or "other" session: said once, not at every check
+        #: The PostgreSQL session (pid, start) that took the lock, to tell it from another
+        #: process's when it outlives this server's connection (a partition).
+        self._session: tuple[Any, Any] | None = None
         self._private = False
         self._mutex = threading.Lock()
 
@@ -166,6 +170,7 @@ class InstanceLock:
                 ).one()
                 key = advisory_key(str(database), str(schema))
                 got = bool(conn.execute(_TRY_LOCK, {"key": key}).scalar())
+                session = tuple(conn.execute(_SESSION).one())
                 conn.commit()
                 if not got:
                     holder = self._advisory_holder(conn, key)
@@ -178,7 +183,7 @@ class InstanceLock:
                 raise
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"could not reach the database: {exc.__class__.__name__}") from exc
-        self._conn, self._key, self._held = conn, key, True
+        self._conn, self._key, self._held, self._session = conn, key, True, session
         log.info("instance_lock.taken", kind="advisory")
 
     @staticmethod
@@ -216,16 +221,32 @@ class InstanceLock:
             try:
                 conn = self.engine.connect()
                 got = bool(conn.execute(_TRY_LOCK, {"key": self._key}).scalar())
+                if got:
+                    session = tuple(conn.execute(_SESSION).one())
+                    holder = None
+                else:
+                    key = self._key
+                    holder = conn.execute(
+                        _HOLDER, {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
+                    ).first()
                 conn.commit()
             except sa.exc.SQLAlchemyError:
                 return False  # still down: try again at the next check
             if got:
-                self._conn, self._held, self._other = conn, True, False
+                self._conn, self._held, self._refused_by = conn, True, ""
+                self._session = session
                 log.info("instance_lock.taken_again")
                 return True
             conn.close()
-            if not self._other:  # once, not at every append the audit writer refuses
-                self._other = True
+            # This server's own session, which PostgreSQL has not ended yet (it ends it
+            # within seconds: storage's liveness settings), is not another server.
+            own = holder is not None and (holder[0], holder[2]) == self._session
+            refused_by, self._refused_by = self._refused_by, "own" if own else "other"
+            if refused_by == self._refused_by:
+                pass  # said already, not at every append the audit writer refuses
+            elif own:
+                log.info("instance_lock.own_session_lingers", pid=holder[0] if holder else None)
+            else:
                 log.error(
                     "instance_lock.held_by_other",
                     hint="another server took this database while it was down; stop one of "

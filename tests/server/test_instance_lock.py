@@ -162,3 +162,30 @@ def test_a_lock_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
             InstanceLock.acquire(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_own_lingering_session_is_not_called_another_server(pg_url: str) -> None:
+    """A partition: the server gave its lock's connection up, but PostgreSQL has not ended
+    that session yet, which still holds the lock. The check says so (not "another server":
+    nobody is to be stopped) and takes the lock once the session ends."""
+    engine = make_engine(pg_url)
+    try:
+        lock = InstanceLock.acquire(engine)
+        lingering = lock._conn  # the session PostgreSQL keeps, as if the network had failed
+        lock._conn = None
+        with structlog.testing.capture_logs() as logs:
+            assert not lock.check()
+            assert not lock.check()
+        assert [e["event"] for e in logs] == ["instance_lock.own_session_lingers"]
+        assert lingering is not None
+        lingering.invalidate()  # its socket closed: PostgreSQL ends the session
+        lingering.close()
+        deadline = time.monotonic() + 30  # the backend exits a moment after the close
+        while not lock.check():
+            assert time.monotonic() < deadline, "the lock was not taken again"
+            time.sleep(0.05)
+        assert lock.held
+        lock.close()
+    finally:
+        engine.dispose()
