@@ -351,21 +351,14 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         elif isinstance(exc, NotImplementedError):
             err = CentinelaError("this RPC is not implemented yet")
             err.status = "UNIMPLEMENTED"
-        elif (down := unreachable(exc)) is not None:
-            err = down
-            log.warning(
-                "rpc.database_unavailable",
-                method=state.method,
-                request_id=state.request_id,
-                error_type=type(exc).__name__,
-                where=_where(exc),
-            )
         else:
-            err = CentinelaError(
+            down = unreachable(exc)
+            err = down or CentinelaError(
                 "internal error; see the server log for request " + state.request_id
             )
-            log.error(
-                "rpc.internal_error",
+            # Where, never what: the message may carry request data.
+            (log.warning if down else log.error)(
+                "rpc.database_unavailable" if down else "rpc.internal_error",
                 method=state.method,
                 request_id=state.request_id,
                 error_type=type(exc).__name__,
@@ -551,7 +544,6 @@ class CentinelaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
 
 def _where(exc: BaseException) -> list[str]:
-    """The last frames an exception passed through: where, never what (its message may
-    carry request data)."""
+    """The last frames an exception passed through."""
     tb = traceback.extract_tb(exc.__traceback__)
     return [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}:{f.name}" for f in tb[-4:]]
