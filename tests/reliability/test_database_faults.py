@@ -534,10 +534,12 @@ def partitioned_postgres() -> Iterator[tuple[PrivatePostgres, Netns]]:
         netns.close()
 
 
-#: How long the partition below lasts, and the share of it at whose start a call must still
-#: end before the network returns. PostgreSQL's liveness settings (``storage.PG_LIVENESS``)
-#: declare a silent connection dead within 5-11 s and give a connection attempt up after 5 s.
-PARTITION_S = 25.0
+#: How long the partition below lasts, and the first part of it in which a call made must
+#: still end before the network returns. PostgreSQL's liveness settings
+#: (``storage.PG_LIVENESS``) declare a silent connection dead within 5-11 s and give a
+#: connection attempt up after 5 s: a call waited 5-10 s here, up to 13.4 s with both cores
+#: busy with other work.
+PARTITION_S = 30.0
 EARLY_S = 10.0
 
 
@@ -546,7 +548,7 @@ def test_a_network_partition_from_postgres_fails_calls_and_heals(
     tmp_path: Path, partitioned_postgres: tuple[PrivatePostgres, Netns]
 ) -> None:
     """The network between the server and PostgreSQL fails silently (PostgreSQL in a network
-    namespace of its own, its end of the link taken down: no reset, no ICMP) for 25 s.
+    namespace of its own, its end of the link taken down: no reset, no ICMP) for 30 s.
 
     Calls made in the partition's first seconds end UNAVAILABLE before the network returns:
     the server gives up on silent connections instead of waiting for the network (before
@@ -568,12 +570,16 @@ def test_a_network_partition_from_postgres_fails_calls_and_heals(
             assert _lock_holder(pg.url) is not None
         world.close()
     calls = load.snapshot()
-    early = [c for c in calls if cut_at < c.started < cut_at + EARLY_S]
+    # The calls in flight when the network failed (one a client) and those made in its
+    # first seconds.
+    early = [c for c in calls if c.ended > cut_at and c.started < cut_at + EARLY_S]
     assert len(early) >= THREADS
     late = [round(c.ended - cut_at, 1) for c in early if c.ended >= mended_at]
     assert late == [], "calls waited for the network instead of failing"
-    codes = collections.Counter(c.code.name for c in early)
-    assert codes == {"UNAVAILABLE": len(early)}, codes
+    # Answered only if their entry was durable before the network failed.
+    made = collections.Counter(c.code.name for c in early if c.started > cut_at)
+    assert set(made) <= {"UNAVAILABLE"}, made
+    assert {c.code.name for c in early} <= {"OK", "UNAVAILABLE"}
     _check_answers(tmp_path, pg.url, calls)
 
 
