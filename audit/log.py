@@ -49,8 +49,8 @@ from centinela.audit.checkpoint import (
 from centinela.audit.entry import AuditEvent, validate_entry_bytes
 from centinela.audit.keys import load_or_create_hmac_key, load_or_create_signing_key
 from centinela.audit.merkle import SubtreeHashes, verify_consistency
-from centinela.audit.store import Companion, LeafStore
-from centinela.audit.stored_tree import StoredTree
+from centinela.audit.store import Companion, ConnectionLost, LeafStore
+from centinela.audit.stored_tree import Growth, StoredTree
 from centinela.errors import (
     AppendOnlyViolation,
     AuditUnavailable,
@@ -384,24 +384,38 @@ class AuditLog:
         err.__cause__ = exc
         self._fault_batch(batch, err)
 
+    def _append(self, batch: Sequence[_Item]) -> tuple[int, Growth]:
+        """Append ``batch`` durably at the tree's next index; returns the index and the
+        growth, which the caller applies."""
+        if self._fault is not None:
+            raise AuditUnavailable(self._fault)
+        if self._needs_reload:
+            self._reload()
+        if self._conn is None:
+            self._conn = self.store.engine.connect()
+        first = self._tree.size
+        growth = self._tree.grow([b[1] for b in batch])
+        self.store.append_batch(
+            self._conn,
+            first,
+            [(b[0], b[1]) for b in batch],
+            [b[4] for b in batch],
+            growth.subtrees,
+        )
+        return first, growth
+
     def _commit(self, batch: Sequence[_Item]) -> None:
         results: list[object]
         try:
-            if self._fault is not None:
-                raise AuditUnavailable(self._fault)
-            if self._needs_reload:
-                self._reload()
-            if self._conn is None:
-                self._conn = self.store.engine.connect()
-            first = self._tree.size
-            growth = self._tree.grow([b[1] for b in batch])
-            self.store.append_batch(
-                self._conn,
-                first,
-                [(b[0], b[1]) for b in batch],
-                [b[4] for b in batch],
-                growth.subtrees,
-            )
+            try:
+                first, growth = self._append(batch)
+            except ConnectionLost:
+                # The writer's connection had ended before anything was committed (the
+                # database restarted since the last batch): once more on a new one, through
+                # the reload and the resume guard, rather than fail the batch's callers.
+                self._needs_reload = True
+                self._drop_conn()
+                first, growth = self._append(batch)
         except Exception as exc:  # fail closed whatever broke
             self._needs_reload = True
             self._failures += 1

@@ -249,6 +249,12 @@ def _is_append_only_refusal(exc: BaseException) -> bool:
     return "append-only" in text or "split view" in text
 
 
+class ConnectionLost(StorageError):
+    """The connection had ended before the transaction's COMMIT was sent (a database
+    restart, a session the server terminated): nothing of the batch was committed, so it
+    may be appended again on a new connection."""
+
+
 def _append_failed(exc: Exception) -> AppendOnlyViolation | StorageError:
     """What a failed append raises: the store's refusal of the index, or a database error."""
     if _is_append_only_refusal(exc):
@@ -318,6 +324,8 @@ class LeafStore:
 
         Raises:
             AppendOnlyViolation: the database refused an index (someone else appended).
+            ConnectionLost: the connection had ended before COMMIT was sent (through the
+                driver only); nothing of the batch was written.
             StorageError: the database failed; nothing of the batch was written.
         """
         now = _now()
@@ -358,6 +366,7 @@ class LeafStore:
         batches = [self._row_insert(table, rows) for table, rows in made.items() if rows]
         raw: Any = conn.connection.dbapi_connection
         error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
+        committing = False
         try:
             cur = raw.cursor()
             try:
@@ -368,6 +377,7 @@ class LeafStore:
                     cur.executemany(self._insert_subtree, list(subtrees))
                 for sql, values in batches:
                     cur.executemany(sql, values)
+                committing = True
                 raw.commit()
             except BaseException:
                 with contextlib.suppress(error):  # a broken connection: the writer drops it
@@ -376,6 +386,10 @@ class LeafStore:
             finally:
                 cur.close()
         except error as exc:
+            # psycopg's ``broken``: the connection ended abnormally. A failed COMMIT may or
+            # may not have committed, so only a failure before it is safe to repeat.
+            if not committing and getattr(raw, "broken", False):
+                raise ConnectionLost(f"the connection had ended ({type(exc).__name__})") from exc
             raise _append_failed(exc) from exc
 
     def _row_insert(

@@ -288,8 +288,10 @@ def test_database_failure_fails_closed_then_recovers(
             assert all(isinstance(r, AuditUnavailable) for r in results)
             healer()
         else:
-            # The killed connection fails the first batch; later batches reconnect.
-            assert any(isinstance(r, AuditUnavailable) for r in results)
+            # The writer's session was terminated between batches: its connection had
+            # ended before anything was sent, so the batch went again on a new one, through
+            # the reload (ConnectionLost), and nobody was refused.
+            assert not any(isinstance(r, BaseException) for r in results), results
             healer()
         r = log.append_blocking(sample_entry(100))
         ok = [x for x in results if not isinstance(x, BaseException)]
