@@ -170,7 +170,6 @@ class InstanceLock:
                 ).one()
                 key = advisory_key(str(database), str(schema))
                 got = bool(conn.execute(_TRY_LOCK, {"key": key}).scalar())
-                session = tuple(conn.execute(_SESSION).one())
                 conn.commit()
                 if not got:
                     holder = self._advisory_holder(conn, key)
@@ -178,6 +177,7 @@ class InstanceLock:
                         f"another Centinela server is serving database {database}, schema "
                         f"{schema} ({holder}); stop it first, or give this one its own schema"
                     )
+                session = _session(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -188,11 +188,7 @@ class InstanceLock:
 
     @staticmethod
     def _advisory_holder(conn: Connection, key: int) -> str:
-        # A bigint key is stored as two 32-bit halves (classid, objid), objsubid 1.
-        row = conn.execute(
-            _HOLDER, {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
-        ).first()
-        conn.commit()
+        row = _holder(conn, key)
         if row is None:
             return "its session is gone or not visible"
         return f"PostgreSQL session pid {row[0]} from {row[1]}, connected {row[2]:%Y-%m-%d %H:%M}"
@@ -218,34 +214,33 @@ class InstanceLock:
                 if self._held:
                     self._held = False
                     log.warning("instance_lock.lost", reason="database session ended")
+            conn: Connection | None = None
             try:
                 conn = self.engine.connect()
                 got = bool(conn.execute(_TRY_LOCK, {"key": self._key}).scalar())
-                if got:
-                    session = tuple(conn.execute(_SESSION).one())
-                    holder = None
-                else:
-                    key = self._key
-                    holder = conn.execute(
-                        _HOLDER, {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
-                    ).first()
                 conn.commit()
+                if got:
+                    self._session = _session(conn)
+                    self._conn, self._held, self._refused_by = conn, True, ""
+                    log.info("instance_lock.taken_again")
+                    return True
+                holder = _holder(conn, self._key)
             except sa.exc.SQLAlchemyError:
+                if conn is not None:  # a lock taken on it ends with its session
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                        conn.close()
                 return False  # still down: try again at the next check
-            if got:
-                self._conn, self._held, self._refused_by = conn, True, ""
-                self._session = session
-                log.info("instance_lock.taken_again")
-                return True
             conn.close()
             # This server's own session, which PostgreSQL has not ended yet (it ends it
             # within seconds: storage's liveness settings), is not another server.
             own = holder is not None and (holder[0], holder[2]) == self._session
-            refused_by, self._refused_by = self._refused_by, "own" if own else "other"
+            refused_by = "own" if own else "other"
             if refused_by == self._refused_by:
-                pass  # said already, not at every append the audit writer refuses
-            elif own:
-                log.info("instance_lock.own_session_lingers", pid=holder[0] if holder else None)
+                return False  # said already, not at every append the audit writer refuses
+            self._refused_by = refused_by
+            if own:
+                log.info("instance_lock.own_session_lingers")
             else:
                 log.error(
                     "instance_lock.held_by_other",
@@ -277,6 +272,21 @@ class InstanceLock:
                 self._conn.close()
                 self._conn = None
             self._held = False
+
+
+def _session(conn: Connection) -> tuple[Any, Any]:
+    """This connection's PostgreSQL session: (pid, start)."""
+    row = conn.execute(_SESSION).one()
+    conn.commit()
+    return row[0], row[1]
+
+
+def _holder(conn: Connection, key: int) -> Any:
+    """(pid, client address, start) of the session holding advisory lock ``key``, or None."""
+    # A bigint key is stored as two 32-bit halves (classid, objid), objsubid 1.
+    row = conn.execute(_HOLDER, {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}).first()
+    conn.commit()
+    return row
 
 
 def _describe(holder: str) -> str:
